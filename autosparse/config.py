@@ -1,0 +1,333 @@
+"""The search config: one YAML file describes model, data, space, strategy, objectives and budget.
+
+Validation happens here, once, with errors that name the field, the bad value and what is
+allowed, so that nothing downstream has to re-check user input.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .candidate import CRITERIA, is_valid_bits, is_valid_pattern
+from .objectives import CONSTRAINT_METRICS, OBJECTIVES
+
+STRATEGIES = ("ga", "bo", "random", "grid-uniform")
+BUILTIN_MODELS = ("digits-cnn", "digits-mlp")
+DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder")
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says where and how."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
+
+    builtin: Literal["digits-cnn", "digits-mlp"] | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    train_epochs: int = Field(30, ge=1, description="epochs to train a built-in model on first use")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.builtin is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'builtin' (digits-cnn, digits-mlp) or 'factory'")
+        if self.factory is not None and not re.match(r"^[\w.]+:[\w.]+$", self.factory):
+            raise ValueError(
+                f"factory {self.factory!r} must look like 'package.module:function'"
+            )
+        return self
+
+
+class SplitConfig(_Strict):
+    """Fractions of the data for train/validation/test (used when the source has no fixed split)."""
+
+    train: float = Field(0.6, gt=0, lt=1)
+    validation: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must sum to 1, got {total:g}")
+        return self
+
+
+class DataConfig(_Strict):
+    """Where the data comes from. Search scores on ``validation``; ``test`` is for final reports."""
+
+    source: Literal["sklearn-digits", "npz", "torchvision", "image-folder"] = "sklearn-digits"
+    path: str | None = Field(None, description="npz file, torchvision root, or image folder")
+    name: str | None = Field(None, description="torchvision dataset class, e.g. MNIST")
+    x_key: str = "x"
+    y_key: str = "y"
+    layout: Literal["NCHW", "NHWC", "NCL", "NLC", "flat"] = "NCHW"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_size: list[int] | None = Field(None, description="[height, width] for image folders")
+    grayscale: bool = False
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    batch_size: int = Field(64, ge=1)
+    split_seed: int = 0
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.source in ("npz", "torchvision", "image-folder") and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path'")
+        if self.source == "torchvision" and not self.name:
+            raise ValueError("source 'torchvision' needs 'name' (e.g. MNIST, CIFAR10)")
+        return self
+
+
+class SparsityRange(_Strict):
+    low: float = Field(ge=0, lt=1)
+    high: float = Field(ge=0, lt=1)
+    step: float = Field(gt=0, lt=1)
+
+    def values(self) -> list[float]:
+        if self.high < self.low:
+            raise ValueError(f"high {self.high} is below low {self.low}")
+        count = int(round((self.high - self.low) / self.step)) + 1
+        return [round(self.low + i * self.step, 6) for i in range(count)]
+
+
+class ChoiceSet(_Strict):
+    """Allowed choices for the layers a rule matches. Unset fields inherit from ``space.default``."""
+
+    sparsity: list[float] | SparsityRange | None = None
+    patterns: list[str] | None = None
+    bits: list[int] | None = None
+    criterion: list[str] | None = None
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value):
+        values = value.values() if isinstance(value, SparsityRange) else value
+        if values is not None:
+            bad = [v for v in values if not 0 <= v < 1]
+            if bad or not values:
+                raise ValueError(f"sparsity values {bad or values} must be in [0, 1) and non-empty")
+        return value
+
+    @field_validator("patterns")
+    @classmethod
+    def _check_patterns(cls, value):
+        if value is not None:
+            bad = [p for p in value if not is_valid_pattern(str(p))]
+            if bad or not value:
+                raise ValueError(
+                    f"patterns {bad or value} not allowed; allowed: unstructured, channel, dense, "
+                    "or N:M with N < M (e.g. '2:4')"
+                )
+        return value
+
+    @field_validator("bits")
+    @classmethod
+    def _check_bits(cls, value):
+        if value is not None:
+            bad = [b for b in value if not is_valid_bits(b)]
+            if bad or not value:
+                raise ValueError(f"bits {bad or value} not allowed; allowed: 2 to 16, or 32 (float)")
+        return value
+
+    @field_validator("criterion")
+    @classmethod
+    def _check_criterion(cls, value):
+        if value is not None:
+            bad = [c for c in value if c not in CRITERIA]
+            if bad or not value:
+                raise ValueError(f"criterion {bad or value} not allowed; allowed: {', '.join(CRITERIA)}")
+        return value
+
+    def sparsity_values(self) -> list[float] | None:
+        if isinstance(self.sparsity, SparsityRange):
+            return self.sparsity.values()
+        return None if self.sparsity is None else [float(v) for v in self.sparsity]
+
+
+class LayerRule(ChoiceSet):
+    """Choices for the layers whose names match ``layers`` (exact names or full-match regexes)."""
+
+    layers: list[str]
+    tie: bool = Field(False, description="all matched layers share one decision")
+    name: str | None = Field(None, description="name of the tied group (defaults to rule index)")
+
+    @field_validator("layers")
+    @classmethod
+    def _check_regex(cls, value):
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"layer pattern {pattern!r} is not a valid regex: {err}") from None
+        return value
+
+
+DEFAULT_CHOICES = ChoiceSet(
+    sparsity=[0.0, 0.25, 0.5, 0.75, 0.9],
+    patterns=["unstructured", "channel", "2:4"],
+    bits=[4, 8, 32],
+    criterion=["magnitude"],
+)
+
+
+class SpaceConfig(_Strict):
+    """Which layers are searched and what each may become. First matching rule wins."""
+
+    include: list[str] | None = Field(None, description="only these layers (names/regexes)")
+    exclude: list[str] = Field(default_factory=list, description="kept dense fp32")
+    default: ChoiceSet = DEFAULT_CHOICES
+    rules: list[LayerRule] = Field(default_factory=list)
+
+
+class StrategyConfig(_Strict):
+    name: Literal["ga", "bo", "random", "grid-uniform"] = "ga"
+    population_size: int = Field(16, ge=4, description="GA: NSGA-II population (keep well under budget)")
+    crossover_prob: float = Field(0.9, ge=0, le=1)
+    mutation_prob: float | None = Field(None, ge=0, le=1, description="GA: per-gene; default 1/genes")
+    bo_kind: Literal["tpe", "gp"] = "tpe"
+    startup_trials: int = Field(10, ge=1, description="BO: random trials before modelling")
+    warm_start: bool = Field(
+        True, description="GA/BO: first evaluate uniform and global-magnitude allocations"
+    )
+
+
+class BudgetConfig(_Strict):
+    trials: int | None = Field(40, ge=1, description="total trials in the study")
+    minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "BudgetConfig":
+        if self.trials is None and self.minutes is None:
+            raise ValueError("give 'trials', 'minutes' or both")
+        return self
+
+
+class FinetuneConfig(_Strict):
+    """Fast fine-tuning of each candidate with distillation from the dense model."""
+
+    steps: int = Field(150, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    distill_weight: float = Field(0.7, ge=0, le=1, description="weight of the KD term vs. labels")
+    taylor_batches: int = Field(4, ge=1, description="batches for gradient (Taylor) scores")
+    seed: int = 0
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under runs/")
+    experiment: str | None = Field(None, description="defaults to the search name")
+
+
+_CONSTRAINT_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
+
+
+class Constraint(_Strict):
+    metric: str
+    op: Literal["<=", ">="]
+    bound: float
+
+    def violation(self, value: float) -> float:
+        """Optuna's convention: feasible when <= 0."""
+        return value - self.bound if self.op == "<=" else self.bound - value
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+
+class SearchConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    space: SpaceConfig = Field(default_factory=SpaceConfig)
+    strategy: StrategyConfig = Field(default_factory=StrategyConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    objectives: list[str] = Field(default_factory=lambda: ["accuracy", "size"])
+    constraints: list[Constraint] = Field(default_factory=list)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("objectives")
+    @classmethod
+    def _check_objectives(cls, value):
+        bad = [o for o in value if o not in OBJECTIVES]
+        if bad:
+            raise ValueError(f"objectives {bad} not allowed; allowed: {', '.join(OBJECTIVES)}")
+        if len(set(value)) != len(value) or len(value) < 2:
+            raise ValueError(f"objectives {value} must be at least two distinct names")
+        if "accuracy" not in value:
+            raise ValueError("objectives must include 'accuracy'")
+        return value
+
+    @field_validator("constraints", mode="before")
+    @classmethod
+    def _parse_constraints(cls, value):
+        parsed = []
+        for item in value or []:
+            if isinstance(item, str):
+                match = _CONSTRAINT_RE.match(item)
+                if not match:
+                    raise ValueError(
+                        f"constraint {item!r} must look like 'metric <= number', "
+                        f"e.g. 'accuracy_drop <= 1.0'"
+                    )
+                item = {"metric": match[1], "op": match[2], "bound": float(match[3])}
+            if isinstance(item, dict) and item.get("metric") not in CONSTRAINT_METRICS:
+                raise ValueError(
+                    f"constraint metric {item.get('metric')!r} not allowed; "
+                    f"allowed: {', '.join(CONSTRAINT_METRICS)}"
+                )
+            parsed.append(item)
+        return parsed
+
+    def objective_directions(self) -> list[str]:
+        return [OBJECTIVES[name].direction for name in self.objectives]
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for problem in err.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see the README for the allowed fields)"
+        value = problem.get("input")
+        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+        lines.append(f"  {where}: {message}{shown}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<dict>") -> SearchConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of fields")
+    try:
+        return SearchConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_config(path: str | os.PathLike) -> SearchConfig:
+    """Read and validate a YAML config; relative paths inside it stay relative to the CWD."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    return parse_config(data, str(path))

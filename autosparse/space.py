@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
 from .candidate import CHANNEL, DENSE, UNSTRUCTURED, Candidate, LayerChoice
-from .config import ChoiceSet, ConfigError, SpaceConfig
+from .config import DEFAULT_CHOICES, ChoiceSet, ConfigError, SpaceConfig
 from .layers import LayerTable
 
 FIELDS = ("pattern", "sparsity", "bits", "criterion")
@@ -140,13 +140,14 @@ class SearchSpace:
             raise ConfigError(
                 f"space: no layer left to search (discovered: {', '.join(table.names)})"
             )
+        default = _merge(config.default, DEFAULT_CHOICES)
         groups: dict[str, tuple[list[str], ChoiceSet]] = {}
         for name in searched:
             index, rule = next(
                 ((i, r) for i, r in enumerate(config.rules) if _matches(r.layers, name)),
                 (None, None),
             )
-            choices = config.default if rule is None else _merge(rule, config.default)
+            choices = default if rule is None else _merge(rule, default)
             key = name if rule is None or not rule.tie else (rule.name or f"tied{index}")
             groups.setdefault(key, ([], choices))[0].append(name)
 

@@ -1,0 +1,136 @@
+"""Command line: ``autosparse search|space|front|ui``.
+
+Errors a user can fix (bad config, missing file) print one clear message and exit with 2;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from .config import ConfigError
+
+RUNS_DIR = Path("runs")
+
+
+def _print_front(front: pd.DataFrame) -> None:
+    if front.empty:
+        print("no feasible finished trial yet: the front is empty")
+        return
+    with pd.option_context("display.max_colwidth", 120, "display.width", 200,
+                           "display.float_format", "{:.4g}".format):
+        print(front.to_string(index=False))
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .runner import run_search
+
+    outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
+                         extend=args.extend)
+    print(f"\nPareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
+          f"hypervolume {outcome.hypervolume['hypervolume']:.4f}):")
+    _print_front(outcome.front)
+    print(f"\nstudy: {outcome.storage_url}\nresults: {args.runs_dir}/ (pareto.csv, trials.csv); "
+          "browse them with `autosparse ui`")
+    return 0 if outcome.trials["state"].eq("COMPLETE").any() else 1
+
+
+def _front(args: argparse.Namespace) -> int:
+    from .runner import report_front
+
+    outcome = report_front(args.config, runs_dir=args.runs_dir)
+    print(f"Pareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
+          f"hypervolume {outcome.hypervolume['hypervolume']:.4f}); logged to MLflow")
+    _print_front(outcome.front)
+    return 0
+
+
+def _space(args: argparse.Namespace) -> int:
+    from .runner import prepare
+
+    context = prepare(args.config, args.runs_dir)
+    decision_of = {name: d for d in context.space.decisions for name in d.layers}
+    rows = []
+    for layer in context.table.layers:
+        decision = decision_of.get(layer.name)
+        rows.append({
+            "layer": layer.name,
+            "type": layer.kind,
+            "shape": "x".join(map(str, layer.weight_shape)),
+            "params": layer.weight_count + layer.bias_count,
+            "MACs/sample": layer.macs,
+            "searched": decision.name if decision else "no (dense fp32)",
+            "patterns": ",".join(decision.patterns) if decision else "",
+            "sparsity": ",".join(f"{s:g}" for s in decision.sparsities) if decision else "",
+            "bits": ",".join(map(str, decision.bits)) if decision else "",
+        })
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(pd.DataFrame(rows).to_string(index=False))
+    print(f"\nother parameters (stored fp32): {context.table.other_params}")
+    for note in context.space.notes:
+        print(f"note: {note}")
+    print(f"search space: {len(context.space.decisions)} decisions, "
+          f"{len(context.space.param_names())} params, {context.space.size():.4g} distinct candidates")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .tracking import resolve_tracking_uri, ui_command
+
+    uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
+    command = ui_command(uri, args.runs_dir, args.port)
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (tracking store {uri}); Ctrl-C to stop")
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autosparse", description=__doc__.splitlines()[0])
+    parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR,
+                        help="where studies, the dense model cache and MLflow data live (default runs/)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    search = commands.add_parser("search", help="run or resume a search from a YAML config")
+    search.add_argument("config")
+    search.add_argument("--workers", type=int, default=1, help="local processes sharing the study")
+    search.add_argument("--extend", type=int, default=0, metavar="N",
+                        help="add N trials to the config's budget (to continue a finished search)")
+    search.set_defaults(run=_search)
+
+    space = commands.add_parser("space", help="print the discovered layer table and the space size")
+    space.add_argument("config")
+    space.set_defaults(run=_space)
+
+    front = commands.add_parser("front", help="recompute the Pareto front from storage, log it to MLflow")
+    front.add_argument("config")
+    front.set_defaults(run=_front)
+
+    ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the same store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or runs/mlflow.db")
+    ui.set_defaults(run=_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are in the study; run the same command to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The dense reference model every candidate is compressed from and compared with.
+
+Built-in models are trained here on first use and cached by a key of everything that changes
+the result (model config, data, seed, training recipe), so repeated searches and parallel
+workers start from the very same weights. A factory model arrives trained (its checkpoint is
+loaded by ``build_model``) and is only evaluated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from .config import ModelConfig
+from .data import SPLITS, DataSplits
+from .evaluate import evaluate
+from .models import build_model, model_name
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump when train_dense changes, so old cached weights are not reused
+LR = 1e-3
+# Label smoothing 0.1 lifted digits-cnn (30 epochs, 2 data splits x 3 seeds) from 97.2% mean /
+# 96.7% worst validation accuracy to 98.5% / 98.1%; weight decay and pixel-shift augmentation
+# did not help.
+LABEL_SMOOTHING = 0.1
+BATCH_SIZE = 64
+EVAL_BATCH_SIZE = 512
+
+
+def _splits_fingerprint(data: DataSplits) -> str:
+    """Content hash for DataSplits not made by ``load_data`` (which sets ``fingerprint``)."""
+    digest = hashlib.sha1(repr((data.input_shape, data.num_classes)).encode())
+    for name in SPLITS:
+        dataset = data.split(name)
+        digest.update(f"{name}:{len(dataset)}".encode())
+        if isinstance(dataset, TensorDataset):
+            for tensor in dataset.tensors:
+                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        elif len(dataset):
+            x, y = dataset[0]
+            digest.update(torch.as_tensor(x).numpy().tobytes() + repr(int(y)).encode())
+    return digest.hexdigest()[:12]
+
+
+def cache_key(model_cfg: ModelConfig, data: DataSplits, seed: int) -> str:
+    """Short hash of what determines the trained weights."""
+    payload = {
+        "model": model_cfg.model_dump(mode="json"),
+        "data": data.fingerprint or _splits_fingerprint(data),
+        "input_shape": list(data.input_shape),
+        "num_classes": data.num_classes,
+        "seed": seed,
+        "recipe": RECIPE_VERSION,
+    }
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_path(model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int) -> Path:
+    return Path(cache_dir) / f"{model_name(model_cfg)}-{cache_key(model_cfg, data, seed)}.pt"
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch ops on one thread, then restore the caller's setting.
+
+    The built-in models are so small that intra-op threads cost more than they give: on the
+    2-core dev machine digits-cnn trained 3.6x faster (wall and CPU time) on one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_dense(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> None:
+    """Adam (lr 1e-3) with per-step cosine decay, batch 64, label-smoothed cross-entropy.
+
+    Shuffling uses a generator seeded from ``seed``; the caller seeds the initialisation.
+    """
+    loader = data.loader("train", BATCH_SIZE, shuffle=True, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y, label_smoothing=LABEL_SMOOTHING).backward()
+            optimizer.step()
+            scheduler.step()
+    model.eval()
+
+
+def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
+    """Write to a temp file beside ``path`` and rename it, so no reader sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _load_cached(model: nn.Module, path: Path) -> bool:
+    """Load cached weights; a corrupt or stale file is reported and retrained over."""
+    if not path.is_file():
+        return False
+    try:
+        model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    except Exception as err:  # truncated file, other architecture, ...
+        log.warning("ignoring unusable dense cache %s (%s); training again", path, err)
+        return False
+    return True
+
+
+def _metrics(model: nn.Module, data: DataSplits) -> dict[str, float]:
+    return {
+        "accuracy": evaluate(model, data.loader("validation", EVAL_BATCH_SIZE)),
+        "test_accuracy": evaluate(model, data.loader("test", EVAL_BATCH_SIZE)),
+    }
+
+
+def prepare_dense(
+    model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int
+) -> tuple[nn.Module, dict]:
+    """The dense model in eval mode and its accuracy in percent on validation and test.
+
+    A built-in without a checkpoint is trained (or loaded from ``cache_dir``); anything with a
+    checkpoint or from a factory is used as built.
+    """
+    if model_cfg.builtin is None or model_cfg.checkpoint:
+        model = build_model(model_cfg, data.input_shape, data.num_classes)
+        model.eval()
+        return model, _metrics(model, data)
+
+    path = cache_path(model_cfg, data, cache_dir, seed)
+    with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = build_model(model_cfg, data.input_shape, data.num_classes)
+        if _load_cached(model, path):
+            log.info("dense %s loaded from %s", model_cfg.builtin, path)
+        else:
+            start = time.perf_counter()
+            with single_thread():
+                train_dense(model, data, model_cfg.train_epochs, seed)
+            _save_atomically(model.state_dict(), path)
+            log.info(
+                "dense %s trained for %d epochs in %.1f s, cached at %s",
+                model_cfg.builtin, model_cfg.train_epochs, time.perf_counter() - start, path,
+            )
+    model.eval()
+    return model, _metrics(model, data)

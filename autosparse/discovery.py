@@ -1,0 +1,186 @@
+"""Layer discovery: model -> LayerTable, the plain data every pure part of the search reads.
+
+One forward pass with hooks measures what static shapes cannot tell: how many positions a conv
+or a Linear is applied to (MACs), and the activation sizes the cost model charges for memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Sequence
+
+import torch
+from torch import nn
+
+from .evaluate import eval_mode
+from .layers import LayerInfo, LayerTable
+
+SEARCHABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+DEFAULT_TARGETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """The base type's name (``Conv1d``, ``Conv2d``, ``Linear``), also for subclasses."""
+    return next(t.__name__ for t in SEARCHABLE_TYPES if isinstance(module, t))
+
+
+def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Conv1d/Conv2d/Linear with a weight, by ``named_modules`` name, in module order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, SEARCHABLE_TYPES)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+
+
+def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
+    """MACs of one call: every output element costs one dot product of the reduction length.
+
+    The probe batch has one sample, so ``numel`` is per sample wherever the batch axis sits
+    (e.g. sequence-first inputs to a Linear).
+    """
+    outputs = output.numel()
+    if isinstance(module, nn.Linear):
+        return outputs * module.in_features
+    return outputs * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def measure(
+    model: nn.Module, layers: dict[str, nn.Module], input_shape: tuple[int, ...]
+) -> dict[str, dict[str, int]]:
+    """Per-sample MACs and activation sizes of each layer from one forward pass on batch size 1.
+
+    A layer called more than once (shared weights) adds up over its calls; a layer never called
+    keeps zeros.
+    """
+    stats = {name: {"macs": 0, "input_elements": 0, "output_elements": 0} for name in layers}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            entry = stats[name]
+            entry["macs"] += _layer_macs(module, output)
+            entry["input_elements"] += inputs[0].numel()
+            entry["output_elements"] += output.numel()
+
+        return hook
+
+    parameter = next(model.parameters(), None)
+    floating = parameter is not None and parameter.is_floating_point()
+    dtype = parameter.dtype if floating else torch.float32
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)  # a private generator: global RNG untouched
+    x = torch.randn((1, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def count_other_params(model: nn.Module, layers: dict[str, nn.Module]) -> int:
+    """Parameters outside the discovered layers (batch norm, embeddings, ...), shared ones once."""
+    owned = {id(p) for module in layers.values() for p in module.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in owned and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def global_magnitude_allocation(
+    weights: dict[str, torch.Tensor], targets: Sequence[float]
+) -> dict[float, dict[str, float]]:
+    """Per-layer sparsity that one global |w| threshold gives, for each global target.
+
+    Exactly ``round(t * total)`` weights are pruned: those strictly below the k-th smallest
+    magnitude, plus as many ties at it as needed, shared in proportion to each layer's ties
+    (ties are common when a model is already partly pruned and the threshold is zero).
+    """
+    for t in targets:
+        if not 0.0 <= float(t) < 1.0:
+            raise ValueError(f"global magnitude target {t!r} must be in [0, 1)")
+    if not weights:
+        return {}
+    names = list(weights)
+    mags = [weights[n].detach().abs().flatten().float().cpu() for n in names]
+    counts = [m.numel() for m in mags]
+    everything = torch.cat(mags)
+    out: dict[float, dict[str, float]] = {}
+    for t in targets:
+        k = int(round(float(t) * everything.numel()))
+        if k == 0:
+            out[float(t)] = {n: 0.0 for n in names}
+            continue
+        threshold = torch.kthvalue(everything, k).values
+        below = [int((m < threshold).sum()) for m in mags]
+        ties = [int((m == threshold).sum()) for m in mags]
+        pruned = _share_ties(below, ties, k - sum(below))
+        out[float(t)] = {n: round(p / c, 4) for n, p, c in zip(names, pruned, counts)}
+    return out
+
+
+def _share_ties(below: list[int], ties: list[int], need: int) -> list[int]:
+    """Add ``need`` tied weights to the counts, in proportion to ties (largest remainder)."""
+    total_ties = sum(ties)
+    if need <= 0 or total_ties == 0:
+        return below
+    exact = [need * t / total_ties for t in ties]
+    extra = [int(e) for e in exact]
+    order = sorted(range(len(ties)), key=lambda i: (exact[i] - extra[i]), reverse=True)
+    for i in order[: need - sum(extra)]:
+        extra[i] += 1
+    return [b + e for b, e in zip(below, extra)]
+
+
+def discover_layers(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    global_targets: Sequence[float] = DEFAULT_TARGETS,
+    searchable: Collection[str] | None = None,
+) -> LayerTable:
+    """Build the layer table of ``model`` for per-sample inputs of ``input_shape``.
+
+    ``searchable`` limits the global magnitude allocation to those layer names (the others are
+    kept dense, so their weights must not pull the threshold); all layers stay in the table.
+    """
+    input_shape = tuple(int(d) for d in input_shape)
+    layers = find_layers(model)
+    if searchable is not None:
+        unknown = sorted(set(searchable) - set(layers))
+        if unknown:
+            raise ValueError(
+                f"searchable names {unknown} are not discovered layers ({', '.join(layers)})"
+            )
+    stats = measure(model, layers, input_shape)
+    infos = tuple(
+        LayerInfo(
+            name=name,
+            kind=layer_kind(module),
+            weight_shape=tuple(int(d) for d in module.weight.shape),
+            has_bias=getattr(module, "bias", None) is not None,
+            macs=stats[name]["macs"],
+            input_elements=stats[name]["input_elements"],
+            output_elements=stats[name]["output_elements"],
+            groups=int(getattr(module, "groups", 1)),
+        )
+        for name, module in layers.items()
+    )
+    allocated = [n for n in layers if searchable is None or n in searchable]
+    weights = {n: layers[n].weight for n in allocated}
+    return LayerTable(
+        layers=infos,
+        other_params=count_other_params(model, layers),
+        input_shape=input_shape,
+        global_magnitude=global_magnitude_allocation(weights, global_targets),
+    )
+
+
+def unused_layers(table: LayerTable) -> list[str]:
+    """Layers the forward pass never called (macs 0): worth a warning, e.g. an unused head."""
+    return [layer.name for layer in table.layers if layer.macs == 0]

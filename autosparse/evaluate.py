@@ -1,0 +1,48 @@
+"""Accuracy of a classifier on a loader: the one number every part of the search compares.
+
+Kept in a module of its own so the fine-tune, dense and export code share exactly one definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own previous mode.
+
+    Restoring per module (not ``model.train(was_training)``) keeps deliberately frozen parts,
+    e.g. batch norm held in eval during training, the way the caller left them.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def evaluate(model: nn.Module, loader: Iterable) -> float:
+    """Top-1 accuracy in percent (0-100) over ``(x, y)`` batches; eval mode, no gradients."""
+    device = _device_of(model)
+    correct = total = 0
+    with eval_mode(model), torch.no_grad():
+        for x, y in loader:
+            logits = model(x.to(device))
+            y = torch.as_tensor(y, device=logits.device)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += int(y.numel())
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return 100.0 * correct / total

@@ -1,0 +1,206 @@
+"""Models: the two built-in demo networks, or the user's own model through a factory.
+
+A user's model comes in as ``factory: "package.module:function"`` (plus kwargs) and an optional
+state-dict checkpoint, so no pickled model object is ever loaded (``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import math
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import ConfigError, ModelConfig
+
+_STATE_DICT_ENTRIES = ("state_dict", "model_state_dict")
+_SHOWN = 5  # how many missing/unexpected keys an error lists
+
+
+class DigitsCNN(nn.Module):
+    """Small CNN for 8x8 digits; layer names are relied on by examples and tests."""
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * (height // 2) * (width // 2), 64)
+        self.fc2 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.fc1(torch.flatten(x, 1)))
+        return self.fc2(x)
+
+
+class DigitsMLP(nn.Module):
+    """Three-layer MLP over the flattened input."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(in_features, 128)
+        self.fc2 = nn.Linear(128, 64)
+        self.fc3 = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(self.flatten(x)))
+        x = F.relu(self.fc2(x))
+        return self.fc3(x)
+
+
+def is_builtin(cfg: ModelConfig) -> bool:
+    return cfg.builtin is not None
+
+
+def model_name(cfg: ModelConfig) -> str:
+    """Short name for files and logs: the built-in name or the factory's function name."""
+    if cfg.builtin is not None:
+        return cfg.builtin
+    return str(cfg.factory).rsplit(":", 1)[1].rsplit(".", 1)[-1]
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the configured model on CPU and load its checkpoint if one is given."""
+    if cfg.builtin is not None:
+        model = _build_builtin(cfg.builtin, tuple(input_shape), num_classes, cfg.kwargs)
+    else:
+        model = _build_from_factory(str(cfg.factory), cfg.kwargs)
+    if cfg.checkpoint:
+        load_checkpoint(model, cfg.checkpoint)
+    return model
+
+
+def _build_builtin(
+    name: str, input_shape: tuple[int, ...], num_classes: int, kwargs: Mapping[str, Any]
+) -> nn.Module:
+    if kwargs:
+        raise ConfigError(
+            f"model.kwargs: built-in model {name!r} takes no kwargs, got {dict(kwargs)}"
+        )
+    if name == "digits-cnn":
+        if len(input_shape) != 3 or min(input_shape[1:]) < 2:
+            raise ConfigError(
+                f"model digits-cnn needs image inputs (channels, height, width) with height and "
+                f"width >= 2; the data gives samples of shape {input_shape}"
+            )
+        return DigitsCNN(input_shape[0], input_shape[1], input_shape[2], num_classes)
+    if name == "digits-mlp":
+        return DigitsMLP(math.prod(input_shape), num_classes)
+    raise ConfigError(f"model.builtin {name!r} is not one of digits-cnn, digits-mlp")
+
+
+def _import_factory(spec: str) -> Callable[..., Any]:
+    """Resolve ``package.module:function`` (the function part may be dotted, e.g. ``Class.make``).
+
+    The CWD is put on ``sys.path`` (and stays there, so the module can import its siblings
+    later) because a model file next to the config is the common case for a quick experiment.
+    """
+    module_name, attr_path = spec.split(":", 1)
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a file written moments ago must be found
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        missing = err.name or ""
+        if missing and (module_name == missing or module_name.startswith(missing + ".")):
+            raise ConfigError(
+                f"model.factory: cannot import module {module_name!r} (looked on sys.path, "
+                f"including the current directory {cwd})"
+            ) from None
+        raise ConfigError(
+            f"model.factory: importing {module_name!r} failed: {err} (a dependency is missing)"
+        ) from err
+    target: Any = module
+    for part in attr_path.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(
+                f"model.factory: {module_name!r} ({getattr(module, '__file__', '?')}) "
+                f"has no attribute {attr_path!r}"
+            )
+        target = getattr(target, part)
+    if not callable(target):
+        raise ConfigError(f"model.factory: {spec!r} is not callable")
+    return target
+
+
+def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    factory = _import_factory(spec)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model.kwargs do not fit {spec}: {err}") from None
+    except ValueError:  # no signature available (some builtins): let the call decide
+        pass
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"model.factory: {spec} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
+
+
+def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, Mapping):
+        for entry in _STATE_DICT_ENTRIES:
+            if isinstance(obj.get(entry), Mapping):
+                obj = obj[entry]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(
+            f"model.checkpoint {path}: expected a state_dict (name -> tensor) or a dict with a "
+            f"'state_dict' / 'model_state_dict' entry, got {type(obj).__name__}"
+        )
+    return dict(obj)
+
+
+def _list(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
+    """Load a state-dict checkpoint into ``model`` strictly, with errors that list bad keys."""
+    path = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"model.checkpoint: file not found: {path}")
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as err:  # unpickling refusals and corrupt files come as various types
+        raise ConfigError(
+            f"model.checkpoint {path}: cannot load with weights_only=True ({err}); "
+            "save model.state_dict(), not the model object"
+        ) from None
+    state = _extract_state_dict(obj, path)
+    own = set(model.state_dict())
+    if own and not own & set(state) and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    missing = sorted(own - set(state))
+    unexpected = sorted(set(state) - own)
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_list(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_list(unexpected)}")
+        raise ConfigError(
+            f"model.checkpoint {path} does not match the model ({'; '.join(problems)})"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        raise ConfigError(f"model.checkpoint {path} does not match the model: {err}") from None

@@ -1,0 +1,135 @@
+"""One trial: params -> candidate -> compressed, fine-tuned, scored -> objective values.
+
+This is the one place where the search side (Optuna trials, the space) meets the model side
+(compression, fine-tuning, footprint). Everything a trial produced is written to the trial
+itself (user attrs and constraints), so the study stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import optuna
+import torch
+
+from .candidate import Candidate
+from .compress import compress_model, taylor_scores
+from .config import Constraint, FinetuneConfig
+from .data import DataSplits
+from .evaluate import evaluate
+from .finetune import finetune
+from .footprint import footprint_metrics
+from .layers import LayerTable
+from .objectives import metric_of
+from .space import SearchSpace
+
+# Keys of what a trial stores about itself (read back by ``front``).
+CANDIDATE_ATTR = "candidate"
+KEY_ATTR = "candidate_key"
+METRICS_ATTR = "metrics"
+FAIL_ATTR = "fail_reason"
+CACHED_ATTR = "cached"
+WORKER_ATTR = "worker"
+INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
+
+
+def worker_id() -> str:
+    """host:pid, so a restarted search can tell its own dead trials from other workers' live ones."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class CandidateEvaluator:
+    """Scores candidates: compress a copy of the dense model, fine-tune with distillation, validate.
+
+    Cost metrics come from the footprint (pure, no forward pass). Identical candidates are scored
+    once per process; the objective also reuses results stored by other processes.
+    """
+
+    dense: torch.nn.Module
+    data: DataSplits
+    table: LayerTable
+    finetune_cfg: FinetuneConfig
+    dense_accuracy: float
+    _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
+        if not any(choice.criterion == "taylor" for choice in candidate.values()):
+            return None
+        if self._taylor is None:  # the dense model's gradients never change: compute once
+            loader = self.data.loader("train", self.finetune_cfg.batch_size, shuffle=True,
+                                      seed=self.finetune_cfg.seed)
+            self._taylor = taylor_scores(self.dense, loader, self.table.names,
+                                         self.finetune_cfg.taylor_batches)
+        return self._taylor
+
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        start = time.perf_counter()
+        student = compress_model(self.dense, candidate, self._scores(candidate))
+        loader = self.data.loader("train", self.finetune_cfg.batch_size, shuffle=True,
+                                  seed=self.finetune_cfg.seed)
+        result = finetune(student, self.dense, loader, self.finetune_cfg)
+        tuned = time.perf_counter()
+        accuracy = evaluate(student, self.data.loader("validation", 512))
+        metrics = {
+            "accuracy": accuracy,
+            "accuracy_drop": self.dense_accuracy - accuracy,
+            **footprint_metrics(self.table, candidate),
+            "finetune_loss": result.final_loss,
+            "finetune_seconds": tuned - start,
+            "eval_seconds": time.perf_counter() - tuned,
+        }
+        return metrics
+
+
+def _stored_metrics(study: optuna.Study, key: str) -> dict[str, float] | None:
+    """Metrics of a finished trial with the same candidate, from any process or earlier run."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if trial.user_attrs.get(KEY_ATTR) == key and METRICS_ATTR in trial.user_attrs:
+            return dict(trial.user_attrs[METRICS_ATTR])
+    return None
+
+
+@dataclass
+class SearchObjective:
+    """The callable handed to ``study.optimize``."""
+
+    space: SearchSpace
+    evaluator: CandidateEvaluator
+    objectives: list[str]
+    constraints: list[Constraint]
+    _cache: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        try:
+            candidate = self.space.suggest(trial)
+            trial.set_user_attr(CANDIDATE_ATTR, candidate.to_json())
+            trial.set_user_attr(KEY_ATTR, candidate.key)
+            metrics = self._cache.get(candidate.key) or _stored_metrics(trial.study, candidate.key)
+            trial.set_user_attr(CACHED_ATTR, metrics is not None)
+            if metrics is None:
+                metrics = self.evaluator.evaluate(candidate)
+            self._check_finite(metrics)
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: Ctrl-C")
+            raise
+        except Exception as err:  # recorded on the trial; the search goes on (optimize catches)
+            trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:500])
+            raise
+        self._cache[candidate.key] = metrics
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        for constraint in self.constraints:
+            trial.set_constraint(str(constraint), constraint.violation(metrics[constraint.metric]))
+        return tuple(metrics[metric_of(name)] for name in self.objectives)
+
+    def _check_finite(self, metrics: Mapping[str, Any]) -> None:
+        for name in self.objectives:
+            value = metrics[metric_of(name)]
+            if not math.isfinite(value):
+                raise ValueError(f"objective {name} is {value}")

@@ -1,0 +1,478 @@
+"""Pictures and tables of a search: the Pareto front as interactive HTML, static PNG and a table.
+
+Input is the trials DataFrame built from the Optuna study (one row per trial: ``trial``,
+``state``, ``candidate`` JSON, ``fail_reason``, ``feasible``, ``on_front``, ``cached`` plus
+metric columns). Every numeric column that is not bookkeeping is treated as a metric, so metrics
+added later (latency, energy) show up in hover text and tables without changes here.
+
+plotly and matplotlib are imported inside the functions that draw: importing this module stays
+cheap for callers that only need :func:`front_table`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .candidate import Candidate
+from .objectives import OBJECTIVES
+
+# Columns of the trials frame that are bookkeeping, never metrics.
+BOOKKEEPING_COLUMNS = (
+    "trial",
+    "state",
+    "candidate",
+    "fail_reason",
+    "feasible",
+    "on_front",
+    "cached",
+)
+ACCURACY = "accuracy"
+LOG_SCALE_SPAN = 20.0  # use a log x axis when max/min exceeds this
+MAX_HOVER_LAYERS = 40
+
+_FRONT_COLOR = "#d62728"
+_FEASIBLE_COLOR = "#1f77b4"
+_INFEASIBLE_COLOR = "#b0b0b0"
+_DENSE_COLOR = "#2ca02c"
+
+
+# --------------------------------------------------------------------------------------------
+# helpers shared with tracking
+# --------------------------------------------------------------------------------------------
+
+
+def metric_columns(trials: pd.DataFrame) -> list[str]:
+    """Numeric, non-boolean, non-bookkeeping columns, in frame order."""
+    cols = []
+    for col in trials.columns:
+        if col in BOOKKEEPING_COLUMNS:
+            continue
+        dtype = trials[col].dtype
+        if pd.api.types.is_bool_dtype(dtype) or not pd.api.types.is_numeric_dtype(dtype):
+            continue
+        cols.append(str(col))
+    return cols
+
+
+def cost_objectives(objectives: Sequence[str]) -> list[str]:
+    """The objectives plotted on x: every objective but accuracy, in the given order."""
+    _check_objectives(objectives)
+    return [name for name in objectives if name != ACCURACY]
+
+
+def layer_choices(candidate_json: str | None) -> list[tuple[str, str]]:
+    """``[(layer, "unstructured 50%/int8"), ...]``; empty for a missing or unreadable candidate."""
+    if not isinstance(candidate_json, str) or not candidate_json.strip():
+        return []
+    try:
+        candidate = Candidate.from_json(candidate_json)
+    except (ValueError, KeyError, TypeError):
+        return []
+    return [(name, choice.describe()) for name, choice in candidate.items()]
+
+
+def layers_summary(candidate_json: str | None, sep: str = ", ") -> str:
+    """Short per-layer summary, e.g. ``conv1=unstructured 50%/int8, conv2=2:4/int4``."""
+    return sep.join(f"{name}={text}" for name, text in layer_choices(candidate_json))
+
+
+def _check_objectives(objectives: Sequence[str]) -> None:
+    unknown = [name for name in objectives if name not in OBJECTIVES]
+    if unknown:
+        raise ValueError(
+            f"objectives {unknown} unknown; known: {', '.join(OBJECTIVES)}"
+        )
+    if ACCURACY not in objectives or len(objectives) < 2:
+        raise ValueError(f"objectives {list(objectives)} must contain 'accuracy' and a cost")
+
+
+def _column(frame: pd.DataFrame, name: str, default) -> pd.Series:
+    if name in frame.columns:
+        return frame[name]
+    return pd.Series([default] * len(frame), index=frame.index)
+
+
+def _complete(trials: pd.DataFrame) -> pd.DataFrame:
+    """Completed trials only (failures have no metrics to plot)."""
+    state = _column(trials, "state", "COMPLETE").astype(str)
+    return trials[state == "COMPLETE"]
+
+
+def _front_mask(frame: pd.DataFrame) -> pd.Series:
+    return _column(frame, "on_front", False).fillna(False).astype(bool)
+
+
+def _feasible_mask(frame: pd.DataFrame) -> pd.Series:
+    return _column(frame, "feasible", True).fillna(False).astype(bool)
+
+
+def _require_metric(frame: pd.DataFrame, objective: str) -> str:
+    metric = OBJECTIVES[objective].metric
+    if metric not in frame.columns:
+        raise ValueError(
+            f"trials have no column {metric!r} for objective {objective!r}; "
+            f"columns: {', '.join(map(str, frame.columns))}"
+        )
+    return metric
+
+
+def _finite_xy(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    values = frame[[x, y]].apply(pd.to_numeric, errors="coerce")
+    keep = np.isfinite(values[x].to_numpy(float)) & np.isfinite(values[y].to_numpy(float))
+    return frame[keep]
+
+
+def _front_2d(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """Points of ``frame`` not dominated in the (min x, max y) plane, sorted by x.
+
+    With two objectives this is the whole front; with more it is the front's outline in this
+    projection, which is what a step line can draw honestly.
+    """
+    ordered = frame.sort_values([x, y], ascending=[True, False], kind="mergesort")
+    keep, best = [], -math.inf
+    for index, value in zip(ordered.index, ordered[y].to_numpy(float)):
+        if value > best:
+            keep.append(index)
+            best = value
+    return ordered.loc[keep]
+
+
+def _use_log(values: Iterable[float]) -> bool:
+    arr = np.asarray([v for v in values if np.isfinite(v) and v > 0], dtype=float)
+    if arr.size < 2:
+        return False
+    return float(arr.max() / arr.min()) > LOG_SCALE_SPAN
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        if not np.isfinite(value):
+            return "nan"
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.4g}"
+        return f"{value:,.4g}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    return str(value)
+
+
+def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
+    lines = [f"<b>trial {int(row['trial'])}</b>" if "trial" in row.index else "<b>trial</b>"]
+    flags = []
+    if bool(row.get("on_front", False)):
+        flags.append("on front")
+    if not bool(row.get("feasible", True)):
+        flags.append("infeasible")
+    if bool(row.get("cached", False)):
+        flags.append("cached")
+    if flags:
+        lines[0] += " (" + ", ".join(flags) + ")"
+    for metric in metrics:
+        lines.append(f"{metric}: {_fmt(row[metric])}")
+    choices = layer_choices(row.get("candidate"))
+    if choices:
+        lines.append("<i>layers</i>")
+        for name, text in choices[:MAX_HOVER_LAYERS]:
+            lines.append(f"&nbsp;&nbsp;{name}: {text}")
+        if len(choices) > MAX_HOVER_LAYERS:
+            lines.append(f"&nbsp;&nbsp;… {len(choices) - MAX_HOVER_LAYERS} more layers")
+    return "<br>".join(lines)
+
+
+def _dense_point(dense: dict | None, x: str, y: str) -> tuple[float, float] | None:
+    if not dense:
+        return None
+    try:
+        xv, yv = float(dense[x]), float(dense[y])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (math.isfinite(xv) and math.isfinite(yv)):
+        return None
+    return xv, yv
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+
+
+def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
+    """The front's rows sorted by the first cost objective (then accuracy, best first).
+
+    Columns: ``trial``, the objective metrics, ``compression``, ``accuracy_drop`` (when the trials
+    have them) and ``layers``, a short per-layer summary. Feeds ``pareto.csv`` and the terminal
+    table.
+    """
+    costs = cost_objectives(objectives)
+    metrics: list[str] = []
+    for name in [ACCURACY, *costs]:
+        metric = OBJECTIVES[name].metric
+        if metric not in metrics:
+            metrics.append(metric)
+    for extra in ("compression", "accuracy_drop"):
+        if extra in trials.columns and extra not in metrics:
+            metrics.append(extra)
+    columns = ["trial", *metrics, "layers"]
+
+    complete = _complete(trials)
+    front = complete[_front_mask(complete)]
+    if front.empty:
+        return pd.DataFrame({col: pd.Series(dtype=object) for col in columns})
+    for metric in metrics:
+        if metric not in front.columns:
+            raise ValueError(f"trials have no column {metric!r}")
+    x = OBJECTIVES[costs[0]].metric
+    front = front.sort_values(
+        [x, OBJECTIVES[ACCURACY].metric, "trial"], ascending=[True, False, True], kind="mergesort"
+    )
+    table = front[["trial", *metrics]].copy()
+    table["trial"] = table["trial"].astype(int)
+    table["layers"] = [layers_summary(c) for c in _column(front, "candidate", "")]
+    return table.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# interactive HTML (plotly)
+# --------------------------------------------------------------------------------------------
+
+
+def pareto_figure_html(
+    trials: pd.DataFrame,
+    objectives: list[str],
+    path: Path,
+    dense: dict | None = None,
+) -> None:
+    """Write a self-contained (offline) plotly HTML page of accuracy vs each cost objective.
+
+    Front points are red and joined by a step line, other feasible points blue, infeasible ones
+    grey; failed trials are left out. Hover shows the trial, every metric and the per-layer
+    choices. With more than one cost objective a dropdown switches the x axis.
+    """
+    import plotly.graph_objects as go
+
+    costs = cost_objectives(objectives)
+    y = OBJECTIVES[ACCURACY].metric
+    complete = _complete(trials)
+    metrics = metric_columns(trials)
+    fig = go.Figure()
+    trace_groups: list[list[int]] = []
+    axis_settings: list[dict] = []
+
+    for number, cost in enumerate(costs):
+        x = _require_metric(complete, cost)
+        if y not in complete.columns:
+            raise ValueError(f"trials have no column {y!r}")
+        points = _finite_xy(complete, x, y)
+        front = _front_mask(points)
+        feasible = _feasible_mask(points)
+        groups = (
+            ("front", points[front], _FRONT_COLOR, "circle", 11),
+            ("feasible", points[~front & feasible], _FEASIBLE_COLOR, "circle", 7),
+            ("infeasible", points[~front & ~feasible], _INFEASIBLE_COLOR, "x", 7),
+        )
+        visible = number == 0
+        start = len(fig.data)
+        for label, frame, color, symbol, size in groups:
+            fig.add_trace(
+                go.Scatter(
+                    x=frame[x].to_numpy(float),
+                    y=frame[y].to_numpy(float),
+                    mode="markers",
+                    name=label,
+                    legendgroup=label,
+                    visible=visible,
+                    marker=dict(
+                        color=color,
+                        symbol=symbol,
+                        size=size,
+                        line=dict(width=1, color="#333") if label == "front" else None,
+                        opacity=1.0 if label == "front" else 0.7,
+                    ),
+                    text=[_hover_text(row, metrics) for _, row in frame.iterrows()],
+                    hovertemplate="%{text}<extra></extra>",
+                )
+            )
+        outline = _front_2d(points[front], x, y)
+        fig.add_trace(
+            go.Scatter(
+                x=outline[x].to_numpy(float),
+                y=outline[y].to_numpy(float),
+                mode="lines",
+                line=dict(shape="hv", color=_FRONT_COLOR, width=2),
+                name="front (step)",
+                legendgroup="front",
+                visible=visible,
+                hoverinfo="skip",
+            )
+        )
+        all_x = list(points[x].to_numpy(float))
+        dense_xy = _dense_point(dense, x, y)
+        if dense_xy is not None:
+            all_x.append(dense_xy[0])
+            fig.add_trace(
+                go.Scatter(
+                    x=[dense_xy[0]],
+                    y=[dense_xy[1]],
+                    mode="markers",
+                    name="dense model",
+                    visible=visible,
+                    marker=dict(symbol="star", size=16, color=_DENSE_COLOR, line=dict(width=1)),
+                    hovertemplate=(
+                        f"<b>dense model</b><br>{x}: %{{x:.4g}}<br>{y}: %{{y:.4g}}<extra></extra>"
+                    ),
+                )
+            )
+        trace_groups.append(list(range(start, len(fig.data))))
+        axis_settings.append(
+            {
+                "xaxis.title.text": OBJECTIVES[cost].label,
+                "xaxis.type": "log" if _use_log(all_x) else "linear",
+                "title.text": _title(cost, complete),
+            }
+        )
+
+    n_traces = len(fig.data)
+    fig.update_layout(
+        template="plotly_white",
+        yaxis_title=OBJECTIVES[ACCURACY].label,
+        hovermode="closest",
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        margin=dict(t=110),
+        height=620,
+    )
+    fig.update_layout(
+        {
+            "xaxis": {
+                "title": {"text": axis_settings[0]["xaxis.title.text"]},
+                "type": axis_settings[0]["xaxis.type"],
+            },
+            "title": {"text": axis_settings[0]["title.text"]},
+        }
+    )
+    if complete.empty:
+        fig.add_annotation(
+            text="no completed trials yet", showarrow=False, xref="paper", yref="paper",
+            x=0.5, y=0.5, font=dict(size=18),
+        )
+    if len(costs) > 1:
+        buttons = []
+        for cost, group, settings in zip(costs, trace_groups, axis_settings):
+            visible = [index in group for index in range(n_traces)]
+            buttons.append(
+                dict(
+                    label=f"accuracy vs {cost}",
+                    method="update",
+                    args=[{"visible": visible}, settings],
+                )
+            )
+        fig.update_layout(
+            updatemenus=[
+                dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.12,
+                     yanchor="bottom", showactive=True)
+            ]
+        )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+
+
+def _focus_on_front(ax, all_y: np.ndarray, front_y: np.ndarray, dense_y: float | None) -> None:
+    """Collapsed candidates (accuracy near chance) would squash the front into a line: cut the
+    y axis at the front's span below its lowest point and say how many trials lie below."""
+    if front_y.size == 0 or all_y.size == 0:
+        return
+    top = max(float(all_y.max()), float(front_y.max()), dense_y if dense_y is not None else -math.inf)
+    span = max(top - float(front_y.min()), 1.0)
+    floor = float(front_y.min()) - span
+    below = int((all_y < floor).sum())
+    if below == 0:
+        return
+    ax.set_ylim(floor, top + 0.08 * span)
+    ax.text(0.01, 0.01, f"{below} trial(s) below, down to {float(all_y.min()):.3g}",
+            transform=ax.transAxes, fontsize="small", color="#555", va="bottom")
+
+
+def _title(cost: str, complete: pd.DataFrame) -> str:
+    n_front = int(_front_mask(complete).sum())
+    return (
+        f"Pareto front: accuracy vs {cost} "
+        f"({len(complete)} completed trials, {n_front} on the front)"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# static PNG (matplotlib, Agg canvas: no pyplot global state, no display needed)
+# --------------------------------------------------------------------------------------------
+
+
+def pareto_figure_png(
+    trials: pd.DataFrame,
+    objectives: list[str],
+    path: Path,
+    dense: dict | None = None,
+) -> None:
+    """Write a PNG with one subplot of accuracy vs each cost objective.
+
+    ``dense`` (metric name -> value, e.g. ``{"accuracy": 98.1, "size_kb": 120.0}``) is drawn as a
+    star when it has the plotted metrics.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    costs = cost_objectives(objectives)
+    y = OBJECTIVES[ACCURACY].metric
+    complete = _complete(trials)
+    fig = Figure(figsize=(5.6 * len(costs), 4.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(costs), squeeze=False)[0]
+    for ax, cost in zip(axes, costs):
+        x = _require_metric(complete, cost)
+        if y not in complete.columns:
+            raise ValueError(f"trials have no column {y!r}")
+        points = _finite_xy(complete, x, y)
+        front = _front_mask(points)
+        feasible = _feasible_mask(points)
+        infeasible = points[~front & ~feasible]
+        others = points[~front & feasible]
+        on_front = points[front]
+        if len(infeasible):
+            ax.scatter(infeasible[x], infeasible[y], marker="x", s=22, color=_INFEASIBLE_COLOR,
+                       label="infeasible", zorder=1)
+        if len(others):
+            ax.scatter(others[x], others[y], s=22, color=_FEASIBLE_COLOR, alpha=0.55,
+                       label="feasible", zorder=2)
+        if len(on_front):
+            outline = _front_2d(on_front, x, y)
+            ax.step(outline[x], outline[y], where="post", color=_FRONT_COLOR, linewidth=1.5,
+                    zorder=3)
+            ax.scatter(on_front[x], on_front[y], s=46, color=_FRONT_COLOR, edgecolors="#333",
+                       linewidths=0.6, label="front", zorder=4)
+        all_x = list(points[x].to_numpy(float))
+        dense_xy = _dense_point(dense, x, y)
+        if dense_xy is not None:
+            all_x.append(dense_xy[0])
+            ax.scatter([dense_xy[0]], [dense_xy[1]], marker="*", s=260, color=_DENSE_COLOR,
+                       edgecolors="#222", linewidths=0.7, label="dense model", zorder=5)
+        if _use_log(all_x):
+            ax.set_xscale("log")
+        _focus_on_front(ax, points[y].to_numpy(float), on_front[y].to_numpy(float),
+                        None if dense_xy is None else dense_xy[1])
+        ax.set_xlabel(OBJECTIVES[cost].label)
+        ax.set_ylabel(OBJECTIVES[ACCURACY].label)
+        ax.set_title(f"accuracy vs {cost}")
+        ax.grid(True, alpha=0.3, which="both")
+        if points.empty and dense_xy is None:
+            ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center",
+                    transform=ax.transAxes)
+        elif ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize="small")
+    n_front = int(_front_mask(complete).sum())
+    fig.suptitle(f"Pareto front ({len(complete)} completed trials, {n_front} on the front)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=110, format="png")

@@ -1,0 +1,288 @@
+"""Running a search: prepare once, run trials in one or more worker processes, report the front.
+
+    prepare: config -> data -> dense model (trained and cached on first use) -> layer table -> space
+    open the study (resume), fail trials of dead workers, enqueue warm starts on a new study
+    each worker: while the budget allows: ask -> compress -> fine-tune -> score -> tell -> log
+    report: trials from storage -> front, hypervolume -> MLflow artifacts and a terminal table
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import optuna
+import pandas as pd
+import torch
+
+from .candidate import Candidate
+from .config import SearchConfig, load_config
+from .data import DataSplits, load_data
+from .dense import prepare_dense
+from .discovery import discover_layers
+from .footprint import footprint_metrics
+from .front import HypervolumeSpec, final, trials_frame
+from .layers import LayerTable
+from .objective import CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator, SearchObjective
+from .plots import front_table
+from .samplers import make_sampler
+from .space import SearchSpace
+from .study import counted_trials, fail_interrupted_trials, open_study, storage_url
+from .tracking import Tracker, resolve_tracking_uri
+
+Printer = Callable[[str], None]
+
+
+@dataclass
+class SearchContext:
+    """Everything a worker needs, rebuilt identically in every process from the config."""
+
+    config: SearchConfig
+    config_text: str
+    runs_dir: Path
+    data: DataSplits
+    dense: torch.nn.Module
+    dense_metrics: dict[str, float]
+    table: LayerTable
+    space: SearchSpace
+
+    @property
+    def storage_url(self) -> str:
+        return storage_url(self.config, self.runs_dir)
+
+    def tracker(self) -> Tracker:
+        uri = resolve_tracking_uri(self.config.tracking.uri, self.runs_dir)
+        return Tracker(tracking_uri=uri, experiment=self.config.tracking.experiment or self.config.name,
+                       runs_dir=self.runs_dir)
+
+    def objective(self) -> SearchObjective:
+        evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
+                                       self.dense_metrics["accuracy"])
+        return SearchObjective(self.space, evaluator, self.config.objectives,
+                               list(self.config.constraints))
+
+    def open_study(self) -> optuna.Study:
+        sampler = make_sampler(self.config.strategy, self.space, self.config.seed)
+        return open_study(self.config, self.storage_url, sampler)
+
+    def budget_trials(self, extend: int) -> int | None:
+        """Total trials the study should hold; the grid baseline stops when its grid is done."""
+        if self.config.budget.trials is None:
+            return None
+        total = self.config.budget.trials + extend
+        if self.config.strategy.name == "grid-uniform":
+            total = min(total, len(self.space.uniform_candidates()))
+        return total
+
+
+def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
+    config = load_config(config_path)
+    torch.manual_seed(config.seed)
+    data = load_data(config.data)
+    dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed)
+    table = discover_layers(dense, data.input_shape)
+    space = SearchSpace.build(config.space, table)
+    if space.excluded:  # global magnitude allocations only over the searched layers
+        table = discover_layers(dense, data.input_shape, searchable=space.layer_names)
+    dense_metrics = {**dense_metrics, **footprint_metrics(table, Candidate({}))}
+    return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
+                         dense_metrics, table, space)
+
+
+def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: int | None) -> int:
+    strategy = context.config.strategy
+    if study.trials or not strategy.warm_start or strategy.name not in ("ga", "bo"):
+        return 0
+    count = strategy.population_size // 2 if strategy.name == "ga" else strategy.startup_trials
+    count = min(count, budget or count)
+    for candidate in context.space.warm_start_candidates(context.table, count, context.config.seed):
+        study.enqueue_trial(context.space.params_of(candidate), skip_if_exists=True)
+    return count
+
+
+@dataclass
+class Budget:
+    trials: int | None
+    deadline: float | None
+
+    def exhausted(self, study: optuna.Study) -> bool:
+        if self.deadline is not None and time.time() >= self.deadline:
+            return True
+        return self.trials is not None and counted_trials(study) >= self.trials
+
+
+def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optuna.trial.FrozenTrial) -> None:
+    if parent is None:
+        return
+    metrics = trial.user_attrs.get(METRICS_ATTR, {}) if trial.state.name == "COMPLETE" else {}
+    tracker.log_trial(parent_run_id=parent, trial=trial.number, state=trial.state.name,
+                      candidate_json=trial.user_attrs.get(CANDIDATE_ATTR, ""), metrics=metrics,
+                      fail_reason=trial.user_attrs.get(FAIL_ATTR, ""),
+                      cached=bool(trial.user_attrs.get("cached", False)), strategy=strategy)
+
+
+def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: str | None,
+          progress: Callable[[optuna.Study], None] | None = None) -> None:
+    """One worker's loop: trials until the study's budget is used up (shared across workers)."""
+    objective = context.objective()
+    tracker = context.tracker()
+
+    def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        _log_trial(tracker, parent, context.config.strategy.name, trial)
+        if progress is not None:
+            progress(study)
+
+    while not budget.exhausted(study):
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial],
+                       gc_after_trial=False)
+
+
+def _worker_main(config_path: str, runs_dir: str, budget: Budget, parent: str | None,
+                 threads: int) -> None:
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context = prepare(config_path, Path(runs_dir))
+    _work(context, context.open_study(), budget, parent)
+
+
+@dataclass
+class SearchOutcome:
+    trials: pd.DataFrame
+    front: pd.DataFrame
+    hypervolume: dict[str, float]
+    storage_url: str
+    parent_run_id: str | None
+    new_trials: int
+
+
+class Progress:
+    """One line per finished trial: done/budget, failures, front size, hypervolume, time left."""
+
+    def __init__(self, context: SearchContext, budget: Budget, printer: Printer, start_count: int):
+        self.context, self.budget, self.printer = context, budget, printer
+        self.start, self.start_count = time.time(), start_count
+        self.spec = HypervolumeSpec(context.config.objectives, context.dense_metrics)
+
+    def __call__(self, study: optuna.Study) -> None:
+        frame = trials_frame(study, self.context.config.objectives)
+        done = len(frame)
+        failed = int((frame["state"] == "FAIL").sum()) if done else 0
+        hv = final(self.spec.histories(frame)["hypervolume"]) if done else 0.0
+        elapsed = time.time() - self.start
+        new = max(1, done - self.start_count)
+        total = self.budget.trials
+        left = ""
+        if total is not None:
+            left = f" | ~{_duration(elapsed / new * max(0, total - done))} left"
+        if self.budget.deadline is not None:
+            left += f" | {_duration(max(0.0, self.budget.deadline - time.time()))} of time budget left"
+        front = int(frame["on_front"].sum()) if done else 0
+        self.printer(f"[{done}/{total if total is not None else '-'}] failed {failed} | front {front}"
+                     f" | hypervolume {hv:.4f} | {_duration(elapsed)} elapsed{left}")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def report(context: SearchContext, study: optuna.Study, tracker: Tracker, parent: str | None,
+           new_trials: int = 0) -> SearchOutcome:
+    """Front and hypervolume from storage; logged to MLflow and written under runs/<name>/."""
+    objectives = context.config.objectives
+    frame = trials_frame(study, objectives)
+    histories = HypervolumeSpec(objectives, context.dense_metrics).histories(frame)
+    front = front_table(frame, objectives)
+    out_dir = context.runs_dir / context.config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(out_dir / "trials.csv", index=False)
+    front.to_csv(out_dir / "pareto.csv", index=False)
+    if parent is not None:
+        tracker.log_front(parent_run_id=parent, trials=frame, objectives=objectives,
+                          hypervolumes=histories, dense_metrics=context.dense_metrics)
+    return SearchOutcome(frame, front, {k: final(v) for k, v in histories.items()},
+                         context.storage_url, parent, new_trials)
+
+
+def _start_tracking(context: SearchContext, tracker: Tracker) -> str | None:
+    config = context.config
+    params = {
+        "strategy": config.strategy.name,
+        "objectives": ",".join(config.objectives),
+        "constraints": "; ".join(str(c) for c in config.constraints) or "none",
+        "budget_trials": config.budget.trials,
+        "budget_minutes": config.budget.minutes,
+        "seed": config.seed,
+        "finetune_steps": config.finetune.steps,
+        "space_size": context.space.size(),
+        "searched_layers": len(context.space.layer_names),
+    }
+    return tracker.start_search(study_name=config.name, storage_url=context.storage_url,
+                                strategy=config.strategy.name, config_text=context.config_text,
+                                layer_table=context.table, dense_metrics=context.dense_metrics,
+                                params=params)
+
+
+def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"), workers: int = 1,
+               extend: int = 0, printer: Printer = print) -> SearchOutcome:
+    """Run (or resume) the search described by the config until its budget is used."""
+    if workers < 1:
+        raise ValueError(f"workers must be ≥ 1, got {workers}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(threads)
+    context = prepare(config_path, runs_dir)
+    config = context.config
+    printer(f"dense model: validation accuracy {context.dense_metrics['accuracy']:.2f}%, "
+            f"{context.dense_metrics['size_kb']:.1f} kB; {len(context.space.layer_names)} layers searched, "
+            f"space of {context.space.size():.3g} candidates; strategy {config.strategy.name}")
+    study = context.open_study()
+    if interrupted := fail_interrupted_trials(study):
+        printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")
+    total = context.budget_trials(extend)
+    _enqueue_warm_starts(context, study, total)
+    deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
+    budget = Budget(total, deadline)
+    before = counted_trials(study)
+    if budget.exhausted(study):
+        printer(f"budget of {total} trials already used ({before} in {context.storage_url}); "
+                "reporting the existing front (use --extend N for more trials)")
+    tracker = context.tracker()
+    parent = _start_tracking(context, tracker)
+    progress = Progress(context, budget, printer, len(trials_frame(study, config.objectives)))
+    processes = [
+        multiprocessing.get_context("spawn").Process(
+            target=_worker_main,
+            args=(str(config_path), str(runs_dir), budget, parent, threads),
+            daemon=True,
+        )
+        for _ in range(workers - 1)
+    ]
+    for process in processes:
+        process.start()
+    try:
+        _work(context, study, budget, parent, progress)
+    finally:
+        for process in processes:
+            process.join()
+    outcome = report(context, study, tracker, parent, counted_trials(study) - before)
+    if parent is not None:
+        tracker.end_search(parent)
+    return outcome
+
+
+def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs")) -> SearchOutcome:
+    """Recompute the front from storage and (re-)log it to MLflow, e.g. after MLflow was down."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context = prepare(config_path, runs_dir)
+    study = context.open_study()
+    tracker = context.tracker()
+    parent = _start_tracking(context, tracker)
+    outcome = report(context, study, tracker, parent)
+    if parent is not None:
+        tracker.end_search(parent)
+    return outcome

@@ -1,0 +1,71 @@
+"""Search strategies as Optuna samplers: ``make_sampler`` maps a strategy config to one.
+
+=============== ==============================================================================
+``random``      ``optuna.samplers.RandomSampler`` (the honest baseline)
+``bo`` / tpe    multivariate, grouped TPE with the constant liar (``group`` handles the
+                conditional ``sparsity`` params; reads ``trial.constraints`` on its own)
+``bo`` / gp     ``optuna.samplers.GPSampler`` on the params every trial has; the conditional
+                ``sparsity`` params (absent when a layer takes 2:4) fall outside GP's
+                intersection space and are sampled by a univariate TPE instead of at random
+``ga``          :class:`GeneticSampler` (steady-state NSGA-II on DEAP operators)
+``grid-uniform`` :class:`UniformGridSampler` (same pattern/sparsity/bits on every layer)
+=============== ==============================================================================
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+
+from ..config import StrategyConfig
+from ..space import SearchSpace
+from .ga import GeneticSampler
+from .grid import UniformGridSampler
+
+__all__ = ["GeneticSampler", "UniformGridSampler", "make_sampler"]
+
+
+def make_sampler(
+    strategy: StrategyConfig, space: SearchSpace, seed: int
+) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler for ``strategy``, seeded with ``seed``."""
+    name = strategy.name
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "ga":
+        return GeneticSampler(
+            space=space,
+            population_size=strategy.population_size,
+            crossover_prob=strategy.crossover_prob,
+            mutation_prob=strategy.mutation_prob,
+            seed=seed,
+        )
+    if name == "grid-uniform":
+        return UniformGridSampler(space=space, seed=seed)
+    if name == "bo":
+        with warnings.catch_warnings():
+            # ``group`` is an experimental argument: expected, not news to the user.
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            tpe = optuna.samplers.TPESampler(
+                seed=seed,
+                multivariate=strategy.bo_kind == "tpe",
+                group=strategy.bo_kind == "tpe",
+                n_startup_trials=strategy.startup_trials,
+                constant_liar=True,
+            )
+        if strategy.bo_kind == "tpe":
+            return tpe
+        if strategy.bo_kind == "gp":
+            return optuna.samplers.GPSampler(
+                seed=seed,
+                n_startup_trials=strategy.startup_trials,
+                independent_sampler=tpe,
+                # Conditional params always fall back to the independent sampler; by design.
+                warn_independent_sampling=False,
+            )
+        raise ValueError(f"strategy.bo_kind {strategy.bo_kind!r} must be 'tpe' or 'gp'")
+    raise ValueError(
+        f"strategy.name {name!r} must be one of 'ga', 'bo', 'random', 'grid-uniform'"
+    )

@@ -1,0 +1,102 @@
+"""Opening the Optuna study: storage URL, resume checks, stale trials and budget accounting.
+
+The study is the state of a search. Re-running the same command opens the same study; a trial
+left RUNNING by a process that died on this host is marked failed as ``interrupted`` and does
+not count against the budget, so no finished trial is lost or re-run.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import optuna
+import psutil
+from optuna.trial import TrialState
+
+from .config import ConfigError, SearchConfig
+from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
+
+_SIGNATURE_ATTR = "autosparse.signature"
+
+
+def storage_url(config: SearchConfig, runs_dir: Path) -> str:
+    """The config's storage, or a SQLite file under ``runs/<name>/`` by default."""
+    if config.storage:
+        return config.storage
+    return f"sqlite:///{(runs_dir / config.name / 'study.db').resolve()}"
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """RDB storage (SQLite, PostgreSQL, MySQL) with a heartbeat, or a journal file by path."""
+    if "://" not in url:
+        path = Path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    engine_kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs = {"connect_args": {"timeout": 60}}  # several workers share the file
+    return optuna.storages.RDBStorage(
+        url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
+    )
+
+
+def _signature(config: SearchConfig) -> str:
+    """What must not change between runs of one study: objectives and space."""
+    return json.dumps(
+        {"objectives": config.objectives, "space": config.space.model_dump(mode="json")},
+        sort_keys=True,
+    )
+
+
+def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
+    """Create the study or resume it, refusing a resume whose objectives or space changed."""
+    storage = make_storage(url)
+    study = optuna.create_study(
+        study_name=config.name,
+        storage=storage,
+        sampler=sampler,
+        directions=config.objective_directions(),
+        load_if_exists=True,
+    )
+    signature = _signature(config)
+    stored = study.user_attrs.get(_SIGNATURE_ATTR)
+    if stored is None:
+        study.set_user_attr(_SIGNATURE_ATTR, signature)
+    elif stored != signature:
+        raise ConfigError(
+            f"the study {config.name!r} in {url} was created with other objectives or another "
+            "space; give the search a new 'name' (or delete that storage) to start afresh"
+        )
+    return study
+
+
+def fail_interrupted_trials(study: optuna.Study) -> int:
+    """Mark RUNNING trials whose worker process on this host is gone as failed (interrupted)."""
+    host = socket.gethostname()
+    count = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get(WORKER_ATTR, "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
+            optuna.Trial(study, trial._trial_id).set_user_attr(
+                FAIL_ATTR, f"{INTERRUPTED}: worker {worker} ended mid-trial"
+            )
+            study.tell(trial.number, state=TrialState.FAIL)
+            count += 1
+    return count
+
+
+def is_interrupted(trial: optuna.trial.FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and str(trial.user_attrs.get(FAIL_ATTR, "")).startswith(
+        INTERRUPTED
+    )
+
+
+def counted_trials(study: optuna.Study) -> int:
+    """Trials that use up the budget: finished (complete or genuinely failed) plus in flight."""
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not is_interrupted(t))

@@ -1,0 +1,183 @@
+"""Model building: built-ins with fixed layer names, factories from the CWD, checkpoints."""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from autosparse.config import ConfigError, ModelConfig
+from autosparse.models import build_model, is_builtin, model_name
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path(monkeypatch):
+    """build_model puts the CWD on sys.path; keep that from leaking between tests."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+def test_digits_cnn_architecture():
+    model = build_model(ModelConfig(builtin="digits-cnn"), (1, 8, 8), 10)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert list(layers) == ["conv1", "conv2", "conv3", "fc1", "fc2"]
+    assert (model.conv1.in_channels, model.conv1.out_channels) == (1, 16)
+    assert (model.conv2.out_channels, model.conv3.out_channels) == (32, 32)
+    for name in ("conv1", "conv2", "conv3"):
+        assert layers[name].padding == (1, 1) and layers[name].kernel_size == (3, 3)
+    assert (model.fc1.in_features, model.fc1.out_features) == (512, 64)
+    assert (model.fc2.in_features, model.fc2.out_features) == (64, 10)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_digits_cnn_other_input_sizes():
+    model = build_model(ModelConfig(builtin="digits-cnn"), (3, 7, 10), 4)
+    assert model.conv1.in_channels == 3 and model.fc1.in_features == 32 * 3 * 5
+    assert model(torch.zeros(1, 3, 7, 10)).shape == (1, 4)
+    with pytest.raises(ConfigError, match="digits-cnn needs image inputs"):
+        build_model(ModelConfig(builtin="digits-cnn"), (64,), 10)
+
+
+def test_digits_mlp_architecture():
+    model = build_model(ModelConfig(builtin="digits-mlp"), (1, 8, 8), 10)
+    assert (model.fc1.in_features, model.fc1.out_features) == (64, 128)
+    assert (model.fc2.in_features, model.fc2.out_features) == (128, 64)
+    assert (model.fc3.in_features, model.fc3.out_features) == (64, 10)
+    assert model(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
+    assert model(torch.zeros(5, 64)).shape == (5, 10)
+    assert is_builtin(ModelConfig(builtin="digits-mlp"))
+    assert model_name(ModelConfig(builtin="digits-mlp")) == "digits-mlp"
+
+
+def test_builtin_rejects_kwargs():
+    with pytest.raises(ConfigError, match="takes no kwargs"):
+        build_model(ModelConfig(builtin="digits-mlp", kwargs={"width": 3}), (64,), 10)
+
+
+FACTORY = textwrap.dedent(
+    """
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self, hidden):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(4, hidden), nn.ReLU())
+            self.head = nn.Linear(hidden, 3)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    def make(hidden=5):
+        return Net(hidden)
+
+    def not_a_model():
+        return 42
+
+    class Zoo:
+        @staticmethod
+        def small():
+            return Net(2)
+    """
+)
+
+
+@pytest.fixture
+def factory_dir(tmp_path, monkeypatch, request):
+    """A model file in a fresh CWD, under a module name unique to the test."""
+    module = "user_model_" + re.sub(r"\W", "_", request.node.name)
+    (tmp_path / f"{module}.py").write_text(FACTORY)
+    monkeypatch.chdir(tmp_path)
+    yield module
+    sys.modules.pop(module, None)
+
+
+def test_factory_from_cwd_with_kwargs(factory_dir):
+    model = build_model(ModelConfig(factory=f"{factory_dir}:make", kwargs={"hidden": 7}), (4,), 3)
+    assert model.head.in_features == 7
+    assert model_name(ModelConfig(factory=f"{factory_dir}:make")) == "make"
+    nested = build_model(ModelConfig(factory=f"{factory_dir}:Zoo.small"), (4,), 3)
+    assert nested.head.in_features == 2
+
+
+def test_factory_errors(factory_dir):
+    with pytest.raises(ConfigError, match="not a torch.nn.Module"):
+        build_model(ModelConfig(factory=f"{factory_dir}:not_a_model"), (4,), 3)
+    with pytest.raises(ConfigError, match="has no attribute 'missing'"):
+        build_model(ModelConfig(factory=f"{factory_dir}:missing"), (4,), 3)
+    with pytest.raises(ConfigError, match="cannot import module 'no_such_module_xyz'"):
+        build_model(ModelConfig(factory="no_such_module_xyz:make"), (4,), 3)
+    with pytest.raises(ConfigError, match="model.kwargs do not fit"):
+        build_model(ModelConfig(factory=f"{factory_dir}:make", kwargs={"depth": 2}), (4,), 3)
+
+
+def test_factory_with_missing_dependency_says_so(tmp_path, monkeypatch):
+    (tmp_path / "needs_dep_mod.py").write_text("import not_installed_dep_abc\ndef make(): pass\n")
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(ConfigError, match="not_installed_dep_abc"):
+            build_model(ModelConfig(factory="needs_dep_mod:make"), (4,), 3)
+    finally:
+        sys.modules.pop("needs_dep_mod", None)
+
+
+def _reference_state(factory_dir) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    return build_model(ModelConfig(factory=f"{factory_dir}:make"), (4,), 3).state_dict()
+
+
+@pytest.mark.parametrize("wrapper", [None, "state_dict", "model_state_dict", "module."])
+def test_checkpoint_loading(factory_dir, tmp_path, wrapper):
+    state = _reference_state(factory_dir)
+    if wrapper == "module.":
+        saved = {f"module.{k}": v for k, v in state.items()}
+    elif wrapper:
+        saved = {wrapper: state, "epoch": 3}
+    else:
+        saved = state
+    torch.save(saved, tmp_path / "ckpt.pt")
+    torch.manual_seed(2)
+    model = build_model(ModelConfig(factory=f"{factory_dir}:make", checkpoint="ckpt.pt"), (4,), 3)
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_checkpoint_wrong_keys_are_listed(factory_dir, tmp_path):
+    state = _reference_state(factory_dir)
+    state["classifier.weight"] = state.pop("head.weight")
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ConfigError) as err:
+        build_model(ModelConfig(factory=f"{factory_dir}:make", checkpoint="bad.pt"), (4,), 3)
+    message = str(err.value)
+    assert "missing keys: head.weight" in message
+    assert "unexpected keys: classifier.weight" in message
+
+
+def test_checkpoint_wrong_shape(factory_dir, tmp_path):
+    torch.save(_reference_state(factory_dir), tmp_path / "ckpt.pt")
+    cfg = ModelConfig(factory=f"{factory_dir}:make", kwargs={"hidden": 6}, checkpoint="ckpt.pt")
+    with pytest.raises(ConfigError, match="size mismatch"):
+        build_model(cfg, (4,), 3)
+
+
+def test_checkpoint_missing_file_names_path(factory_dir, tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.pt"):
+        build_model(ModelConfig(factory=f"{factory_dir}:make", checkpoint="nowhere.pt"), (4,), 3)
+
+
+def test_checkpoint_of_a_whole_model_is_refused(factory_dir, tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "whole.pt")
+    with pytest.raises(ConfigError, match="state_dict"):
+        build_model(ModelConfig(factory=f"{factory_dir}:make", checkpoint="whole.pt"), (4,), 3)
+
+
+def test_checkpoint_for_builtin(tmp_path):
+    torch.manual_seed(0)
+    reference = build_model(ModelConfig(builtin="digits-mlp"), (1, 8, 8), 10)
+    torch.save(reference.state_dict(), tmp_path / "mlp.pt")
+    cfg = ModelConfig(builtin="digits-mlp", checkpoint=str(tmp_path / "mlp.pt"))
+    model = build_model(cfg, (1, 8, 8), 10)
+    assert torch.equal(model.fc3.weight, reference.fc3.weight)

@@ -80,13 +80,13 @@ def _space(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import resolve_tracking_uri, ui_command
+    from .tracking import resolve_tracking_uri, ui_command, ui_environment
 
     uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
     command = ui_command(uri, args.runs_dir, args.port)
     print(f"MLflow UI on http://127.0.0.1:{args.port} (tracking store {uri}); Ctrl-C to stop")
     try:
-        return subprocess.call(command)
+        return subprocess.call(command, env=ui_environment())
     except KeyboardInterrupt:
         return 0
 

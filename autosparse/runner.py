@@ -157,6 +157,7 @@ class SearchOutcome:
     storage_url: str
     parent_run_id: str | None
     new_trials: int
+    search_seconds: float = 0.0  # wall time of the trial loop (sampling, training, storage, logging)
 
 
 class Progress:
@@ -264,12 +265,15 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     ]
     for process in processes:
         process.start()
+    loop_start = time.perf_counter()
     try:
         _work(context, study, budget, parent, progress)
     finally:
         for process in processes:
             process.join()
+    loop_seconds = time.perf_counter() - loop_start
     outcome = report(context, study, tracker, parent, counted_trials(study) - before)
+    outcome.search_seconds = loop_seconds
     if parent is not None:
         tracker.end_search(parent)
     return outcome

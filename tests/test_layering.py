@@ -1,0 +1,40 @@
+"""The import boundaries of DESIGN.md, checked by parsing every module's imports."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
+
+PURE = {"config", "candidate", "objectives", "layers"}
+SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
+MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate"}
+FORBIDDEN = {
+    **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
+    **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},
+    **{m: {"optuna", "mlflow", "deap"} for m in MODEL_SIDE},
+}
+
+
+def imports_of(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_module_respects_its_layer(path):
+    relative = path.relative_to(PACKAGE)
+    layer = relative.parts[0].removesuffix(".py")
+    imported = imports_of(path)
+    assert not imported & FORBIDDEN.get(layer, set()), f"{relative} imports {imported & FORBIDDEN[layer]}"
+    if layer != "tracking":
+        assert "mlflow" not in imported, f"only tracking.py may import mlflow, not {relative}"

@@ -204,3 +204,12 @@ def test_space_command_prints_layer_table(runs_dir, capsys):
     out = capsys.readouterr().out
     for piece in ("conv1", "fc2", "MACs/sample", "2:4 not possible for conv1", "distinct candidates"):
         assert piece in out
+
+
+def test_same_seed_repeats_the_search(runs_dir):
+    runs = []
+    for name in ("repeat-a", "repeat-b"):
+        config = write_config(runs_dir, name, seed=3, budget={"trials": 7})
+        runs.append(run_search(config, runs_dir=runs_dir, printer=lambda line: None).trials)
+    assert runs[0]["candidate"].tolist() == runs[1]["candidate"].tolist()
+    assert runs[0]["accuracy"].tolist() == runs[1]["accuracy"].tolist()

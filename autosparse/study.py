@@ -8,12 +8,15 @@ not count against the budget, so no finished trial is lost or re-run.
 from __future__ import annotations
 
 import json
+import random
 import socket
+import time
 import warnings
 from pathlib import Path
 
 import optuna
 import psutil
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .config import ConfigError, SearchConfig
@@ -55,16 +58,29 @@ def _signature(config: SearchConfig) -> str:
     )
 
 
+def _create_or_load(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler,
+                    attempts: int = 5) -> optuna.Study:
+    """Workers on several machines may create the same new database at once; PostgreSQL then
+    fails one of them with an integrity error on its catalog, so retry with a short backoff."""
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(
+                study_name=config.name,
+                storage=make_storage(url),
+                sampler=sampler,
+                directions=config.objective_directions(),
+                load_if_exists=True,
+            )
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create the study or resume it, refusing a resume whose objectives or space changed."""
-    storage = make_storage(url)
-    study = optuna.create_study(
-        study_name=config.name,
-        storage=storage,
-        sampler=sampler,
-        directions=config.objective_directions(),
-        load_if_exists=True,
-    )
+    study = _create_or_load(config, url, sampler)
     signature = _signature(config)
     stored = study.user_attrs.get(_SIGNATURE_ATTR)
     if stored is None:

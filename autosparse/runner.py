@@ -31,6 +31,7 @@ from .objective import CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluat
 from .plots import front_table
 from .samplers import make_sampler
 from .space import SearchSpace
+from .sqlite_tuning import use_fast_sqlite
 from .study import counted_trials, fail_interrupted_trials, open_study, storage_url
 from .tracking import Tracker, resolve_tracking_uri
 
@@ -80,6 +81,7 @@ class SearchContext:
 
 
 def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
+    use_fast_sqlite()
     config = load_config(config_path)
     torch.manual_seed(config.seed)
     data = load_data(config.data)

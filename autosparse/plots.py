@@ -121,6 +121,15 @@ def _require_metric(frame: pd.DataFrame, objective: str) -> str:
     return metric
 
 
+def _panel(complete: pd.DataFrame, cost: str, y: str):
+    """The x column of one cost objective, its finite points vs accuracy, front and feasible masks."""
+    x = _require_metric(complete, cost)
+    if y not in complete.columns:
+        raise ValueError(f"trials have no column {y!r}")
+    points = _finite_xy(complete, x, y)
+    return x, points, _front_mask(points), _feasible_mask(points)
+
+
 def _finite_xy(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     values = frame[[x, y]].apply(pd.to_numeric, errors="coerce")
     keep = np.isfinite(values[x].to_numpy(float)) & np.isfinite(values[y].to_numpy(float))
@@ -264,12 +273,7 @@ def pareto_figure_html(
     axis_settings: list[dict] = []
 
     for number, cost in enumerate(costs):
-        x = _require_metric(complete, cost)
-        if y not in complete.columns:
-            raise ValueError(f"trials have no column {y!r}")
-        points = _finite_xy(complete, x, y)
-        front = _front_mask(points)
-        feasible = _feasible_mask(points)
+        x, points, front, feasible = _panel(complete, cost, y)
         groups = (
             ("front", points[front], _FRONT_COLOR, "circle", 11),
             ("feasible", points[~front & feasible], _FEASIBLE_COLOR, "circle", 7),
@@ -431,12 +435,7 @@ def pareto_figure_png(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(costs), squeeze=False)[0]
     for ax, cost in zip(axes, costs):
-        x = _require_metric(complete, cost)
-        if y not in complete.columns:
-            raise ValueError(f"trials have no column {y!r}")
-        points = _finite_xy(complete, x, y)
-        front = _front_mask(points)
-        feasible = _feasible_mask(points)
+        x, points, front, feasible = _panel(complete, cost, y)
         infeasible = points[~front & ~feasible]
         others = points[~front & feasible]
         on_front = points[front]

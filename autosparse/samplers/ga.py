@@ -7,53 +7,25 @@ where it stopped. Nothing private is written into Optuna storage.
 
 from __future__ import annotations
 
-import hashlib
 import random
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import moocore
 import numpy as np
 import optuna
 from deap import base, tools
 from deap.tools.emo import assignCrowdingDist
-from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from ..space import SearchSpace
+from ._proposing import ProposingSampler
+from .seeding import isolated_global_random, stable_seed
 
 __all__ = ["GeneticSampler"]
 
-# DEAP's operators draw from Python's global ``random``; swapping its state in and out must not
-# interleave between threads (Optuna's ``n_jobs``), whichever sampler instance does it.
-_GLOBAL_RANDOM_LOCK = threading.Lock()
 _DEDUP_TRIES = 20
 _BIG = 1e300  # stands in for +-inf objective values, so crowding distances stay finite
-
-
-def stable_seed(*parts: Any) -> int:
-    """A 63-bit seed from ``parts`` that is the same in every process (unlike salted ``hash``)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-@contextmanager
-def isolated_global_random(rng: random.Random) -> Iterator[None]:
-    """Run a block with the global ``random`` state taken from ``rng``; restore the caller's after.
-
-    The block must draw only from the global ``random`` module (as DEAP does); its draws advance
-    ``rng``, and the caller's global state is exactly as before.
-    """
-    with _GLOBAL_RANDOM_LOCK:
-        saved = random.getstate()
-        random.setstate(rng.getstate())
-        try:
-            yield
-        finally:
-            rng.setstate(random.getstate())
-            random.setstate(saved)
 
 
 class _Recorder:
@@ -69,7 +41,7 @@ class _Recorder:
         return self.values[name]
 
 
-class GeneticSampler(optuna.samplers.BaseSampler):
+class GeneticSampler(ProposingSampler):
     """Steady-state constrained NSGA-II over the space's categorical params (DEAP operators)::
 
         population = selNSGA2(feasible completed trials) + least-violating infeasible, size P
@@ -127,9 +99,7 @@ class GeneticSampler(optuna.samplers.BaseSampler):
             raise ValueError(
                 f"mutation_prob must be None or a number in [0, 1], got {mutation_prob!r}"
             )
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be None or an integer, got {seed!r}")
-
+        super().__init__(seed)
         self._space = space
         self._params: list[str] = space.param_names()
         self._choices: list[tuple] = [space.choices(p) for p in self._params]
@@ -137,7 +107,6 @@ class GeneticSampler(optuna.samplers.BaseSampler):
         self._crossover_prob = float(crossover_prob)
         n_genes = max(len(self._params), 1)
         self._mutation_prob = 1.0 / n_genes if mutation_prob is None else float(mutation_prob)
-        self._seed = seed if seed is not None else random.SystemRandom().getrandbits(63)
 
         # DEAP types and toolbox live in this instance: nothing is registered in deap.creator.
         self._individual_cls = type("Individual", (list,), {})
@@ -147,65 +116,9 @@ class GeneticSampler(optuna.samplers.BaseSampler):
         self._toolbox.register("mutate", self._mutate)
         self._toolbox.register("select", tools.selNSGA2)
 
-        self._children: dict[int, dict[str, Any]] = {}  # trial number -> params, in memory only
         # Pure functions of a trial's params, memoised (finished trials never change):
         self._indices: dict[tuple, tuple[int | None, ...]] = {}
         self._keys: dict[tuple, str | None] = {}
-        self._lock = threading.Lock()
-
-    # ------------------------------------------------------------------ Optuna sampler API
-
-    def reseed_rng(self) -> None:
-        self._seed = random.SystemRandom().getrandbits(63)
-
-    def infer_relative_search_space(
-        self, study: Study, trial: FrozenTrial
-    ) -> dict[str, BaseDistribution]:
-        return {}
-
-    def sample_relative(
-        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
-    ) -> dict[str, Any]:
-        return {}
-
-    def sample_independent(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        param_name: str,
-        param_distribution: BaseDistribution,
-    ) -> Any:
-        with self._lock:
-            child = self._children.get(trial.number)
-            if child is None:
-                child = self._children[trial.number] = self._make_child(study, trial)
-        choices = getattr(param_distribution, "choices", None)
-        if param_name in child and choices is not None and child[param_name] in choices:
-            return child[param_name]
-        return self._fallback(study, trial, param_name, param_distribution)
-
-    def after_trial(
-        self,
-        study: Study,
-        trial: FrozenTrial,
-        state: TrialState,
-        values: Sequence[float] | None,
-    ) -> None:
-        with self._lock:
-            self._children.pop(trial.number, None)
-
-    # ------------------------------------------------------------------ internals
-
-    def _fallback(
-        self, study: Study, trial: FrozenTrial, name: str, distribution: BaseDistribution
-    ) -> Any:
-        """A seeded random value for a param outside the genome (or a foreign distribution)."""
-        rng = random.Random(stable_seed(self._seed, trial.number, name))
-        if isinstance(distribution, CategoricalDistribution):
-            return distribution.choices[rng.randrange(len(distribution.choices))]
-        # Not expected from SearchSpace; delegate other kinds to a seeded random sampler.
-        sampler = optuna.samplers.RandomSampler(seed=rng.getrandbits(32))
-        return sampler.sample_independent(study, trial, name, distribution)
 
     def _decode(self, genome: Sequence[int]):
         """Candidate and active gene positions of a genome, exactly as ``space.suggest`` asks."""
@@ -264,7 +177,7 @@ class GeneticSampler(optuna.samplers.BaseSampler):
             )
         return cls
 
-    def _make_child(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+    def _propose(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         rng = random.Random(stable_seed(self._seed, trial.number))
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -281,8 +194,7 @@ class GeneticSampler(optuna.samplers.BaseSampler):
 
     def _seen_keys(self, trials: list[FrozenTrial], number: int) -> set[str]:
         seen = {self._key_of(t.params) for t in trials if t.number != number}
-        seen.update(self._key_of(params) for other, params in self._children.items()
-                    if other != number)
+        seen.update(self._key_of(params) for params in self._in_flight(number).values())
         seen.discard(None)
         return seen
 

@@ -35,6 +35,7 @@ METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
+TIMING_METRICS = ("finetune_seconds", "eval_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
 
 
@@ -115,6 +116,8 @@ class SearchObjective:
             trial.set_user_attr(CACHED_ATTR, metrics is not None)
             if metrics is None:
                 metrics = self.evaluator.evaluate(candidate)
+            else:  # a repeat costs no training: don't report the original's time again
+                metrics = {**metrics, **{key: 0.0 for key in TIMING_METRICS}}
             self._check_finite(metrics)
         except KeyboardInterrupt:
             trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: Ctrl-C")

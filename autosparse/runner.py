@@ -32,7 +32,7 @@ from .plots import front_table
 from .samplers import make_sampler
 from .space import SearchSpace
 from .sqlite_tuning import use_fast_sqlite
-from .study import counted_trials, fail_interrupted_trials, open_study, storage_url
+from .study import counted_trials, fail_interrupted_trials, open_study, storage_url, study_uid
 from .tracking import Tracker, resolve_tracking_uri
 
 Printer = Callable[[str], None]
@@ -211,7 +211,7 @@ def report(context: SearchContext, study: optuna.Study, tracker: Tracker, parent
                          context.storage_url, parent, new_trials)
 
 
-def _start_tracking(context: SearchContext, tracker: Tracker) -> str | None:
+def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Study) -> str | None:
     config = context.config
     params = {
         "strategy": config.strategy.name,
@@ -227,7 +227,7 @@ def _start_tracking(context: SearchContext, tracker: Tracker) -> str | None:
     return tracker.start_search(study_name=config.name, storage_url=context.storage_url,
                                 strategy=config.strategy.name, config_text=context.config_text,
                                 layer_table=context.table, dense_metrics=context.dense_metrics,
-                                params=params)
+                                params=params, study_uid=study_uid(study))
 
 
 def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"), workers: int = 1,
@@ -255,7 +255,7 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
         printer(f"budget of {total} trials already used ({before} in {context.storage_url}); "
                 "reporting the existing front (use --extend N for more trials)")
     tracker = context.tracker()
-    parent = _start_tracking(context, tracker)
+    parent = _start_tracking(context, tracker, study)
     progress = Progress(context, budget, printer, len(trials_frame(study, config.objectives)))
     processes = [
         multiprocessing.get_context("spawn").Process(
@@ -287,7 +287,7 @@ def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"
     context = prepare(config_path, runs_dir)
     study = context.open_study()
     tracker = context.tracker()
-    parent = _start_tracking(context, tracker)
+    parent = _start_tracking(context, tracker, study)
     outcome = report(context, study, tracker, parent)
     if parent is not None:
         tracker.end_search(parent)

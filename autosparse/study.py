@@ -11,6 +11,7 @@ import json
 import random
 import socket
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from .config import ConfigError, SearchConfig
 from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
 _SIGNATURE_ATTR = "autosparse.signature"
+_UID_ATTR = "autosparse.uid"
 
 
 def storage_url(config: SearchConfig, runs_dir: Path) -> str:
@@ -85,12 +87,18 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
     stored = study.user_attrs.get(_SIGNATURE_ATTR)
     if stored is None:
         study.set_user_attr(_SIGNATURE_ATTR, signature)
+        study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
     elif stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives or another "
             "space; give the search a new 'name' (or delete that storage) to start afresh"
         )
     return study
+
+
+def study_uid(study: optuna.Study) -> str:
+    """Tells this study from an earlier one of the same name (e.g. after its file was deleted)."""
+    return str(study.user_attrs.get(_UID_ATTR, ""))
 
 
 def fail_interrupted_trials(study: optuna.Study) -> int:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 _log = logging.getLogger(__name__)
 
 TAG_STUDY = "autosparse.study"
+TAG_STUDY_UID = "autosparse.study_uid"
 TAG_ROLE = "autosparse.role"
 TAG_STRATEGY = "autosparse.strategy"
 TAG_STORAGE = "autosparse.storage"
@@ -570,8 +571,12 @@ class Tracker:
         layer_table: LayerTable,
         dense_metrics: dict,
         params: dict,
+        study_uid: str = "",
     ) -> str:
         """Find (on resume) or create the study's parent run, log its context, mark it RUNNING.
+
+        ``study_uid`` tells apart two studies of one name (a study deleted and started afresh):
+        when given, only a parent run with the same uid is resumed.
 
         Logs ``config.yaml`` and ``layer_table.csv`` artifacts, ``dense_<key>`` metrics, the
         caller's ``params`` (params are immutable in MLflow: on resume only new keys are logged;
@@ -589,6 +594,9 @@ class Tracker:
         filter_string = (
             f"tags.`{TAG_STUDY}` = {_quote(study_name)} and tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"
         )
+        if study_uid:
+            tags[TAG_STUDY_UID] = study_uid
+            filter_string += f" and tags.`{TAG_STUDY_UID}` = {_quote(study_uid)}"
         run, created = self._find_or_create(experiment_id, filter_string, study_name, tags)
         run_id = run.info.run_id
         self._parent_experiment[run_id] = experiment_id

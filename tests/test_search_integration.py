@@ -213,3 +213,14 @@ def test_same_seed_repeats_the_search(runs_dir):
         runs.append(run_search(config, runs_dir=runs_dir, printer=lambda line: None).trials)
     assert runs[0]["candidate"].tolist() == runs[1]["candidate"].tolist()
     assert runs[0]["accuracy"].tolist() == runs[1]["accuracy"].tolist()
+
+
+def test_a_study_started_afresh_gets_a_new_parent_run(runs_dir):
+    config = write_config(runs_dir, "afresh", budget={"trials": 2})
+    first = run_search(config, runs_dir=runs_dir, printer=lambda line: None)
+    (runs_dir / "afresh" / "study.db").unlink()
+    second = run_search(config, runs_dir=runs_dir, printer=lambda line: None)
+    assert second.parent_run_id != first.parent_run_id
+    client, parents, children = mlflow_runs(runs_dir, "afresh")
+    assert len(parents) == 2 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {first.parent_run_id, second.parent_run_id}

@@ -26,23 +26,9 @@ from autosparse.compress import (
     weight_mask,
 )
 
+from helpers import TinyNet
+
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
-
-
-class TinyNet(nn.Module):
-    """1x8x8 -> 10 classes. conv1's row length is 9 (no 2:4), conv2's is 72 (8 input channels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 4 * 4, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,21 +16,9 @@ from autosparse.compress import bake, compress_model, qmax_for_bits, weight_mask
 from autosparse.config import FinetuneConfig
 from autosparse.finetune import CandidateDiverged, FinetuneResult, distill_loss, finetune
 
+from helpers import TinyNet
+
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
-
-
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
-        self.conv2 = nn.Conv2d(8, 16, 3, padding=1)
-        self.fc1 = nn.Linear(16 * 4 * 4, 32)
-        self.fc2 = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -8,7 +8,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from autosparse.candidate import Candidate, LayerChoice
 from autosparse.plots import (
     front_table,
     layers_summary,
@@ -17,13 +16,12 @@ from autosparse.plots import (
     pareto_figure_png,
 )
 
+from helpers import two_conv_candidate  # noqa: E402
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _candidate(conv1: tuple, conv2: tuple) -> str:
-    return Candidate(
-        {"conv1": LayerChoice.make(*conv1), "conv2": LayerChoice.make(*conv2)}
-    ).to_json()
+_candidate = two_conv_candidate
 
 
 def make_trials() -> pd.DataFrame:

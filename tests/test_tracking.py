@@ -28,7 +28,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 from autosparse import tracking  # noqa: E402
-from autosparse.candidate import Candidate, LayerChoice  # noqa: E402
+from autosparse.candidate import Candidate  # noqa: E402
 from autosparse.tracking import (  # noqa: E402
     Tracker,
     TrackingWarning,
@@ -41,13 +41,12 @@ from autosparse.tracking import (  # noqa: E402
 )
 
 DENSE = {"accuracy": 98.0, "test_accuracy": 97.5, "size_kb": 400.0, "macs": 2.0e6}
+from helpers import two_conv_candidate  # noqa: E402
+
 CONFIG_TEXT = "name: demo\nmodel:\n  builtin: digits-cnn\n"
 
 
-def _candidate(conv1: tuple, conv2: tuple) -> str:
-    return Candidate(
-        {"conv1": LayerChoice.make(*conv1), "conv2": LayerChoice.make(*conv2)}
-    ).to_json()
+_candidate = two_conv_candidate
 
 
 def make_trials() -> pd.DataFrame:

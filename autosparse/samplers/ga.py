@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 import moocore
 import numpy as np
-import optuna
 from deap import base, tools
 from deap.tools.emo import assignCrowdingDist
 from optuna.study import Study, StudyDirection

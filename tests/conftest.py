@@ -1,6 +1,7 @@
 """Shared fixtures: small, hand-checkable layer tables."""
 
 import pytest
+import torch
 
 from autosparse.layers import LayerInfo, LayerTable
 
@@ -19,3 +20,12 @@ def small_table() -> LayerTable:
         global_magnitude={0.5: {"conv1": 0.2, "conv2": 0.55, "fc": 0.4},
                           0.9: {"conv1": 0.6, "conv2": 0.93, "fc": 0.85}},
     )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core box they thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -103,6 +103,15 @@ class SparsityRange(_Strict):
         return [round(self.low + i * self.step, 6) for i in range(count)]
 
 
+def _check_each(values: list | None, allowed: Callable[[Any], bool],
+                message: Callable[[list], str]) -> None:
+    """Reject an empty list, or name the values that are not allowed."""
+    if values is not None:
+        bad = [v for v in values if not allowed(v)]
+        if bad or not values:
+            raise ValueError(message(bad or values))
+
+
 class ChoiceSet(_Strict):
     """Allowed choices for the layers a rule matches. Unset fields inherit from ``space.default``."""
 
@@ -115,40 +124,30 @@ class ChoiceSet(_Strict):
     @classmethod
     def _check_sparsity(cls, value):
         values = value.values() if isinstance(value, SparsityRange) else value
-        if values is not None:
-            bad = [v for v in values if not 0 <= v < 1]
-            if bad or not values:
-                raise ValueError(f"sparsity values {bad or values} must be in [0, 1) and non-empty")
+        _check_each(values, lambda v: 0 <= v < 1,
+                    lambda shown: f"sparsity values {shown} must be in [0, 1) and non-empty")
         return value
 
     @field_validator("patterns")
     @classmethod
     def _check_patterns(cls, value):
-        if value is not None:
-            bad = [p for p in value if not is_valid_pattern(str(p))]
-            if bad or not value:
-                raise ValueError(
-                    f"patterns {bad or value} not allowed; allowed: unstructured, channel, dense, "
-                    "or N:M with N < M (e.g. '2:4')"
-                )
+        _check_each(value, lambda p: is_valid_pattern(str(p)),
+                    lambda shown: f"patterns {shown} not allowed; allowed: unstructured, channel, "
+                                  "dense, or N:M with N < M (e.g. '2:4')")
         return value
 
     @field_validator("bits")
     @classmethod
     def _check_bits(cls, value):
-        if value is not None:
-            bad = [b for b in value if not is_valid_bits(b)]
-            if bad or not value:
-                raise ValueError(f"bits {bad or value} not allowed; allowed: 2 to 16, or 32 (float)")
+        _check_each(value, is_valid_bits,
+                    lambda shown: f"bits {shown} not allowed; allowed: 2 to 16, or 32 (float)")
         return value
 
     @field_validator("criterion")
     @classmethod
     def _check_criterion(cls, value):
-        if value is not None:
-            bad = [c for c in value if c not in CRITERIA]
-            if bad or not value:
-                raise ValueError(f"criterion {bad or value} not allowed; allowed: {', '.join(CRITERIA)}")
+        _check_each(value, lambda c: c in CRITERIA,
+                    lambda shown: f"criterion {shown} not allowed; allowed: {', '.join(CRITERIA)}")
         return value
 
     def sparsity_values(self) -> list[float] | None:

@@ -27,7 +27,7 @@ from .discovery import discover_layers
 from .footprint import footprint_metrics
 from .front import HypervolumeSpec, final, trials_frame
 from .layers import LayerTable
-from .objective import CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator, SearchObjective
+from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator, SearchObjective
 from .plots import front_table
 from .samplers import make_sampler
 from .space import SearchSpace
@@ -124,7 +124,7 @@ def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optun
     tracker.log_trial(parent_run_id=parent, trial=trial.number, state=trial.state.name,
                       candidate_json=trial.user_attrs.get(CANDIDATE_ATTR, ""), metrics=metrics,
                       fail_reason=trial.user_attrs.get(FAIL_ATTR, ""),
-                      cached=bool(trial.user_attrs.get("cached", False)), strategy=strategy)
+                      cached=bool(trial.user_attrs.get(CACHED_ATTR, False)), strategy=strategy)
 
 
 def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: str | None,

@@ -12,25 +12,19 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .candidate import CRITERIA, is_valid_bits, is_valid_pattern
-from .objectives import CONSTRAINT_METRICS, OBJECTIVES
+from .hardware import builtin_profiles, load_profile
+from .objectives import CONSTRAINT_METRICS, HARDWARE_METRICS, OBJECTIVES
+from .validation import ConfigError, Strict, format_error
 
 STRATEGIES = ("ga", "bo", "random", "grid-uniform")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp")
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder")
 
 
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message says where and how."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
 
     builtin: Literal["digits-cnn", "digits-mlp"] | None = None
@@ -50,7 +44,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class SplitConfig(_Strict):
+class SplitConfig(Strict):
     """Fractions of the data for train/validation/test (used when the source has no fixed split)."""
 
     train: float = Field(0.6, gt=0, lt=1)
@@ -65,7 +59,7 @@ class SplitConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the data comes from. Search scores on ``validation``; ``test`` is for final reports."""
 
     source: Literal["sklearn-digits", "npz", "torchvision", "image-folder"] = "sklearn-digits"
@@ -91,7 +85,7 @@ class DataConfig(_Strict):
         return self
 
 
-class SparsityRange(_Strict):
+class SparsityRange(Strict):
     low: float = Field(ge=0, lt=1)
     high: float = Field(ge=0, lt=1)
     step: float = Field(gt=0, lt=1)
@@ -112,7 +106,7 @@ def _check_each(values: list | None, allowed: Callable[[Any], bool],
             raise ValueError(message(bad or values))
 
 
-class ChoiceSet(_Strict):
+class ChoiceSet(Strict):
     """Allowed choices for the layers a rule matches. Unset fields inherit from ``space.default``."""
 
     sparsity: list[float] | SparsityRange | None = None
@@ -182,7 +176,7 @@ DEFAULT_CHOICES = ChoiceSet(
 )
 
 
-class SpaceConfig(_Strict):
+class SpaceConfig(Strict):
     """Which layers are searched and what each may become. First matching rule wins."""
 
     include: list[str] | None = Field(None, description="only these layers (names/regexes)")
@@ -191,7 +185,7 @@ class SpaceConfig(_Strict):
     rules: list[LayerRule] = Field(default_factory=list)
 
 
-class StrategyConfig(_Strict):
+class StrategyConfig(Strict):
     name: Literal["ga", "bo", "random", "grid-uniform"] = "ga"
     population_size: int = Field(16, ge=4, description="GA: NSGA-II population (keep well under budget)")
     crossover_prob: float = Field(0.9, ge=0, le=1)
@@ -203,7 +197,7 @@ class StrategyConfig(_Strict):
     )
 
 
-class BudgetConfig(_Strict):
+class BudgetConfig(Strict):
     trials: int | None = Field(40, ge=1, description="total trials in the study")
     minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
 
@@ -214,7 +208,7 @@ class BudgetConfig(_Strict):
         return self
 
 
-class FinetuneConfig(_Strict):
+class FinetuneConfig(Strict):
     """Fast fine-tuning of each candidate with distillation from the dense model."""
 
     steps: int = Field(150, ge=0)
@@ -226,7 +220,7 @@ class FinetuneConfig(_Strict):
     seed: int = 0
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under runs/")
     experiment: str | None = Field(None, description="defaults to the search name")
 
@@ -234,7 +228,7 @@ class TrackingConfig(_Strict):
 _CONSTRAINT_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
 
 
-class Constraint(_Strict):
+class Constraint(Strict):
     metric: str
     op: Literal["<=", ">="]
     bound: float
@@ -247,7 +241,7 @@ class Constraint(_Strict):
         return f"{self.metric} {self.op} {self.bound:g}"
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     model: ModelConfig
@@ -260,6 +254,28 @@ class SearchConfig(_Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    hardware: str | None = Field(
+        None, description="target device: a built-in profile name or a profile YAML path; "
+        "needed for latency and energy")
+
+    @field_validator("hardware")
+    @classmethod
+    def _check_hardware(cls, value):
+        if value is not None:
+            load_profile(value)  # a bad profile is a config error now, not mid-search
+        return value
+
+    @model_validator(mode="after")
+    def _hardware_when_needed(self) -> "SearchConfig":
+        if self.hardware is None:
+            wanted = [OBJECTIVES[o].metric for o in self.objectives]
+            wanted += [c.metric for c in self.constraints]
+            needing = sorted({m for m in wanted if m in HARDWARE_METRICS})
+            if needing:
+                raise ValueError(
+                    f"{', '.join(needing)} {'needs' if len(needing) == 1 else 'need'} a target device: set 'hardware' to a built-in "
+                    f"profile ({', '.join(builtin_profiles())}) or a profile YAML path")
+        return self
 
     @field_validator("objectives")
     @classmethod
@@ -298,26 +314,13 @@ class SearchConfig(_Strict):
         return [OBJECTIVES[name].direction for name in self.objectives]
 
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
-    for problem in err.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = problem["msg"].removeprefix("Value error, ")
-        if problem["type"] == "extra_forbidden":
-            message = "unknown field (check the spelling; see the README for the allowed fields)"
-        value = problem.get("input")
-        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-        lines.append(f"  {where}: {message}{shown}")
-    return "\n".join(lines)
-
-
 def parse_config(data: Any, source: str = "<dict>") -> SearchConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of fields")
     try:
         return SearchConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, source)) from None
+        raise ConfigError(format_error(err, "config", source)) from None
 
 
 def load_config(path: str | os.PathLike) -> SearchConfig:

@@ -24,10 +24,13 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("size", "size_kb", "minimize", "stored size (kB)"),
         Objective("macs", "macs", "minimize", "MACs per sample"),
         Objective("bops", "bops", "minimize", "bit operations per sample"),
+        Objective("latency", "latency_ms", "minimize", "predicted latency (ms)"),
+        Objective("energy", "energy_uj", "minimize", "predicted energy (µJ)"),
     )
 }
 
-# Metrics a constraint may bound (units: accuracy in %, drop in points, size in kB = 1000 bytes).
+# Metrics a constraint may bound (units: accuracy in %, drop in points, size in kB = 1000 bytes, latency
+# in ms and energy in µJ per inference at batch 1).
 CONSTRAINT_METRICS: tuple[str, ...] = (
     "accuracy",
     "accuracy_drop",
@@ -35,7 +38,12 @@ CONSTRAINT_METRICS: tuple[str, ...] = (
     "compression",
     "macs",
     "bops",
+    "latency_ms",
+    "energy_uj",
 )
+
+# What needs a hardware profile (``hardware:`` in the config) to be computed.
+HARDWARE_METRICS: tuple[str, ...] = ("latency_ms", "energy_uj")
 
 
 def metric_of(objective_name: str) -> str:

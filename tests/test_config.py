@@ -25,7 +25,10 @@ def test_defaults_are_valid():
     "changes, expected",
     [
         ({"strategy": {"name": "gaa"}}, ["strategy.name", "'ga', 'bo', 'random' or 'grid-uniform'", "gaa"]),
-        ({"objectives": ["accuracy", "latency"]}, ["objectives", "latency", "allowed: accuracy, size, macs, bops"]),
+        ({"objectives": ["accuracy", "speed"]}, ["objectives", "speed", "allowed: accuracy, size, macs, bops, latency, energy"]),
+        ({"objectives": ["accuracy", "latency"]}, ["latency_ms needs a target device", "hardware", "x86-server-vnni"]),
+        ({"constraints": ["energy_uj <= 2"]}, ["energy_uj needs a target device"]),
+        ({"hardware": "tpu-v9"}, ["hardware", "tpu-v9", "neither a built-in profile", "gpu-h100"]),
         ({"objectives": ["size", "macs"]}, ["must include 'accuracy'"]),
         ({"model": {"builtin": "resnet"}}, ["model.builtin", "digits-cnn", "resnet"]),
         ({"model": {"factory": "no colon"}}, ["package.module:function"]),

@@ -7,13 +7,15 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
 
-PURE = {"config", "candidate", "objectives", "layers"}
+PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
 MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},
     **{m: {"optuna", "mlflow", "deap"} for m in MODEL_SIDE},
+    "cost_report": {"torch", "optuna", "mlflow", "deap"},
+    "calibration": {"optuna", "mlflow", "deap"},
 }
 
 

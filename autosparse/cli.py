@@ -1,4 +1,4 @@
-"""Command line: ``autosparse search|space|front|ui``.
+"""Command line: ``autosparse search|space|front|profile|calibrate|ui``.
 
 Errors a user can fix (bad config, missing file) print one clear message and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -80,6 +80,45 @@ def _space(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from .cost_report import format_cost_report
+    from .hardware import builtin_profiles, load_profile
+    from .runner import candidate_from_reference, prepare
+
+    context = prepare(args.config, args.runs_dir)
+    hardware = args.hardware or context.config.hardware
+    if hardware is None:
+        raise ConfigError("no target device: give --hardware or set 'hardware' in the config "
+                          f"(built-in profiles: {', '.join(builtin_profiles())})")
+    candidate = candidate_from_reference(context, args.candidate)
+    unknown = sorted(set(candidate) - set(context.table.names))
+    if unknown:
+        raise ConfigError(f"the candidate names layers the model does not have: {unknown}")
+    with pd.option_context("display.width", 220, "display.max_colwidth", 60):
+        print(format_cost_report(context.table, candidate, load_profile(hardware)))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import CalibrationSettings, log_calibration, run_calibration, summary_lines
+    from .tracking import resolve_tracking_uri
+
+    settings = CalibrationSettings(
+        base=args.base, architectures=tuple(args.architectures),
+        per_architecture=args.per_architecture, fit_share=args.fit_share, rounds=args.rounds,
+        calls=args.calls, seed=args.seed, name=args.name)
+    out_dir = args.out or args.runs_dir / "calibration"
+    outcome = run_calibration(settings, out_dir)
+    for line in summary_lines(outcome):
+        print(line)
+    print(f"report: {out_dir / 'calibration.md'}, plot: {out_dir / 'calibration.png'}")
+    if not args.no_mlflow:
+        uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
+        if log_calibration(outcome, out_dir, uri, args.runs_dir):
+            print(f"logged to MLflow ({uri}), experiment autosparse-calibration")
+    return 0
+
+
 def _ui(args: argparse.Namespace) -> int:
     from .tracking import resolve_tracking_uri, ui_command, ui_environment
 
@@ -112,6 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
     front = commands.add_parser("front", help="recompute the Pareto front from storage, log it to MLflow")
     front.add_argument("config")
     front.set_defaults(run=_front)
+
+    profile = commands.add_parser(
+        "profile", help="per-layer predicted latency and energy of a candidate on a device")
+    profile.add_argument("config")
+    profile.add_argument("--candidate", default="dense",
+                         help="dense (default), trial-N of this config's study, or a JSON file")
+    profile.add_argument("--hardware", default=None,
+                         help="built-in profile name or YAML path (default: the config's)")
+    profile.set_defaults(run=_profile)
+
+    from .calibrate import DEFAULT_ARCHITECTURES
+    from .calibration.architectures import ARCHITECTURES
+
+    calibrate = commands.add_parser(
+        "calibrate", help="time real variants here with onnxruntime, fit a measured profile, "
+        "report its accuracy on held-out variants")
+    calibrate.add_argument("--base", default="x86-server-vnni",
+                           help="profile whose structure and energy figures are kept")
+    calibrate.add_argument("--architectures", nargs="+", default=list(DEFAULT_ARCHITECTURES),
+                           choices=sorted(ARCHITECTURES))
+    calibrate.add_argument("--per-architecture", type=int, default=30)
+    calibrate.add_argument("--fit-share", type=float, default=0.5,
+                           help="share of each architecture's variants to fit on (rest: held out)")
+    calibrate.add_argument("--rounds", type=int, default=61, help="interleaved timing rounds")
+    calibrate.add_argument("--calls", type=int, default=21, help="timed calls per round")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--name", default=None, help="profile name (default measured-<host>)")
+    calibrate.add_argument("--out", type=Path, default=None,
+                           help="output folder (default runs/calibration)")
+    calibrate.add_argument("--tracking-uri", default=None)
+    calibrate.add_argument("--no-mlflow", action="store_true")
+    calibrate.set_defaults(run=_calibrate)
 
     ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the same store")
     ui.add_argument("--port", type=int, default=5000)

@@ -23,7 +23,9 @@ from .config import Constraint, FinetuneConfig
 from .data import DataSplits
 from .evaluate import evaluate
 from .finetune import finetune
+from .cost import estimate_cost
 from .footprint import footprint_metrics
+from .hardware import HardwareProfile
 from .layers import LayerTable
 from .objectives import metric_of
 from .space import SearchSpace
@@ -48,7 +50,8 @@ def worker_id() -> str:
 class CandidateEvaluator:
     """Scores candidates: compress a copy of the dense model, fine-tune with distillation, validate.
 
-    Cost metrics come from the footprint (pure, no forward pass). Identical candidates are scored
+    Cost metrics come from the footprint and, with a hardware profile, the cost model (both pure,
+    no forward pass). Identical candidates are scored
     once per process; the objective also reuses results stored by other processes.
     """
 
@@ -57,6 +60,7 @@ class CandidateEvaluator:
     table: LayerTable
     finetune_cfg: FinetuneConfig
     dense_accuracy: float
+    profile: HardwareProfile | None = None
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -80,12 +84,29 @@ class CandidateEvaluator:
         metrics = {
             "accuracy": accuracy,
             "accuracy_drop": self.dense_accuracy - accuracy,
-            **footprint_metrics(self.table, candidate),
+            **cost_metrics(self.table, candidate, self.profile),
             "finetune_loss": result.final_loss,
             "finetune_seconds": tuned - start,
             "eval_seconds": time.perf_counter() - tuned,
         }
         return metrics
+
+
+def cost_metrics(table: LayerTable, candidate: Candidate,
+                 profile: HardwareProfile | None) -> dict[str, float]:
+    """Footprint metrics, plus predicted latency/energy in total and per layer with a profile.
+
+    Per-layer figures are named ``layer_latency_us.<layer>`` / ``layer_energy_uj.<layer>`` so
+    they land in the trial's metrics, in trials.csv and in the trial's MLflow run.
+    """
+    metrics = footprint_metrics(table, candidate)
+    if profile is not None:
+        cost = estimate_cost(table, candidate, profile)
+        metrics.update(cost.metrics())
+        for layer in cost.layers:
+            metrics[f"layer_latency_us.{layer.name}"] = layer.latency_s * 1e6
+            metrics[f"layer_energy_uj.{layer.name}"] = layer.energy_j * 1e6
+    return metrics
 
 
 def _stored_metrics(study: optuna.Study, key: str) -> dict[str, float] | None:

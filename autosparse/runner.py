@@ -20,19 +20,23 @@ import pandas as pd
 import torch
 
 from .candidate import Candidate
-from .config import SearchConfig, load_config
+from .config import ConfigError, SearchConfig, load_config
+from .cost import estimate_cost
+from .cost_report import cost_table
 from .data import DataSplits, load_data
 from .dense import prepare_dense
 from .discovery import discover_layers
-from .footprint import footprint_metrics
 from .front import HypervolumeSpec, final, trials_frame
+from .hardware import HardwareProfile, load_profile
 from .layers import LayerTable
-from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator, SearchObjective
+from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator,
+                        SearchObjective, cost_metrics)
 from .plots import front_table
 from .samplers import make_sampler
 from .space import SearchSpace
 from .sqlite_tuning import use_fast_sqlite
-from .study import counted_trials, fail_interrupted_trials, open_study, storage_url, study_uid
+from .study import (counted_trials, fail_interrupted_trials, make_storage, open_study, storage_url,
+                    study_uid)
 from .tracking import Tracker, resolve_tracking_uri
 
 Printer = Callable[[str], None]
@@ -50,6 +54,7 @@ class SearchContext:
     dense_metrics: dict[str, float]
     table: LayerTable
     space: SearchSpace
+    profile: HardwareProfile | None = None
 
     @property
     def storage_url(self) -> str:
@@ -62,7 +67,7 @@ class SearchContext:
 
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
-                                       self.dense_metrics["accuracy"])
+                                       self.dense_metrics["accuracy"], self.profile)
         return SearchObjective(self.space, evaluator, self.config.objectives,
                                list(self.config.constraints))
 
@@ -90,9 +95,10 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
         table = discover_layers(dense, data.input_shape, searchable=space.layer_names)
-    dense_metrics = {**dense_metrics, **footprint_metrics(table, Candidate({}))}
+    profile = load_profile(config.hardware) if config.hardware else None
+    dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile)}
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
-                         dense_metrics, table, space)
+                         dense_metrics, table, space, profile)
 
 
 def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: int | None) -> int:
@@ -223,11 +229,20 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "finetune_steps": config.finetune.steps,
         "space_size": context.space.size(),
         "searched_layers": len(context.space.layer_names),
+        "hardware": config.hardware or "none",
     }
+    artifacts = {}
+    if context.profile is not None:
+        artifacts = {
+            "hardware_profile.yaml": context.profile.to_yaml(),
+            "dense_cost.csv": cost_table(
+                context.table, Candidate({}),
+                estimate_cost(context.table, Candidate({}), context.profile)).to_csv(index=False),
+        }
     return tracker.start_search(study_name=config.name, storage_url=context.storage_url,
                                 strategy=config.strategy.name, config_text=context.config_text,
                                 layer_table=context.table, dense_metrics=context.dense_metrics,
-                                params=params, study_uid=study_uid(study))
+                                params=params, study_uid=study_uid(study), artifacts=artifacts)
 
 
 def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"), workers: int = 1,
@@ -292,3 +307,34 @@ def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"
     if parent is not None:
         tracker.end_search(parent)
     return outcome
+
+
+def candidate_from_reference(context: SearchContext, reference: str) -> Candidate:
+    """``dense``, ``trial-N`` (a finished trial of this config's study) or a candidate JSON file."""
+    if reference == "dense":
+        return Candidate({})
+    if reference.startswith("trial-"):
+        number = reference.removeprefix("trial-")
+        if not number.isdigit():
+            raise ConfigError(f"--candidate {reference!r}: expected trial-N with N a number")
+        storage = make_storage(context.storage_url)
+        try:
+            study = optuna.load_study(study_name=context.config.name, storage=storage)
+        except KeyError:
+            raise ConfigError(f"no study {context.config.name!r} in {context.storage_url}: "
+                              "run `autosparse search` first") from None
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        trial = trials.get(int(number))
+        if trial is None:
+            raise ConfigError(f"the study has no trial {number} (it has {len(trials)} trials: "
+                              f"0 to {len(trials) - 1})")
+        if CANDIDATE_ATTR not in trial.user_attrs:
+            raise ConfigError(f"trial {number} has no candidate (state {trial.state.name})")
+        return Candidate.from_json(trial.user_attrs[CANDIDATE_ATTR])
+    path = Path(reference)
+    if not path.is_file():
+        raise ConfigError(f"--candidate {reference!r}: not 'dense', 'trial-N' or a JSON file")
+    try:
+        return Candidate.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"candidate file {path} is not a valid candidate: {err}") from None

@@ -7,6 +7,7 @@ not count against the budget, so no finished trial is lost or re-run.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import socket
@@ -21,6 +22,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .config import ConfigError, SearchConfig
+from .hardware import load_profile
 from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
 _SIGNATURE_ATTR = "autosparse.signature"
@@ -53,11 +55,17 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def _signature(config: SearchConfig) -> str:
-    """What must not change between runs of one study: objectives and space."""
-    return json.dumps(
-        {"objectives": config.objectives, "space": config.space.model_dump(mode="json")},
-        sort_keys=True,
-    )
+    """What must not change between runs of one study: objectives, space and target device.
+
+    The device enters as a digest of its profile's content, so editing a profile (or
+    recalibrating it) makes stored latencies stale and is refused like a changed space.
+    """
+    signature: dict = {"objectives": config.objectives, "space": config.space.model_dump(mode="json")}
+    if config.hardware is not None:  # absent for studies without one, which keep matching
+        profile = load_profile(config.hardware).model_dump(mode="json")
+        signature["hardware"] = hashlib.sha256(
+            json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
+    return json.dumps(signature, sort_keys=True)
 
 
 def _create_or_load(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler,
@@ -90,8 +98,9 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
         study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
     elif stored != signature:
         raise ConfigError(
-            f"the study {config.name!r} in {url} was created with other objectives or another "
-            "space; give the search a new 'name' (or delete that storage) to start afresh"
+            f"the study {config.name!r} in {url} was created with other objectives, another "
+            "space or another hardware profile; give the search a new 'name' (or delete that "
+            "storage) to start afresh"
         )
     return study
 

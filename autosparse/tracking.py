@@ -572,6 +572,7 @@ class Tracker:
         dense_metrics: dict,
         params: dict,
         study_uid: str = "",
+        artifacts: dict[str, str] | None = None,
     ) -> str:
         """Find (on resume) or create the study's parent run, log its context, mark it RUNNING.
 
@@ -581,7 +582,8 @@ class Tracker:
         Logs ``config.yaml`` and ``layer_table.csv`` artifacts, ``dense_<key>`` metrics, the
         caller's ``params`` (params are immutable in MLflow: on resume only new keys are logged;
         changed values are listed in the tag ``autosparse.changed_on_resume``) and the tags
-        ``autosparse.study/role/strategy/storage`` (storage password redacted).
+        ``autosparse.study/role/strategy/storage`` (storage password redacted). ``artifacts``
+        are extra text files for the run (e.g. the hardware profile and the dense model's cost).
         """
         experiment_id = self._experiment()
         client = self._client
@@ -624,7 +626,8 @@ class Tracker:
             _log.info("params changed since the search started (kept first values): %s", changed)
         self._log_batch(run_id, metrics=metrics, params=new_params, tags=run_tags)
         self._log_texts(
-            run_id, {"config.yaml": config_text or "", "layer_table.csv": layer_table_csv(layer_table)}
+            run_id, {"config.yaml": config_text or "", "layer_table.csv": layer_table_csv(layer_table),
+                     **(artifacts or {})}
         )
         if not created and run.info.status != "RUNNING":
             self._retry(lambda: client.update_run(run_id, status="RUNNING"))
@@ -871,3 +874,29 @@ class Tracker:
         client = self._client
         self._retry(lambda: client.set_terminated(parent_run_id, status=status))
         return None
+
+    @_safe()
+    def log_standalone_run(
+        self,
+        *,
+        run_name: str,
+        params: dict[str, Any],
+        metrics: dict[str, float],
+        artifacts: dict[str, str | bytes],
+        tags: dict[str, str] | None = None,
+    ) -> str | None:
+        """One finished run outside any search (e.g. a calibration): params, metrics, files."""
+        experiment_id = self._experiment()
+        client = self._client
+        run = self._retry(lambda: client.create_run(experiment_id, run_name=run_name,
+                                                    tags=dict(tags or {})))
+        run_id = run.info.run_id
+        now = int(time.time() * 1000)
+        self._log_batch(
+            run_id,
+            metrics=[(k, v, now, 0) for k, v in _finite_metrics(metrics).items()],
+            params=[(sanitize_key(k), _param_value(v)) for k, v in params.items()],
+        )
+        self._log_texts(run_id, artifacts)
+        self._retry(lambda: client.set_terminated(run_id, status="FINISHED"))
+        return run_id

@@ -23,12 +23,13 @@ import numpy as np
 import onnxruntime
 import pandas as pd
 
-from .calibration.fit import (FitResult, Sample, fit_with_blocks, predict, prediction_stats,
+from .calibration.fit import (FREE_CONSTANTS, FitResult, Sample, fit_with_blocks, predict, prediction_stats,
                               split_samples)
 from .calibration.timing import time_variants
 from .calibration.variants import make_variants
 from .hardware import HardwareProfile, load_profile
 from .plots import calibration_figure_png
+from .validation import ConfigError
 
 Printer = Callable[[str], None]
 DEFAULT_ARCHITECTURES = ("digits-cnn", "digits-mlp", "cifar-cnn")
@@ -92,8 +93,24 @@ def _twin_key(variant) -> tuple:
     return variant.architecture, tuple(sorted(variant.widths.items())), bits
 
 
+def check_settings(settings: CalibrationSettings) -> None:
+    """Refuse, before minutes of timing, settings that cannot give a fit and a held-out set."""
+    if not 0 < settings.fit_share < 1:
+        raise ConfigError(f"--fit-share {settings.fit_share:g} must be in (0, 1): the rest of "
+                          "the variants is the held-out set the report is about")
+    fit_count = len(settings.architectures) * max(
+        1, round(settings.fit_share * settings.per_architecture))
+    if fit_count < len(FREE_CONSTANTS):
+        raise ConfigError(
+            f"{settings.per_architecture} variants per architecture x "
+            f"{len(settings.architectures)} architecture(s) x fit share {settings.fit_share:g} "
+            f"leaves {fit_count} variants to fit {len(FREE_CONSTANTS)} constants: need at least "
+            f"{len(FREE_CONSTANTS)}; raise --per-architecture or --fit-share")
+
+
 def run_calibration(settings: CalibrationSettings, out_dir: Path,
                     printer: Printer = print) -> CalibrationOutcome:
+    check_settings(settings)
     base = load_profile(settings.base)
     name = settings.name or default_profile_name()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,8 @@ def _plan(layer: LayerInfo, choice: LayerChoice, profile: HardwareProfile,
         entry = profile.acceleration(choice.pattern)
         if entry is None:
             notes.append(f"{choice.pattern} not accelerated: dense kernel")
+        elif not entry.covers(layer.kind, layer.weight_shape):
+            notes.append(f"{choice.pattern} not accelerated for this {layer.kind}: dense kernel")
         elif entry.precisions is not None and precision.bits not in entry.precisions:
             notes.append(f"{choice.pattern} not accelerated at {precision.label}: dense kernel")
         elif choice.sparsity < entry.min_sparsity:

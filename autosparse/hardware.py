@@ -8,6 +8,7 @@ The cost model (``cost.py``) reads nothing else about the device, so a profile f
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from importlib import resources
@@ -81,6 +82,24 @@ class SparseAcceleration(Strict):
     efficiency: float = Field(1.0, gt=0, le=1, description="share of the ideal 1/density speedup")
     max_speedup: float = Field(float("inf"), ge=1)
     precisions: list[int] | None = Field(None, description="bits it applies to; default: all")
+    kinds: list[str] | None = Field(None, description="layer kinds it applies to; default: all")
+    max_kernel_elements: int | None = Field(
+        None, ge=1, description="largest conv kernel it applies to (1 = pointwise 1x1 only)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _check_kinds(cls, value: list[str] | None) -> list[str] | None:
+        bad = [k for k in value or [] if k not in LAYER_KINDS]
+        if bad:
+            raise ValueError(f"kinds {bad} not allowed; allowed: {', '.join(LAYER_KINDS)}")
+        return value
+
+    def covers(self, kind: str, weight_shape: tuple[int, ...]) -> bool:
+        """Whether a layer of this kind and weight shape gets the sparse kernel at all."""
+        if self.kinds is not None and kind not in self.kinds:
+            return False
+        kernel = math.prod(weight_shape[2:]) if len(weight_shape) > 2 else 1
+        return self.max_kernel_elements is None or kernel <= self.max_kernel_elements
 
     @field_validator("pattern")
     @classmethod

@@ -449,13 +449,23 @@ def test_cpus_gain_from_channel_pruning_and_int8_on_the_small_cnn():
         assert total("unstructured", 0.5, 32) == dense
 
 
-def test_a76_unstructured_helps_only_above_two_thirds_at_fp32():
+POINTWISE = LayerTable((LayerInfo("pw", "Conv2d", (512, 512, 1, 1), True, 512 * 512 * 56 * 56,
+                                  512 * 56 * 56, 512 * 56 * 56),))
+
+
+def test_a76_unstructured_helps_only_above_two_thirds_at_fp32_on_pointwise_convs():
     a76 = load_profile("edge-arm-a76")
-    dense = _one(BIG_CONV, "conv", "dense", 0, 32, a76)
-    assert _one(BIG_CONV, "conv", "unstructured", 0.6, 32, a76).latency_s == dense.latency_s
-    assert _one(BIG_CONV, "conv", "unstructured", 0.9, 32, a76).latency_s < 0.6 * dense.latency_s
-    int8 = _one(BIG_CONV, "conv", "dense", 0, 8, a76)
-    assert _one(BIG_CONV, "conv", "unstructured", 0.9, 8, a76).latency_s == int8.latency_s
+    dense = _one(POINTWISE, "pw", "dense", 0, 32, a76)
+    assert _one(POINTWISE, "pw", "unstructured", 0.6, 32, a76).latency_s == dense.latency_s
+    sparse = _one(POINTWISE, "pw", "unstructured", 0.9, 32, a76)
+    assert sparse.accelerated and sparse.latency_s < 0.6 * dense.latency_s
+    int8 = _one(POINTWISE, "pw", "dense", 0, 8, a76)
+    assert _one(POINTWISE, "pw", "unstructured", 0.9, 8, a76).latency_s == int8.latency_s
+    # XNNPACK's sparse path covers 1x1 convolutions only: a 3x3 conv keeps the dense kernel
+    dense3 = _one(BIG_CONV, "conv", "dense", 0, 32, a76)
+    sparse3 = _one(BIG_CONV, "conv", "unstructured", 0.9, 32, a76)
+    assert sparse3.latency_s == dense3.latency_s and sparse3.accelerated is False
+    assert "not accelerated for this Conv2d" in sparse3.note
 
 
 def test_bitfusion_fewer_bits_cut_latency_and_energy():

@@ -175,6 +175,8 @@ def _memory(last_capacity=None, bandwidth=1e9):
         ({"kind_efficiency": {"Linear": 1.5}}, ["kind_efficiency", "(0, 1]"]),
         ({"precisions": [{"bits": 8, "kind": "posit", "macs_per_second": 1e9}]}, ["precisions.0.kind", "'int' or 'float'", "posit"]),
         ({"sparsity": [{"pattern": "2:4"}, {"pattern": "2:4"}]}, ["pattern twice"]),
+        ({"sparsity": [{"pattern": "unstructured", "kinds": ["Conv3d"]}]}, ["sparsity.0.kinds", "Conv3d", "allowed: Conv1d, Conv2d, Linear"]),
+        ({"sparsity": [{"pattern": "unstructured", "max_kernel_elements": 0}]}, ["sparsity.0.max_kernel_elements", "greater than or equal to 1"]),
         ({"sources": []}, ["sources", "at least 1"]),
     ],
 )

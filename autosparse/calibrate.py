@@ -74,6 +74,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def local_cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> list[int]:
+    """Data/unified cache capacities of this CPU, closest first (empty where sysfs is absent)."""
+    sizes = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            kind = (index / "type").read_text().strip()
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        if kind == "Instruction" or not text:
+            continue
+        scale = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1], 1)
+        sizes[level] = int(text.rstrip("KMG")) * scale
+    return [sizes[level] for level in sorted(sizes)]
+
+
+def with_local_caches(base: HardwareProfile, sizes: Sequence[int]) -> HardwareProfile:
+    """The base profile with this CPU's cache capacities on its bounded levels, closest first:
+    where data lives (and so its bandwidth) then follows the machine being calibrated."""
+    bounded = [level for level in base.memory if level.capacity_bytes is not None]
+    if not sizes or len(sizes) != len(bounded):
+        return base
+    memory = [level.model_copy(update={"capacity_bytes": float(size)})
+              for level, size in zip(bounded, sizes)] + base.memory[len(bounded):]
+    return base.model_copy(update={"memory": memory})
+
+
 def negative_controls(frame: pd.DataFrame) -> dict[str, float]:
     """Measured latency of each zeroed-weight variant over its twin without zeros, when both
     exist (same architecture, widths and precisions): ~1.0 means dense kernels ignore zeros."""
@@ -111,7 +139,7 @@ def check_settings(settings: CalibrationSettings) -> None:
 def run_calibration(settings: CalibrationSettings, out_dir: Path,
                     printer: Printer = print) -> CalibrationOutcome:
     check_settings(settings)
-    base = load_profile(settings.base)
+    base = with_local_caches(load_profile(settings.base), local_cache_sizes())
     name = settings.name or default_profile_name()
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = {}
@@ -182,8 +210,8 @@ def _with_provenance(result: FitResult, settings: CalibrationSettings,
     description = (
         f"Fitted by `autosparse calibrate` on {fitted['cpu']} with onnxruntime "
         f"{fitted['onnxruntime']}, one thread, batch 1. Latency constants are measured; energy "
-        f"figures and cache capacities are the base profile's ({settings.base}): no power meter "
-        "was read. Unstructured sparsity is not accelerated: zeroed-weight variants ran "
+        f"figures are the base profile's ({settings.base}): no power meter was read; cache "
+        "capacities are this CPU's where it reports them. Unstructured sparsity is not accelerated: zeroed-weight variants ran "
         f"{fitted['unstructured_over_dense_median']}x the latency of their dense twins (median).")
     return result.profile.model_copy(update={
         "description": description,

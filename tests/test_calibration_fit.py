@@ -229,3 +229,25 @@ def test_apply_constants_scales_every_bandwidth_and_sets_the_blocks():
     assert apply_constants(BASE, {**TRUE_VALUES, "linear_efficiency": 1.5},
                            "x").efficiency("Linear") == 1.0
     assert math.isclose(profile.efficiency("Linear"), 0.4)
+
+
+def test_local_cache_sizes_read_from_sysfs_and_replace_the_bounded_levels(tmp_path):
+    from autosparse.calibrate import local_cache_sizes, with_local_caches
+
+    for index, (level, kind, size) in enumerate(
+            [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K"),
+             (3, "Unified", "32768K")]):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        (folder / "level").write_text(f"{level}\n")
+        (folder / "type").write_text(f"{kind}\n")
+        (folder / "size").write_text(f"{size}\n")
+    sizes = local_cache_sizes(tmp_path)
+    assert sizes == [32 * 1024, 512 * 1024, 32 * 1024 ** 2]
+    base = load_profile("x86-server-vnni")
+    local = with_local_caches(base, sizes)
+    assert [level.capacity_bytes for level in local.memory] == [*map(float, sizes), None]
+    assert [level.bandwidth_bytes_per_second for level in local.memory] == \
+        [level.bandwidth_bytes_per_second for level in base.memory]
+    assert with_local_caches(base, sizes[:2]) is base  # levels do not match: keep the base's
+    assert local_cache_sizes(tmp_path / "missing") == []

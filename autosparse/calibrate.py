@@ -244,7 +244,7 @@ def _report_markdown(profile: HardwareProfile, frame: pd.DataFrame, held: dict, 
     constants = "\n".join(f"| {k} | {v:.4g} |" for k, v in profile.fitted["constants"].items())
     command = (f"autosparse calibrate --base {settings.base} --per-architecture "
                f"{settings.per_architecture} --rounds {settings.rounds} --calls {settings.calls} "
-               f"--seed {settings.seed}")
+               f"--seed {settings.seed}" + (f" --name {settings.name}" if settings.name else ""))
     return f"""# Cost-model calibration: {profile.name}
 
 Command: `{command}` (with `--out` pointing here).

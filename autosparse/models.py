@@ -26,16 +26,24 @@ _SHOWN = 5  # how many missing/unexpected keys an error lists
 
 
 class DigitsCNN(nn.Module):
-    """Small CNN for 8x8 digits; layer names are relied on by examples and tests."""
+    """Small CNN for 8x8 digits; layer names are relied on by examples and tests.
 
-    def __init__(self, in_channels: int, height: int, width: int, num_classes: int):
+    ``widths`` overrides the output channels of conv1..conv3 and fc1 (calibration builds
+    physically narrower variants with it).
+    """
+
+    WIDTHS = {"conv1": 16, "conv2": 32, "conv3": 32, "fc1": 64}
+
+    def __init__(self, in_channels: int, height: int, width: int, num_classes: int,
+                 widths: Mapping[str, int] | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        w = {**self.WIDTHS, **(widths or {})}
+        self.conv1 = nn.Conv2d(in_channels, w["conv1"], 3, padding=1)
+        self.conv2 = nn.Conv2d(w["conv1"], w["conv2"], 3, padding=1)
         self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * (height // 2) * (width // 2), 64)
-        self.fc2 = nn.Linear(64, num_classes)
+        self.conv3 = nn.Conv2d(w["conv2"], w["conv3"], 3, padding=1)
+        self.fc1 = nn.Linear(w["conv3"] * (height // 2) * (width // 2), w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.conv1(x))
@@ -46,14 +54,18 @@ class DigitsCNN(nn.Module):
 
 
 class DigitsMLP(nn.Module):
-    """Three-layer MLP over the flattened input."""
+    """Three-layer MLP over the flattened input; ``widths`` overrides fc1 and fc2."""
 
-    def __init__(self, in_features: int, num_classes: int):
+    WIDTHS = {"fc1": 128, "fc2": 64}
+
+    def __init__(self, in_features: int, num_classes: int,
+                 widths: Mapping[str, int] | None = None):
         super().__init__()
+        w = {**self.WIDTHS, **(widths or {})}
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(in_features, 128)
-        self.fc2 = nn.Linear(128, 64)
-        self.fc3 = nn.Linear(64, num_classes)
+        self.fc1 = nn.Linear(in_features, w["fc1"])
+        self.fc2 = nn.Linear(w["fc1"], w["fc2"])
+        self.fc3 = nn.Linear(w["fc2"], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.fc1(self.flatten(x)))

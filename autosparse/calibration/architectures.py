@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..models import DigitsCNN, DigitsMLP
+
 Builder = Callable[[Mapping[str, int]], nn.Module]
 
 
@@ -64,41 +66,13 @@ class Architecture:
         return model.eval()
 
 
-class DigitsCNN(nn.Module):
-    """``autosparse.models.DigitsCNN`` on 1x8x8 inputs with configurable widths."""
-
-    def __init__(self, widths: Mapping[str, int], num_classes: int = 10):
-        super().__init__()
-        c1, c2, c3, f1 = widths["conv1"], widths["conv2"], widths["conv3"], widths["fc1"]
-        self.conv1 = nn.Conv2d(1, c1, 3, padding=1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.pool = nn.MaxPool2d(2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
-        self.fc1 = nn.Linear(c3 * 4 * 4, f1)
-        self.fc2 = nn.Linear(f1, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv1(x))
-        x = self.pool(F.relu(self.conv2(x)))
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.fc1(torch.flatten(x, 1)))
-        return self.fc2(x)
+def _digits_cnn(widths: Mapping[str, int]) -> nn.Module:
+    """The quickstart's DigitsCNN (autosparse.models) on 1x8x8 inputs at the given widths."""
+    return DigitsCNN(1, 8, 8, 10, widths)
 
 
-class DigitsMLP(nn.Module):
-    """``autosparse.models.DigitsMLP`` on 64 flattened inputs with configurable widths."""
-
-    def __init__(self, widths: Mapping[str, int], num_classes: int = 10):
-        super().__init__()
-        self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(64, widths["fc1"])
-        self.fc2 = nn.Linear(widths["fc1"], widths["fc2"])
-        self.fc3 = nn.Linear(widths["fc2"], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.fc1(self.flatten(x)))
-        x = F.relu(self.fc2(x))
-        return self.fc3(x)
+def _digits_mlp(widths: Mapping[str, int]) -> nn.Module:
+    return DigitsMLP(64, 10, widths)
 
 
 class CifarCNN(nn.Module):
@@ -130,18 +104,18 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(
             name="digits-cnn",
             input_shape=(1, 8, 8),
-            base_widths={"conv1": 16, "conv2": 32, "conv3": 32, "fc1": 64},
+            base_widths=DigitsCNN.WIDTHS,
             classifier="fc2",
             num_classes=10,
-            builder=DigitsCNN,
+            builder=_digits_cnn,
         ),
         Architecture(
             name="digits-mlp",
             input_shape=(1, 8, 8),
-            base_widths={"fc1": 128, "fc2": 64},
+            base_widths=DigitsMLP.WIDTHS,
             classifier="fc3",
             num_classes=10,
-            builder=DigitsMLP,
+            builder=_digits_mlp,
         ),
         Architecture(
             name="cifar-cnn",

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .candidate import CRITERIA, is_valid_bits, is_valid_pattern
 from .hardware import builtin_profiles, load_profile
 from .objectives import CONSTRAINT_METRICS, HARDWARE_METRICS, OBJECTIVES
-from .validation import ConfigError, Strict, format_error
+from .validation import ConfigError, Strict, validate
 
 STRATEGIES = ("ga", "bo", "random", "grid-uniform")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp")
@@ -315,12 +315,7 @@ class SearchConfig(Strict):
 
 
 def parse_config(data: Any, source: str = "<dict>") -> SearchConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid config {source}: the top level must be a mapping of fields")
-    try:
-        return SearchConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, "config", source)) from None
+    return validate(SearchConfig, data, "config", source)
 
 
 def load_config(path: str | os.PathLike) -> SearchConfig:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, is_valid_pattern, parse_nm
-from .validation import ConfigError, Strict, format_error
+from .validation import ConfigError, Strict, validate
 
 LAYER_KINDS = ("Conv1d", "Conv2d", "Linear")
 
@@ -242,12 +242,7 @@ def builtin_profiles() -> list[str]:
 
 
 def parse_profile(data: Any, source: str = "<dict>") -> HardwareProfile:
-    if not isinstance(data, dict):
-        raise ConfigError(f"invalid hardware profile {source}: the top level must be a mapping")
-    try:
-        return HardwareProfile.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(format_error(err, "hardware profile", source)) from None
+    return validate(HardwareProfile, data, "hardware profile", source)
 
 
 @lru_cache(maxsize=64)

@@ -3,7 +3,11 @@ errors that name the field, the bad value and what is allowed."""
 
 from __future__ import annotations
 
+from typing import Any, TypeVar
+
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -28,3 +32,13 @@ def format_error(err: ValidationError, what: str, source: str) -> str:
         shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
         lines.append(f"  {where}: {message}{shown}")
     return "\n".join(lines)
+
+
+def validate(model: type[M], data: Any, what: str, source: str) -> M:
+    """Parsed YAML -> a validated model, or one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid {what} {source}: the top level must be a mapping of fields")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_error(err, what, source)) from None

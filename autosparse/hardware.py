@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from .candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, is_valid_pattern, parse_nm
+from .candidate import CHANNEL, DENSE, FLOAT_BITS, is_valid_pattern
 from .validation import ConfigError, Strict, validate
 
 LAYER_KINDS = ("Conv1d", "Conv2d", "Linear")

@@ -16,6 +16,8 @@ FORBIDDEN = {
     **{m: {"optuna", "mlflow", "deap"} for m in MODEL_SIDE},
     "cost_report": {"torch", "optuna", "mlflow", "deap"},
     "calibration": {"optuna", "mlflow", "deap"},
+    "export": {"optuna", "mlflow", "deap"},
+    "selection": {"torch", "optuna", "mlflow", "deap"},
 }
 
 

@@ -1,0 +1,1 @@
+"""Exporting compressed models: compact checkpoints that store exactly what the size formula counts."""

@@ -1,0 +1,288 @@
+"""Packed checkpoints: exact round trips, payload bits equal to the size formula, clear errors."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autosparse.candidate import Candidate, LayerChoice
+from autosparse.compress import bake, compress_model
+from autosparse.discovery import discover_layers
+from autosparse.export.packed import (
+    MAGIC,
+    PackedFormatError,
+    _BitReader,
+    _row_scales,
+    _uint_bits,
+    load_packed,
+    read_header,
+    save_packed,
+)
+from autosparse.footprint import footprint_metrics, model_footprint
+from autosparse.models import DigitsCNN, DigitsMLP
+
+SHAPE = (1, 8, 8)
+
+
+class BNNet(nn.Module):
+    """Conv without bias + batch norm (parameters and buffers outside the searched layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+def _dense_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return DigitsCNN(1, 8, 8, 10).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model = _dense_cnn()
+    return model, discover_layers(model, SHAPE)
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    return torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(1))
+
+
+def _candidate(table, pattern, sparsity, bits) -> Candidate:
+    """The same choice on every layer that supports it (N:M skips conv1's 9-long rows)."""
+    return Candidate({layer.name: LayerChoice.make(pattern, sparsity, bits)
+                      for layer in table.layers if layer.supports(pattern)})
+
+
+def _check_round_trip(dense, table, candidate, path, skeleton, inputs, baked=False):
+    compressed = compress_model(dense, candidate).eval()
+    saved = bake(compress_model(dense, candidate)).eval() if baked else compressed
+    info = save_packed(saved, candidate, path, table=table)
+    loaded = load_packed(path, skeleton).eval()
+
+    # weights bit for bit, outputs equal
+    modules = dict(compressed.named_modules())
+    for name, module in loaded.named_modules():
+        if name in table.names:
+            assert torch.equal(module.weight, modules[name].weight), name
+            if module.bias is not None:
+                assert torch.equal(module.bias, modules[name].bias), name
+    with torch.no_grad():
+        expected, got = compressed(inputs), loaded(inputs)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert all(layer.exact for layer in info.layers.values())
+
+    # payload bits equal the size formula, layer by layer and part by part
+    footprint = {fp.name: fp for fp in model_footprint(table, candidate).layers}
+    for name, bits in info.layers.items():
+        fp = footprint[name]
+        assert (bits.values, bits.index, bits.scales, bits.bias) == (
+            fp.value_bits, fp.index_bits, fp.scale_bits, fp.bias_bits), name
+        assert bits.total == bits.predicted == fp.total_bits
+    assert info.other_param_bits == info.predicted_other_bits == table.other_params * 32
+    assert info.payload_bits == info.predicted_bits == model_footprint(table, candidate).total_bits
+    # the only slack: each layer's bitstream is padded to a whole byte
+    padded = sum(b.padded_bytes for b in info.layers.values()) + info.other_param_bits // 8
+    assert info.payload_bytes == padded
+    assert 0 <= info.payload_bytes - info.predicted_bits / 8 < len(info.layers)
+    predicted_bytes = footprint_metrics(table, candidate)["size_kb"] * 1000
+    assert info.file_bytes == path.stat().st_size
+    assert info.file_bytes == info.header_bytes + info.payload_bytes + info.buffer_bytes
+    assert info.file_bytes <= 1.03 * predicted_bytes + info.header_bytes + info.buffer_bytes
+    assert info.header_bytes < 2000
+    return info, loaded
+
+
+PATTERNS = [
+    ("unstructured", 0.3),
+    ("unstructured", 0.75),
+    ("unstructured", 0.97),
+    ("channel", 0.5),
+    ("2:4", 0.0),
+    ("1:4", 0.0),
+    ("dense", 0.0),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8, 16, 32])
+@pytest.mark.parametrize("pattern, sparsity", PATTERNS, ids=lambda p: str(p))
+def test_round_trip_every_pattern_and_width(cnn, inputs, tmp_path, one_thread,
+                                            pattern, sparsity, bits):
+    dense, table = cnn
+    candidate = _candidate(table, pattern, sparsity, bits)
+    _check_round_trip(dense, table, candidate, tmp_path / "m.aspk", DigitsCNN(1, 8, 8, 10),
+                      inputs)
+
+
+@pytest.mark.parametrize("pattern, sparsity, bits",
+                         [("unstructured", 0.8, 4), ("channel", 0.25, 8), ("2:4", 0, 3),
+                          ("dense", 0, 5)])
+def test_baked_model_round_trips_like_the_parametrized_one(cnn, inputs, tmp_path, one_thread,
+                                                           pattern, sparsity, bits):
+    dense, table = cnn
+    candidate = _candidate(table, pattern, sparsity, bits)
+    from_param, _ = _check_round_trip(dense, table, candidate, tmp_path / "a.aspk",
+                                      DigitsCNN(1, 8, 8, 10), inputs)
+    from_baked, _ = _check_round_trip(dense, table, candidate, tmp_path / "b.aspk",
+                                      DigitsCNN(1, 8, 8, 10), inputs, baked=True)
+    assert from_baked.file_bytes == from_param.file_bytes
+
+
+def test_mixed_candidate_with_batch_norm_buffers(tmp_path, inputs, one_thread):
+    torch.manual_seed(3)
+    dense = BNNet()
+    dense.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            dense(torch.randn(16, *SHAPE))
+    dense.eval()
+    table = discover_layers(dense, SHAPE)
+    candidate = Candidate({
+        "conv1": LayerChoice.make("channel", 0.5, 4),
+        "conv2": LayerChoice.make("2:4", 0, 8),
+        "fc": LayerChoice.make("unstructured", 0.9, 2),
+    })
+    info, loaded = _check_round_trip(dense, table, candidate, tmp_path / "bn.aspk", BNNet(), inputs)
+    assert info.other_param_bits == 16 * 32  # bn1 weight and bias
+    # running mean and var (8 floats each) + num_batches_tracked (int64), not in the formula
+    assert info.buffer_bytes == 8 * 4 * 2 + 8
+    assert torch.equal(loaded.bn1.running_var, dense.bn1.running_var)
+    assert int(loaded.bn1.num_batches_tracked) == 3
+
+
+def test_index_format_is_the_cheaper_one(cnn, tmp_path):
+    dense, table = cnn
+    sparse = _candidate(table, "unstructured", 0.97, 8)
+    info = save_packed(compress_model(dense, sparse), sparse, tmp_path / "s.aspk", table=table)
+    assert info.layers["fc1"].index_format == "csr"
+    assert info.layers["fc1"].index < table["fc1"].weight_count
+    mild = _candidate(table, "unstructured", 0.5, 8)
+    info = save_packed(compress_model(dense, mild), mild, tmp_path / "m.aspk", table=table)
+    assert {b.index_format for b in info.layers.values()} == {"bitmask"}
+
+
+def test_omitted_layers_are_dense_fp32_and_table_is_optional(cnn, tmp_path):
+    dense, table = cnn
+    candidate = Candidate({"fc1": LayerChoice.make("unstructured", 0.9, 4)})
+    compressed = compress_model(dense, candidate)
+    with_table = save_packed(compressed, candidate, tmp_path / "a.aspk", table=table)
+    without = save_packed(compressed, candidate, tmp_path / "b.aspk")
+    assert with_table.predicted_bits == without.predicted_bits == with_table.payload_bits
+    assert with_table.layers["conv1"].values == table["conv1"].weight_count * 32
+    assert (tmp_path / "a.aspk").read_bytes() == (tmp_path / "b.aspk").read_bytes()
+
+
+@pytest.mark.parametrize("width", [1, 2, 3, 7, 9, 16, 32])
+def test_bit_packing_round_trips(width):
+    rng = np.random.default_rng(width)
+    values = rng.integers(0, 2**width, size=37, dtype=np.uint64)
+    bits = _uint_bits(values, width)
+    data = np.packbits(bits, bitorder="little").tobytes()
+    assert len(data) == (37 * width + 7) // 8
+    assert np.array_equal(_BitReader(data, bits.size, "t").uints(37, width), values)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors
+
+
+@pytest.fixture
+def saved(cnn, tmp_path):
+    dense, table = cnn
+    candidate = _candidate(table, "unstructured", 0.75, 4)
+    path = tmp_path / "m.aspk"
+    save_packed(compress_model(dense, candidate), candidate, path, table=table)
+    return path
+
+
+def test_wrong_file_is_refused(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(3)}, path)
+    with pytest.raises(PackedFormatError, match="not an autosparse packed checkpoint"):
+        load_packed(path, DigitsCNN(1, 8, 8, 10))
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    with pytest.raises(PackedFormatError, match="not an autosparse packed"):
+        read_header(empty)
+
+
+def test_other_version_is_refused(saved):
+    data = bytearray(saved.read_bytes())
+    struct.pack_into("<H", data, len(MAGIC), 99)
+    saved.write_bytes(bytes(data))
+    with pytest.raises(PackedFormatError, match="version 99.*reads version 1"):
+        load_packed(saved, DigitsCNN(1, 8, 8, 10))
+
+
+def test_truncated_or_corrupted_payload_is_refused(saved):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:-10])
+    with pytest.raises(PackedFormatError, match="truncated"):
+        load_packed(saved, DigitsCNN(1, 8, 8, 10))
+    flipped = bytearray(data)
+    flipped[-100] ^= 0x10
+    saved.write_bytes(bytes(flipped))
+    with pytest.raises(PackedFormatError, match="checksum"):
+        load_packed(saved, DigitsCNN(1, 8, 8, 10))
+    broken = bytearray(data)
+    broken[12] = ord("}")
+    saved.write_bytes(bytes(broken))
+    with pytest.raises(PackedFormatError, match="corrupt header"):
+        load_packed(saved, DigitsCNN(1, 8, 8, 10))
+
+
+def test_skeleton_mismatch_names_layer_and_shapes(saved):
+    with pytest.raises(PackedFormatError, match=r"'conv2'.*\(32, 16, 3, 3\).*\(8, 16, 3, 3\)"):
+        load_packed(saved, DigitsCNN(1, 8, 8, 10, widths={"conv2": 8}))
+    with pytest.raises(PackedFormatError, match="'conv1'.*not a layer"):
+        load_packed(saved, DigitsMLP(64, 10))
+    header, _ = read_header(saved)
+    assert [layer["name"] for layer in header["layers"]] == ["conv1", "conv2", "conv3", "fc1",
+                                                             "fc2"]
+    json.dumps(header)  # plain JSON
+
+
+def test_saving_needs_the_compressed_model_and_its_candidate(cnn, tmp_path):
+    dense, table = cnn
+    quantized = _candidate(table, "dense", 0, 4)
+    with pytest.raises(ValueError, match="'conv1'.*not on a"):
+        save_packed(dense, quantized, tmp_path / "x.aspk")
+    pruned = _candidate(table, "unstructured", 0.5, 32)
+    with pytest.raises(ValueError, match="'conv1'.*nonzero weights"):
+        save_packed(dense, pruned, tmp_path / "x.aspk")
+    with pytest.raises(ValueError, match="'conv1'.*keeps"):
+        save_packed(compress_model(dense, pruned), _candidate(table, "unstructured", 0.8, 32),
+                    tmp_path / "x.aspk")
+    with pytest.raises(ValueError, match="'conv1'.*2:4 needs the row length"):
+        save_packed(dense, Candidate({"conv1": LayerChoice.make("2:4", 0, 32)}),
+                    tmp_path / "x.aspk")
+    with pytest.raises(ValueError, match="not layers of the model"):
+        save_packed(dense, Candidate({"nope": LayerChoice.make("dense", 0, 8)}),
+                    tmp_path / "x.aspk")
+
+
+@pytest.mark.parametrize("qmax", [1, 7, 127, 32767])
+def test_codes_and_scales_are_recovered_bit_exactly(qmax):
+    """max|w|/qmax is sometimes an ulp off the scale that made the weights; a nudge finds it."""
+    generator = torch.Generator().manual_seed(qmax)
+    scale = torch.rand(4000, generator=generator) * 3 + 1e-3
+    codes = torch.randint(-qmax, qmax + 1, (4000, 6), generator=generator).float()
+    codes[:, 0] = qmax
+    codes[0] = 0  # an all-zero (pruned) row
+    weights = codes * scale[:, None]
+    got_scale, got_codes, exact = _row_scales(weights, qmax)
+    assert exact
+    assert torch.equal(got_codes * got_scale[:, None], weights)
+    assert torch.equal(got_codes, codes)

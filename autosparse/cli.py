@@ -99,6 +99,38 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .export.onnx_export import ExportError
+    from .exporter import ExportCheckFailed, ExportRequest, run_export
+
+    chosen = sum(x is not None and x is not False for x in (args.trial, args.max_drop, args.knee or None))
+    if chosen > 1:
+        raise ConfigError("give one of --trial, --max-drop (with --minimize) or --knee")
+    request = ExportRequest(trial=args.trial, max_drop=args.max_drop, minimize=args.minimize,
+                            knee=args.knee, finetune_steps=args.finetune_steps, out=args.out,
+                            registered_name=args.registered_name, mlflow=not args.no_mlflow,
+                            hardware=args.hardware)
+    try:
+        outcome = run_export(args.config, request, runs_dir=args.runs_dir)
+    except ExportError as err:  # the model has an operator ONNX cannot express: user-fixable
+        raise ConfigError(str(err)) from None
+    except ExportCheckFailed as err:
+        print(f"export failed its checks (nothing written): {err}", file=sys.stderr)
+        return 1
+    report = outcome.report
+    print(f"\nexported trial {report['trial']} to {outcome.out_dir}/")
+    for name, value in report["test_accuracy"].items():
+        if isinstance(value, (int, float)):
+            print(f"  test accuracy {name}: {value:.2f} %")
+    size = report["size_kb"]
+    print(f"  packed checkpoint {size['packed_file']:.2f} kB (predicted {size['predicted']:.2f} kB "
+          f"+ {size['packed_header']:.2f} kB header), dense {size['dense_predicted']:.2f} kB")
+    for name, value in report["latency_ms_measured"].items():
+        print(f"  measured latency {name}: {value:.4f} ms")
+    print(f"  report: {outcome.out_dir / 'report.md'}")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import CalibrationSettings, log_calibration, run_calibration, summary_lines
     from .tracking import resolve_tracking_uri
@@ -160,6 +192,27 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--hardware", default=None,
                          help="built-in profile name or YAML path (default: the config's)")
     profile.set_defaults(run=_profile)
+
+    export = commands.add_parser(
+        "export", help="turn a trial of the study into deployable, checked artifacts")
+    export.add_argument("config")
+    export.add_argument("--trial", type=int, default=None, help="trial number")
+    export.add_argument("--max-drop", type=float, default=None,
+                        help="rule: within this many points of dense accuracy ...")
+    export.add_argument("--minimize", default=None,
+                        help="... the smallest of this objective (default: first cost objective)")
+    export.add_argument("--knee", action="store_true", help="the knee of the front (default)")
+    export.add_argument("--finetune-steps", type=int, default=None,
+                        help="fine-tune longer than the search did before export")
+    export.add_argument("--out", type=Path, default=None,
+                        help="output folder (default runs/<name>/export/trial-N)")
+    export.add_argument("--registered-name", default=None,
+                        help="MLflow registered model name (default <name>-trial-N)")
+    export.add_argument("--hardware", default=None,
+                        help="profile for the predicted latency (default: the config's; the newest "
+                        "runs/calibration/ profile is added when present)")
+    export.add_argument("--no-mlflow", action="store_true")
+    export.set_defaults(run=_export)
 
     from .calibrate import DEFAULT_ARCHITECTURES
     from .calibration.architectures import ARCHITECTURES

@@ -225,6 +225,15 @@ class TrackingConfig(Strict):
     experiment: str | None = Field(None, description="defaults to the search name")
 
 
+class ExportConfig(Strict):
+    """Defaults for ``autosparse export`` (its command-line flags win)."""
+
+    registered_name: str | None = Field(None, description="MLflow Model Registry name; default "
+                                        "<search name>-trial-<N>")
+    finetune_steps: int | None = Field(None, ge=0, description="fine-tune this many steps before "
+                                       "export instead of the search's own")
+
+
 _CONSTRAINT_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
 
 
@@ -254,6 +263,7 @@ class SearchConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
     hardware: str | None = Field(
         None, description="target device: a built-in profile name or a profile YAML path; "
         "needed for latency and energy")

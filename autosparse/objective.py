@@ -73,19 +73,28 @@ class CandidateEvaluator:
                                          self.finetune_cfg.taylor_batches)
         return self._taylor
 
+    def compress_and_tune(self, candidate: Candidate,
+                          cfg: FinetuneConfig | None = None) -> tuple[torch.nn.Module, float]:
+        """The candidate's compressed, fine-tuned model (parametrized) and its final loss.
+
+        Deterministic for a given config, so export rebuilds exactly the model a trial scored.
+        """
+        cfg = cfg or self.finetune_cfg
+        student = compress_model(self.dense, candidate, self._scores(candidate))
+        loader = self.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        result = finetune(student, self.dense, loader, cfg)
+        return student, result.final_loss
+
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         start = time.perf_counter()
-        student = compress_model(self.dense, candidate, self._scores(candidate))
-        loader = self.data.loader("train", self.finetune_cfg.batch_size, shuffle=True,
-                                  seed=self.finetune_cfg.seed)
-        result = finetune(student, self.dense, loader, self.finetune_cfg)
+        student, final_loss = self.compress_and_tune(candidate)
         tuned = time.perf_counter()
         accuracy = evaluate(student, self.data.loader("validation", 512))
         metrics = {
             "accuracy": accuracy,
             "accuracy_drop": self.dense_accuracy - accuracy,
             **cost_metrics(self.table, candidate, self.profile),
-            "finetune_loss": result.final_loss,
+            "finetune_loss": final_loss,
             "finetune_seconds": tuned - start,
             "eval_seconds": time.perf_counter() - tuned,
         }

@@ -1,0 +1,324 @@
+"""``autosparse export``: from a trial of the study to deployable, checked artifacts.
+
+    pick      trial by number, by rule (max drop + minimise a metric) or the front's knee
+    rebuild   compress the dense model with the trial's candidate, fine-tune exactly as the
+              search did (or longer, on request), check validation accuracy against the trial's
+    bake      masks and quantization into plain weights; shrink channel-pruned layers for real
+    write     model.pt2 (torch.export of the shrunk model), model.packed (what the size objective
+              counted), model.onnx, model.int8.onnx (QDQ) where every searched layer is <= 8 bits
+    check     test accuracy in every format; formats must agree; measured vs predicted latency
+    report    report.json / report.md; the model registered in MLflow, linked to the search
+    publish   everything is written to a temporary folder and renamed into place at the end, so a
+              failure leaves no half-written output
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import optuna
+import torch
+
+from .candidate import FLOAT_BITS, Candidate
+from .compress import bake
+from .config import FinetuneConfig
+from .cost import estimate_cost
+from .evaluate import evaluate
+from .export.onnx_export import evaluate_onnx, export_onnx, quantize_onnx_int8, time_onnx
+from .export.packed import load_packed, save_packed
+from .export.shrink import shrink_model
+from .footprint import footprint_metrics
+from .front import trials_frame
+from .hardware import HardwareProfile, load_profile
+from .models import build_model
+from .objective import CandidateEvaluator
+from .runner import SearchContext, prepare
+from .selection import Selection, by_number, by_rule, knee
+from .study import make_storage
+from .validation import ConfigError
+
+Printer = Callable[[str], None]
+
+# Documented tolerances (README, "Export").
+SAME_PREDICTIONS = 99.5  # % of test images on which every float format predicts the same class
+INT8_MAX_DROP = 1.0  # points the QDQ int8 model (activations quantized too) may lose vs PyTorch
+SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
+
+
+class ExportCheckFailed(RuntimeError):
+    """The exported formats disagree, or do not reproduce the search's figure."""
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    trial: int | None = None
+    max_drop: float | None = None
+    minimize: str | None = None
+    knee: bool = False
+    finetune_steps: int | None = None
+    out: Path | None = None
+    registered_name: str | None = None
+    mlflow: bool = True
+    hardware: str | None = None
+    timing_rounds: int = 21
+    timing_calls: int = 21
+
+
+@dataclass
+class ExportOutcome:
+    out_dir: Path
+    report: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _select(context: SearchContext, study: optuna.Study, request: ExportRequest) -> Selection:
+    trials = trials_frame(study, context.config.objectives)
+    if trials.empty:
+        raise ConfigError(f"the study {context.config.name!r} has no finished trial yet")
+    if request.trial is not None:
+        return by_number(trials, request.trial)
+    if request.max_drop is not None:
+        minimize = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
+        return by_rule(trials, request.max_drop, minimize)
+    cost = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
+    return knee(trials, cost)
+
+
+def _load_study(context: SearchContext) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=context.config.name,
+                                 storage=make_storage(context.storage_url))
+    except KeyError:
+        raise ConfigError(f"no study {context.config.name!r} in {context.storage_url}: run "
+                          "`autosparse search` first") from None
+
+
+def _batches(context: SearchContext, split: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    for x, y in context.data.loader(split, 256):
+        yield x.numpy().astype(np.float32), np.asarray(y)
+
+
+def _predictions(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
+    out = []
+    with torch.no_grad():
+        model.eval()
+        for x, _ in context.data.loader("test", 256):
+            out.append(model(x).argmax(dim=1).numpy())
+    return np.concatenate(out)
+
+
+def _onnx_predictions(path: Path, context: SearchContext) -> np.ndarray:
+    from .export.onnx_export import onnx_outputs
+
+    return np.concatenate([onnx_outputs(path, x).argmax(axis=1)
+                           for x, _ in _batches(context, "test")])
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a == b).mean() * 100)
+
+
+def _profiles(context: SearchContext, runs_dir: Path,
+              hardware: str | None) -> dict[str, HardwareProfile]:
+    """The requested (or the search's) profile, plus the newest measured profile of this machine
+    (``runs/calibration/``) when one was calibrated."""
+    profiles = {}
+    chosen = load_profile(hardware) if hardware else context.profile
+    if chosen is not None:
+        profiles[chosen.name] = chosen
+    measured = sorted((runs_dir / "calibration").glob("*.yaml"), key=lambda p: p.stat().st_mtime)
+    if measured:
+        profile = load_profile(measured[-1])
+        profiles[profile.name] = profile
+    return profiles
+
+
+def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Path = Path("runs"),
+               printer: Printer = print) -> ExportOutcome:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context = prepare(config_path, runs_dir)
+    study = _load_study(context)
+    selection = _select(context, study, request)
+    for warning in selection.warnings:
+        printer(f"warning: {warning}")
+    trial = study.trials[selection.trial]
+    candidate = Candidate.from_json(trial.user_attrs["candidate"])
+    searched = dict(trial.user_attrs.get("metrics", {}))
+    final_dir = request.out or runs_dir / context.config.name / "export" / f"trial-{selection.trial}"
+    if final_dir.exists():
+        raise ConfigError(f"{final_dir} already exists: remove it or give --out")
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
+    try:
+        report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
+                                      runs_dir, printer)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        (tmp / "report.md").write_text(report_markdown(report))
+        tmp.rename(final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if request.mlflow:
+        _register(context, report, shrunk, final_dir, request, selection, runs_dir, printer)
+    return ExportOutcome(final_dir, report, list(selection.warnings))
+
+
+def _export_into(context: SearchContext, request: ExportRequest, selection: Selection,
+                 candidate: Candidate, searched: dict, out: Path, runs_dir: Path,
+                 printer: Printer) -> tuple[dict, torch.nn.Module]:
+    config = context.config
+    tune_cfg: FinetuneConfig = config.finetune
+    steps = request.finetune_steps if request.finetune_steps is not None \
+        else config.export.finetune_steps
+    if steps is not None:
+        tune_cfg = config.finetune.model_copy(update={"steps": steps})
+    evaluator = CandidateEvaluator(context.dense, context.data, context.table, config.finetune,
+                                   context.dense_metrics["accuracy"], context.profile)
+    printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
+            f"{tune_cfg.steps} fine-tune steps ...")
+    student, _ = evaluator.compress_and_tune(candidate, tune_cfg)
+    validation = evaluate(student, context.data.loader("validation", 512))
+    if steps is None and "accuracy" in searched:
+        gap = abs(validation - searched["accuracy"])
+        if gap > SEARCH_MARGIN:
+            raise ExportCheckFailed(
+                f"rebuilt model scores {validation:.2f} % on validation, the search recorded "
+                f"{searched['accuracy']:.2f} % (allowed difference {SEARCH_MARGIN} points)")
+    baked = bake(student)
+    shrunk, shrink_report = shrink_model(baked, candidate, context.data.input_shape)
+    x = torch.randn(1, *context.data.input_shape)
+
+    accuracy = {"pytorch": evaluate(baked, context.data.loader("test", 512)),
+                "pytorch_shrunk": evaluate(shrunk, context.data.loader("test", 512))}
+    reference = _predictions(baked, context)
+    agreement = {"pytorch_shrunk": _agreement(_predictions(shrunk, context), reference)}
+
+    exported = torch.export.export(shrunk.eval(), (x,))
+    torch.export.save(exported, out / "model.pt2")
+
+    packed_info = save_packed(baked, candidate, out / "model.packed")
+    skeleton = build_model(config.model, context.data.input_shape, context.data.num_classes)
+    restored = load_packed(out / "model.packed", skeleton)
+    accuracy["packed"] = evaluate(restored, context.data.loader("test", 512))
+    agreement["packed"] = _agreement(_predictions(restored, context), reference)
+
+    export_onnx(shrunk, context.data.input_shape, out / "model.onnx")
+    accuracy["onnx"] = evaluate_onnx(out / "model.onnx", _batches(context, "test"))
+    agreement["onnx"] = _agreement(_onnx_predictions(out / "model.onnx", context), reference)
+    quantized = all(candidate.get_choice(n).bits <= 8 for n in context.table.names)
+    if quantized:
+        calibration = (x for x, _ in _batches(context, "train"))
+        quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration)
+        accuracy["onnx_int8"] = evaluate_onnx(out / "model.int8.onnx", _batches(context, "test"))
+
+    problems = [f"{name} predicts like PyTorch on only {value:.2f} % of test images "
+                f"(needs >= {SAME_PREDICTIONS} %)"
+                for name, value in agreement.items() if value < SAME_PREDICTIONS]
+    if quantized and accuracy["pytorch"] - accuracy["onnx_int8"] > INT8_MAX_DROP:
+        problems.append(f"int8 ONNX loses {accuracy['pytorch'] - accuracy['onnx_int8']:.2f} "
+                        f"points vs PyTorch (allowed {INT8_MAX_DROP})")
+    if problems:
+        raise ExportCheckFailed("exported formats disagree: " + "; ".join(problems))
+
+    printer("timing the dense and exported ONNX models (1 thread) ...")
+    dense_onnx = out / ".dense.onnx"
+    export_onnx(context.dense, context.data.input_shape, dense_onnx)
+    measured = {"dense_fp32": time_onnx(dense_onnx, context.data.input_shape,
+                                        request.timing_rounds, request.timing_calls),
+                "onnx": time_onnx(out / "model.onnx", context.data.input_shape,
+                                  request.timing_rounds, request.timing_calls)}
+    if quantized:
+        measured["onnx_int8"] = time_onnx(out / "model.int8.onnx", context.data.input_shape,
+                                          request.timing_rounds, request.timing_calls)
+    dense_onnx.unlink()
+    predicted = {}
+    for name, profile in _profiles(context, runs_dir, request.hardware).items():
+        predicted[name] = {
+            "dense_ms": estimate_cost(context.table, Candidate({}), profile).latency_ms,
+            "candidate_ms": estimate_cost(context.table, candidate, profile).latency_ms,
+            "candidate_energy_uj": estimate_cost(context.table, candidate, profile).energy_uj,
+        }
+    footprint = footprint_metrics(context.table, candidate)
+    dense_size = footprint_metrics(context.table, Candidate({}))["size_kb"]
+    files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
+    return {
+        "search": config.name,
+        "trial": selection.trial,
+        "selection": selection.reason,
+        "warnings": list(selection.warnings),
+        "finetune_steps": tune_cfg.steps,
+        "layers": [{"layer": name, **asdict(candidate.get_choice(name))}
+                   for name in context.table.names],
+        "validation_accuracy": {"search": searched.get("accuracy"), "rebuilt": validation,
+                                "dense": context.dense_metrics["accuracy"]},
+        "test_accuracy": {**accuracy, "dense": context.dense_metrics.get("test_accuracy")},
+        "agreement_percent": agreement,
+        "size_kb": {"dense_predicted": dense_size, "predicted": footprint["size_kb"],
+                    "packed_file": files["model.packed"] / 1000,
+                    "packed_header": packed_info.header_bytes / 1000},
+        "files_bytes": files,
+        "shrink": shrink_report.to_dict(),
+        "latency_ms_measured": {k: v * 1e3 for k, v in measured.items()},
+        "predicted": predicted,
+        "tolerances": {"same_predictions_percent": SAME_PREDICTIONS,
+                       "int8_max_drop_points": INT8_MAX_DROP,
+                       "search_margin_points": SEARCH_MARGIN},
+    }, shrunk
+
+
+def _register(context: SearchContext, report: dict, model: torch.nn.Module, out: Path,
+              request: ExportRequest,
+              selection: Selection, runs_dir: Path, printer: Printer) -> None:
+    from .tracking import Tracker, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(context.config.tracking.uri, runs_dir)
+    tracker = Tracker(tracking_uri=uri, experiment=context.config.tracking.experiment
+                      or context.config.name, runs_dir=runs_dir)
+    name = (request.registered_name or context.config.export.registered_name
+            or f"{context.config.name}-trial-{selection.trial}")
+    x = np.zeros((1, *context.data.input_shape), dtype=np.float32)
+    parent, child = tracker.find_search_runs(context.config.name, selection.trial) or (None, None)
+    metrics = {f"test_accuracy_{k}": v for k, v in report["test_accuracy"].items()
+               if isinstance(v, (int, float))}
+    result = tracker.log_exported_model(
+        model=model, input_example=x, registered_name=name, parent_run_id=parent,
+        trial_run_id=child, artifacts={p.name: p for p in out.iterdir() if p.is_file()},
+        metrics=metrics, params={"trial": str(selection.trial), "selection": selection.reason})
+    if result:
+        printer(f"registered in MLflow as {name!r} version {result[1]} ({uri})")
+
+
+def report_markdown(report: dict) -> str:
+    acc, size = report["test_accuracy"], report["size_kb"]
+    lines = [f"# Export of {report['search']} trial {report['trial']}", "",
+             f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
+    lines += [f"- warning: {w}" for w in report["warnings"]]
+    lines += ["", "| layer | pattern | sparsity | bits |", "|---|---|---|---|"]
+    for layer in report["layers"]:
+        bits = "fp32" if layer["bits"] == FLOAT_BITS else f"int{layer['bits']}"
+        lines.append(f"| {layer['layer']} | {layer['pattern']} | {layer['sparsity']:.0%} | {bits} |")
+    lines += ["", "| format | test accuracy (%) | same prediction as PyTorch (%) |", "|---|---|---|"]
+    for name, value in acc.items():
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            agree = report["agreement_percent"].get(name)
+            lines.append(f"| {name} | {value:.2f} | {'' if agree is None else f'{agree:.2f}'} |")
+    lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
+              f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "
+              f"{size['dense_predicted']:.2f} kB dense.", "",
+              "| latency | ms |", "|---|---|"]
+    for name, value in report["latency_ms_measured"].items():
+        lines.append(f"| measured onnxruntime {name} (1 thread, batch 1) | {value:.4f} |")
+    if not report["predicted"]:
+        lines.append("| predicted | no hardware profile: give --hardware, or run `autosparse "
+                     "calibrate` for this machine |")
+    for name, values in report["predicted"].items():
+        lines.append(f"| predicted on {name}: dense / candidate | {values['dense_ms']:.4f} / "
+                     f"{values['candidate_ms']:.4f} (energy {values['candidate_energy_uj']:.3g} µJ) |")
+    return "\n".join(lines) + "\n"

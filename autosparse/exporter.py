@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -155,7 +155,9 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
     if final_dir.exists():
         raise ConfigError(f"{final_dir} already exists: remove it or give --out")
     final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}-", dir=final_dir.parent))
+    # not tempfile.mkdtemp: its folder is private (0700) and would stay so once renamed
+    tmp = final_dir.parent / f".{final_dir.name}-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
     try:
         report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
                                       runs_dir, printer)
@@ -193,14 +195,16 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                 f"{searched['accuracy']:.2f} % (allowed difference {SEARCH_MARGIN} points)")
     baked = bake(student)
     shrunk, shrink_report = shrink_model(baked, candidate, context.data.input_shape)
-    x = torch.randn(1, *context.data.input_shape)
 
     accuracy = {"pytorch": evaluate(baked, context.data.loader("test", 512)),
                 "pytorch_shrunk": evaluate(shrunk, context.data.loader("test", 512))}
     reference = _predictions(baked, context)
     agreement = {"pytorch_shrunk": _agreement(_predictions(shrunk, context), reference)}
 
-    exported = torch.export.export(shrunk.eval(), (x,))
+    # batch 2 as the example (torch.export specialises size-1 dimensions), dynamic batch: the
+    # program serves any batch size, like the ONNX files and the MLflow model
+    exported = torch.export.export(shrunk.eval(), (torch.randn(2, *context.data.input_shape),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(exported, out / "model.pt2")
 
     packed_info = save_packed(baked, candidate, out / "model.packed")

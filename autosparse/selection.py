@@ -48,15 +48,26 @@ def by_number(trials: pd.DataFrame, number: int) -> Selection:
     return Selection(number, "chosen by number", tuple(warnings))
 
 
-def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str) -> Selection:
-    """Among feasible finished trials within ``max_drop`` points of the dense accuracy, the one
-    with the smallest ``minimize`` metric (ties: the more accurate)."""
-    metric = _metric(minimize)
+def _known_metric(trials: pd.DataFrame, name: str) -> str:
+    """The trials-table column of objective or metric ``name``; a clear error when absent."""
+    metric = _metric(name)
+    if metric == "accuracy":
+        raise ConfigError("--minimize accuracy would pick the least accurate trial: name a cost "
+                          "(size, macs, bops, latency, energy)")
     if metric not in trials.columns:
         allowed = sorted(c for c in trials.columns if c in {o.metric for o in OBJECTIVES.values()}
                          or c in ("latency_ms", "energy_uj", "size_kb", "macs", "bops"))
-        raise ConfigError(f"--minimize {minimize!r}: the trials have no such metric; "
+        raise ConfigError(f"--minimize {name!r}: the trials have no such metric; "
                           f"available: {', '.join(allowed)}")
+    return metric
+
+
+def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str) -> Selection:
+    """Among feasible finished trials within ``max_drop`` points of the dense accuracy, the one
+    with the smallest ``minimize`` metric (ties: the more accurate)."""
+    metric = _known_metric(trials, minimize)
+    if not (trials["state"] == "COMPLETE").any():
+        raise ConfigError("no trial of the study completed: nothing to export")
     ok = trials[(trials["state"] == "COMPLETE") & trials["feasible"].astype(bool)
                 & (trials["accuracy_drop"] <= max_drop) & np.isfinite(trials[metric])]
     if ok.empty:
@@ -71,7 +82,7 @@ def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str) -> Selection:
 def knee(trials: pd.DataFrame, cost: str) -> Selection:
     """The front point farthest from the line joining the front's two ends (accuracy vs
     ``cost``, both normalised to [0, 1]): where giving up more accuracy stops buying much."""
-    metric = _metric(cost)
+    metric = _known_metric(trials, cost)
     front = trials[trials["on_front"].astype(bool) & np.isfinite(trials[metric])]
     if front.empty:
         raise ConfigError("the front is empty: no feasible finished trial to export")

@@ -16,6 +16,7 @@ import torch
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
+from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 
 from autosparse.models import DigitsCNN  # noqa: E402
 from autosparse.tracking import Tracker, TrackingWarning, default_tracking_uri  # noqa: E402
@@ -75,6 +76,7 @@ def test_exported_model_is_registered_loadable_linked_and_has_its_files(
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     parent = _strict(tracker.log_standalone_run, run_name="search", params={}, metrics={},
                      artifacts={})
     trial = _strict(tracker.log_standalone_run, run_name="trial-3", params={}, metrics={},
@@ -117,11 +119,10 @@ def test_exported_model_is_registered_loadable_linked_and_has_its_files(
     batch = np.random.default_rng(1).standard_normal((5, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         expected = model(torch.from_numpy(batch)).numpy()
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    try:
+    # scoped to this store: a global set_tracking_uri would leak into later tests' searches
+    with _use_tracking_uri(tracker.tracking_uri):
         loaded = mlflow.pyfunc.load_model(f"models:/digits-best/{version}")
-    finally:
-        mlflow.set_tracking_uri(uri_before[0])
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")) == uri_before
     assert "pickle_module_name" in loaded.metadata.flavors["python_function"]
     assert mv.source.startswith("models:/m-")
     logged = client.get_logged_model(mv.source.removeprefix("models:/"))

@@ -31,7 +31,7 @@ from .compress import bake
 from .config import FinetuneConfig
 from .cost import estimate_cost
 from .evaluate import evaluate
-from .export.onnx_export import evaluate_onnx, export_onnx, quantize_onnx_int8, time_onnx
+from .export.onnx_export import evaluate_onnx, export_onnx, quantize_onnx_int8, time_onnx_files
 from .export.packed import load_packed, save_packed
 from .export.shrink import shrink_model
 from .footprint import footprint_metrics
@@ -234,13 +234,11 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     printer("timing the dense and exported ONNX models (1 thread) ...")
     dense_onnx = out / ".dense.onnx"
     export_onnx(context.dense, context.data.input_shape, dense_onnx)
-    measured = {"dense_fp32": time_onnx(dense_onnx, context.data.input_shape,
-                                        request.timing_rounds, request.timing_calls),
-                "onnx": time_onnx(out / "model.onnx", context.data.input_shape,
-                                  request.timing_rounds, request.timing_calls)}
+    files = {"dense_fp32": dense_onnx, "onnx": out / "model.onnx"}
     if quantized:
-        measured["onnx_int8"] = time_onnx(out / "model.int8.onnx", context.data.input_shape,
-                                          request.timing_rounds, request.timing_calls)
+        files["onnx_int8"] = out / "model.int8.onnx"
+    measured = time_onnx_files(files, context.data.input_shape, request.timing_rounds,
+                               request.timing_calls)
     dense_onnx.unlink()
     predicted = {}
     for name, profile in _profiles(context, runs_dir, request.hardware).items():

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -296,6 +296,20 @@ def time_onnx(
 ) -> float:
     """Median seconds of one batch-1 call: median over ``rounds`` of per-round medians of
     ``calls`` single calls, on one thread (the calibration's timer, for a single file)."""
-    target = _OnnxFile(Path(path).name, Path(path), tuple(int(d) for d in input_shape))
-    (measurement,) = time_variants([target], rounds=rounds, calls=calls, warmup=warmup, seed=seed)
-    return measurement.median_seconds
+    return time_onnx_files({"model": path}, input_shape, rounds, calls, warmup, seed)["model"]
+
+
+def time_onnx_files(
+    paths: Mapping[str, str | Path],
+    input_shape: Sequence[int],
+    rounds: int,
+    calls: int,
+    warmup: int = DEFAULT_WARMUP,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Median seconds per batch-1 call of several models timed in interleaved rounds, so that
+    load on a shared machine hits them alike and their ratios hold."""
+    shape = tuple(int(d) for d in input_shape)
+    targets = [_OnnxFile(name, Path(path), shape) for name, path in paths.items()]
+    measurements = time_variants(targets, rounds=rounds, calls=calls, warmup=warmup, seed=seed)
+    return {target.name: m.median_seconds for target, m in zip(targets, measurements)}

@@ -22,33 +22,7 @@ from autosparse.models import DigitsCNN  # noqa: E402
 from autosparse.tracking import Tracker, TrackingWarning, default_tracking_uri  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mlflow-export-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
-    return path
-
-
-@pytest.fixture
-def runs_dir(tmp_path, template_db) -> Path:
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for suffix in ("", "-wal", "-shm"):
-        source = Path(str(template_db) + suffix)
-        if source.exists():
-            shutil.copy(source, runs / f"mlflow.db{suffix}")
-    return runs
-
-
-@pytest.fixture
-def tracker(runs_dir) -> Tracker:
-    return Tracker(tracking_uri=default_tracking_uri(runs_dir), experiment="demo",
-                   runs_dir=runs_dir)
-
-
-@pytest.fixture
-def client(runs_dir) -> MlflowClient:
-    return MlflowClient(tracking_uri=default_tracking_uri(runs_dir))
+from mlflow_store import client, runs_dir, template_db, tracker  # noqa: E402,F401
 
 
 @pytest.fixture

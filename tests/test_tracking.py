@@ -84,36 +84,7 @@ def _row_metrics(row: pd.Series) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def template_db(tmp_path_factory) -> Path:
-    """An empty, fully migrated MLflow database (migrating costs ~10 s: do it once)."""
-    folder = tmp_path_factory.mktemp("mlflow-template")
-    path = folder / "mlflow.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{path}")
-    client.search_experiments()
-    return path
-
-
-@pytest.fixture
-def runs_dir(tmp_path, template_db) -> Path:
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for suffix in ("", "-wal", "-shm"):
-        source = Path(str(template_db) + suffix)
-        if source.exists():
-            shutil.copy(source, runs / f"mlflow.db{suffix}")
-    return runs
-
-
-@pytest.fixture
-def tracker(runs_dir) -> Tracker:
-    return Tracker(tracking_uri=default_tracking_uri(runs_dir), experiment="demo",
-                   runs_dir=runs_dir)
-
-
-@pytest.fixture
-def client(runs_dir) -> MlflowClient:
-    return MlflowClient(tracking_uri=default_tracking_uri(runs_dir))
+from mlflow_store import client, runs_dir, template_db, tracker  # noqa: E402,F401
 
 
 def _start(tracker: Tracker, small_table, **overrides) -> str:

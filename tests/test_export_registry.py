@@ -6,7 +6,6 @@ As in test_tracking: one migrated template database per session, copied for each
 from __future__ import annotations
 
 import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -15,13 +14,10 @@ import pytest
 import torch
 
 mlflow = pytest.importorskip("mlflow")
-from mlflow import MlflowClient  # noqa: E402
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 
 from autosparse.models import DigitsCNN  # noqa: E402
-from autosparse.tracking import Tracker, TrackingWarning, default_tracking_uri  # noqa: E402
-
-
+from autosparse.tracking import TrackingWarning  # noqa: E402
 from mlflow_store import client, runs_dir, template_db, tracker  # noqa: E402,F401
 
 

@@ -10,7 +10,6 @@ import ast
 import json
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess

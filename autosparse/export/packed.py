@@ -222,6 +222,15 @@ def _kept_count(choice: LayerChoice, n: int, rows: int) -> int:
     return n
 
 
+def _keep_first(needed: Tensor, count: int) -> Tensor:
+    """A keep-mask of exactly ``count`` entries: every needed (nonzero) one, then the earliest
+    others (weights that were kept but quantized to zero are indistinguishable from pruned)."""
+    order = torch.argsort(needed.to(torch.int8), descending=True, stable=True)[:count]
+    keep = torch.zeros(needed.numel(), dtype=torch.bool)
+    keep[order] = True
+    return keep
+
+
 def _layer_mask(name: str, weight: Tensor, bias: Tensor | None, choice: LayerChoice,
                 stored: Tensor | None) -> Tensor:
     """The keep-mask (O, ...) of exactly the size the formula counts.
@@ -254,10 +263,7 @@ def _layer_mask(name: str, weight: Tensor, bias: Tensor | None, choice: LayerCho
                 f"layer {name!r}: {int(flat.sum())} nonzero weights, but {choice.describe()} keeps "
                 f"only {expected} of {n}; is this the compressed model and its candidate?"
             )
-        order = torch.argsort(flat.to(torch.int8), descending=True, stable=True)[:expected]
-        mask = torch.zeros(n, dtype=torch.bool)
-        mask[order] = True
-        return mask.reshape(weight.shape)
+        return _keep_first(flat, expected).reshape(weight.shape)
     if pattern == CHANNEL:
         needed = nonzero.reshape(rows, -1).any(dim=1)
         if bias is not None:
@@ -268,9 +274,7 @@ def _layer_mask(name: str, weight: Tensor, bias: Tensor | None, choice: LayerCho
                 f"layer {name!r}: {int(needed.sum())} output channels have nonzero weights or "
                 f"bias, but {choice.describe()} keeps only {kept_rows} of {rows}"
             )
-        order = torch.argsort(needed.to(torch.int8), descending=True, stable=True)[:kept_rows]
-        keep = torch.zeros(rows, dtype=torch.bool)
-        keep[order] = True
+        keep = _keep_first(needed, kept_rows)
         return keep.reshape(-1, *([1] * (weight.dim() - 1))).expand_as(weight).clone()
     nm = parse_nm(pattern)
     if nm is None:

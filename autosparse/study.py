@@ -7,6 +7,7 @@ not count against the budget, so no finished trial is lost or re-run.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import random
@@ -110,18 +111,42 @@ def study_uid(study: optuna.Study) -> str:
     return str(study.user_attrs.get(_UID_ATTR, ""))
 
 
-def fail_interrupted_trials(study: optuna.Study) -> int:
-    """Mark RUNNING trials whose worker process on this host is gone as failed (interrupted)."""
+# A live worker tags its trial with host:pid within moments of creating it (only the sampler's
+# relative sampling runs in between); a RUNNING trial still untagged after this long was left
+# by a process killed in that gap.
+UNTAGGED_GRACE_S = 10.0
+
+
+def _interrupt(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> None:
+    optuna.Trial(study, trial._trial_id).set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: {why}")
+    study.tell(trial.number, state=TrialState.FAIL)
+
+
+def fail_interrupted_trials(study: optuna.Study, grace_s: float = UNTAGGED_GRACE_S) -> int:
+    """Mark RUNNING trials whose worker process on this host is gone as failed (interrupted),
+    and trials never tagged with a worker once they are older than ``grace_s`` (waiting for
+    that, only when such a trial exists)."""
     host = socket.gethostname()
     count = 0
+    untagged = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR, "")
+        if not worker:
+            untagged.append(trial.number)
+            continue
         worker_host, _, pid = worker.rpartition(":")
         if worker_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
-            optuna.Trial(study, trial._trial_id).set_user_attr(
-                FAIL_ATTR, f"{INTERRUPTED}: worker {worker} ended mid-trial"
-            )
-            study.tell(trial.number, state=TrialState.FAIL)
+            _interrupt(study, trial, f"worker {worker} ended mid-trial")
+            count += 1
+    for number in untagged:
+        trial = study.trials[number]
+        age = (datetime.datetime.now() - trial.datetime_start).total_seconds() \
+            if trial.datetime_start else grace_s
+        if age < grace_s:
+            time.sleep(grace_s - age)
+            trial = study.trials[number]
+        if trial.state == TrialState.RUNNING and not trial.user_attrs.get(WORKER_ATTR):
+            _interrupt(study, trial, "its worker ended before it started")
             count += 1
     return count
 

@@ -31,7 +31,7 @@ from .compress import bake
 from .config import FinetuneConfig
 from .cost import estimate_cost
 from .evaluate import evaluate
-from .export.onnx_export import evaluate_onnx, export_onnx, quantize_onnx_int8, time_onnx_files
+from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
 from .export.packed import load_packed, save_packed
 from .export.shrink import shrink_model
 from .footprint import footprint_metrics
@@ -49,7 +49,8 @@ Printer = Callable[[str], None]
 # Documented tolerances (README, "Export").
 SAME_PREDICTIONS = 99.5  # % of test images on which every float format predicts the same class
 INT8_MAX_DROP = 1.0  # points the QDQ int8 model (activations quantized too) may lose vs PyTorch
-SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
+SEARCH_MARGIN = 1.0
+FLOAT_FORMATS = ("pytorch_shrunk", "packed", "onnx")  # must predict like the compressed model  # points the rebuilt model's validation accuracy may differ from the trial's
 
 
 class ExportCheckFailed(RuntimeError):
@@ -115,13 +116,12 @@ def _predictions(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
 
 
 def _onnx_predictions(path: Path, context: SearchContext) -> np.ndarray:
-    from .export.onnx_export import onnx_outputs
-
     return np.concatenate([onnx_outputs(path, x).argmax(axis=1)
                            for x, _ in _batches(context, "test")])
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Percent of positions where two label vectors agree (accuracy when ``b`` is the truth)."""
     return float((a == b).mean() * 100)
 
 
@@ -196,10 +196,9 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     baked = bake(student)
     shrunk, shrink_report = shrink_model(baked, candidate, context.data.input_shape)
 
-    accuracy = {"pytorch": evaluate(baked, context.data.loader("test", 512)),
-                "pytorch_shrunk": evaluate(shrunk, context.data.loader("test", 512))}
-    reference = _predictions(baked, context)
-    agreement = {"pytorch_shrunk": _agreement(_predictions(shrunk, context), reference)}
+    # one pass over the test split per format: accuracy and agreement both come from it
+    predictions = {"pytorch": _predictions(baked, context),
+                   "pytorch_shrunk": _predictions(shrunk, context)}
 
     # batch 2 as the example (torch.export specialises size-1 dimensions), dynamic batch: the
     # program serves any batch size, like the ONNX files and the MLflow model
@@ -209,18 +208,19 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
 
     packed_info = save_packed(baked, candidate, out / "model.packed")
     skeleton = build_model(config.model, context.data.input_shape, context.data.num_classes)
-    restored = load_packed(out / "model.packed", skeleton)
-    accuracy["packed"] = evaluate(restored, context.data.loader("test", 512))
-    agreement["packed"] = _agreement(_predictions(restored, context), reference)
+    predictions["packed"] = _predictions(load_packed(out / "model.packed", skeleton), context)
 
     export_onnx(shrunk, context.data.input_shape, out / "model.onnx")
-    accuracy["onnx"] = evaluate_onnx(out / "model.onnx", _batches(context, "test"))
-    agreement["onnx"] = _agreement(_onnx_predictions(out / "model.onnx", context), reference)
+    predictions["onnx"] = _onnx_predictions(out / "model.onnx", context)
     quantized = all(candidate.get_choice(n).bits <= 8 for n in context.table.names)
     if quantized:
         calibration = (x for x, _ in _batches(context, "train"))
         quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration)
-        accuracy["onnx_int8"] = evaluate_onnx(out / "model.int8.onnx", _batches(context, "test"))
+        predictions["onnx_int8"] = _onnx_predictions(out / "model.int8.onnx", context)
+    labels = np.concatenate([y for _, y in _batches(context, "test")])
+    accuracy = {name: _agreement(pred, labels) for name, pred in predictions.items()}
+    agreement = {name: _agreement(pred, predictions["pytorch"])
+                 for name, pred in predictions.items() if name in FLOAT_FORMATS}
 
     problems = [f"{name} predicts like PyTorch on only {value:.2f} % of test images "
                 f"(needs >= {SAME_PREDICTIONS} %)"
@@ -242,10 +242,11 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     dense_onnx.unlink()
     predicted = {}
     for name, profile in _profiles(context, runs_dir, request.hardware).items():
+        cost = estimate_cost(context.table, candidate, profile)
         predicted[name] = {
             "dense_ms": estimate_cost(context.table, Candidate({}), profile).latency_ms,
-            "candidate_ms": estimate_cost(context.table, candidate, profile).latency_ms,
-            "candidate_energy_uj": estimate_cost(context.table, candidate, profile).energy_uj,
+            "candidate_ms": cost.latency_ms,
+            "candidate_energy_uj": cost.energy_uj,
         }
     footprint = footprint_metrics(context.table, candidate)
     dense_size = footprint_metrics(context.table, Candidate({}))["size_kb"]

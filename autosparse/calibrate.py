@@ -216,8 +216,7 @@ def _with_provenance(result: FitResult, settings: CalibrationSettings,
     return result.profile.model_copy(update={
         "description": description,
         "sources": ["measured on this machine by `autosparse calibrate` (see fitted)",
-                    *[f"base profile {settings.base}: {s}" for s in
-                      load_profile(settings.base).sources]],
+                    *[f"base profile {settings.base}: {s}" for s in result.profile.sources]],
         "fitted": fitted,
     })
 

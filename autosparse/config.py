@@ -19,7 +19,7 @@ from .hardware import builtin_profiles, load_profile
 from .objectives import CONSTRAINT_METRICS, HARDWARE_METRICS, OBJECTIVES
 from .validation import ConfigError, Strict, validate
 
-STRATEGIES = ("ga", "bo", "random", "grid-uniform")
+STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp")
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder")
 
@@ -186,25 +186,57 @@ class SpaceConfig(Strict):
 
 
 class StrategyConfig(Strict):
-    name: Literal["ga", "bo", "random", "grid-uniform"] = "ga"
+    name: Literal["ga", "bo", "knapsack", "random", "grid-uniform", "grid-global"] = "ga"
     population_size: int = Field(16, ge=4, description="GA: NSGA-II population (keep well under budget)")
     crossover_prob: float = Field(0.9, ge=0, le=1)
     mutation_prob: float | None = Field(None, ge=0, le=1, description="GA: per-gene; default 1/genes")
     bo_kind: Literal["tpe", "gp"] = "tpe"
     startup_trials: int = Field(10, ge=1, description="BO: random trials before modelling")
     warm_start: bool = Field(
-        True, description="GA/BO: first evaluate uniform and global-magnitude allocations"
+        True, description="GA/BO: first evaluate budgeted allocations (with sensitivity) or "
+        "uniform and global-magnitude allocations (without)"
     )
+    screen: int = Field(8, ge=1, description="GA/BO: proposals per trial ranked by the predictor; "
+                        "only the most promising is fine-tuned (1 = no screening)")
+    use_sensitivity: bool = Field(True, description="GA/BO: measure per-layer sensitivity first "
+                                  "and use it for seeds, screening and mutation (knapsack always does)")
+
+
+class SensitivityConfig(Strict):
+    """Per-layer sensitivity: each choice of each decision alone, every other layer dense."""
+
+    method: Literal["zero-shot", "fisher"] = Field(
+        "zero-shot", description="zero-shot: evaluate each choice on a validation subset; "
+        "fisher: 0.5 * sum(F * dw^2) from one empirical-Fisher pass (no forward per choice)")
+    samples: int = Field(512, ge=1, description="validation samples used (a fixed subset)")
+    batch_size: int = Field(256, ge=1)
+
+
+class FidelityConfig(Strict):
+    """Multi-fidelity screening (with ``budget.finetune_steps``): a short fine-tune first, the
+    full one only for candidates whose short result could still reach the front."""
+
+    low_steps: int | None = Field(None, ge=0, description="steps of the short fine-tune; default "
+                                  "a quarter of finetune.steps; 0 turns screening off")
+    promote_rank: int = Field(0, ge=0, description="promote when the short result's non-dominated "
+                              "rank among all short results is at most this (0 = first front)")
+    tolerance: float = Field(0.5, ge=0, description="accuracy points added to a short result "
+                             "before ranking it (short fine-tunes are noisy and pessimistic)")
 
 
 class BudgetConfig(Strict):
     trials: int | None = Field(40, ge=1, description="total trials in the study")
     minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
+    finetune_steps: int | None = Field(None, ge=1, description="total fine-tune steps of the "
+                                       "search (all fidelities); an alternative to 'trials'")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "BudgetConfig":
-        if self.trials is None and self.minutes is None:
-            raise ValueError("give 'trials', 'minutes' or both")
+        if self.finetune_steps is not None and "trials" not in self.model_fields_set:
+            # an alternative to the default trial count, not an addition to it
+            object.__setattr__(self, "trials", None)
+        if self.trials is None and self.minutes is None and self.finetune_steps is None:
+            raise ValueError("give 'trials', 'minutes', 'finetune_steps' or a combination")
         return self
 
 
@@ -218,6 +250,20 @@ class FinetuneConfig(Strict):
     distill_weight: float = Field(0.7, ge=0, le=1, description="weight of the KD term vs. labels")
     taylor_batches: int = Field(4, ge=1, description="batches for gradient (Taylor) scores")
     seed: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="learning rate over the fine-tune: constant, cosine decay to 0, "
+        "or linear decay to 0; each after warmup_steps of linear warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    epochs: float | None = Field(None, gt=0, description="fine-tune length in passes over the "
+                                 "train split instead of 'steps'")
+    reeval_seeds: int = Field(2, ge=0, description="extra fine-tune seeds for the final front's "
+                              "points; the front and export use the mean")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "FinetuneConfig":
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError("give 'steps' or 'epochs', not both")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -261,6 +307,8 @@ class SearchConfig(Strict):
     objectives: list[str] = Field(default_factory=lambda: ["accuracy", "size"])
     constraints: list[Constraint] = Field(default_factory=list)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
+    fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)

@@ -94,9 +94,12 @@ def count_other_params(model: nn.Module, layers: dict[str, nn.Module]) -> int:
 
 
 def global_magnitude_allocation(
-    weights: dict[str, torch.Tensor], targets: Sequence[float]
+    weights: dict[str, torch.Tensor], targets: Sequence[float], digits: int | None = 4
 ) -> dict[float, dict[str, float]]:
     """Per-layer sparsity that one global |w| threshold gives, for each global target.
+
+    ``digits=None`` keeps the exact fractions (pruned / weights), so a candidate built from them
+    prunes exactly the weights ``torch.nn.utils.prune.global_unstructured`` would.
 
     Exactly ``round(t * total)`` weights are pruned: those strictly below the k-th smallest
     magnitude, plus as many ties at it as needed, shared in proportion to each layer's ties
@@ -121,7 +124,8 @@ def global_magnitude_allocation(
         below = [int((m < threshold).sum()) for m in mags]
         ties = [int((m == threshold).sum()) for m in mags]
         pruned = _share_ties(below, ties, k - sum(below))
-        out[float(t)] = {n: round(p / c, 4) for n, p, c in zip(names, pruned, counts)}
+        out[float(t)] = {n: p / c if digits is None else round(p / c, digits)
+                         for n, p, c in zip(names, pruned, counts)}
     return out
 
 

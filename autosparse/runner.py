@@ -25,7 +25,7 @@ from .cost import estimate_cost
 from .cost_report import cost_table
 from .data import DataSplits, load_data
 from .dense import prepare_dense
-from .discovery import discover_layers
+from .discovery import discover_layers, find_layers, global_magnitude_allocation
 from .front import HypervolumeSpec, final, trials_frame
 from .hardware import HardwareProfile, load_profile
 from .layers import LayerTable
@@ -33,7 +33,7 @@ from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, Ca
                         SearchObjective, cost_metrics)
 from .plots import front_table
 from .samplers import make_sampler
-from .space import SearchSpace
+from .space import GridSpace, SearchSpace
 from .sqlite_tuning import use_fast_sqlite
 from .study import (counted_trials, fail_interrupted_trials, make_storage, open_study, storage_url,
                     study_uid)
@@ -55,6 +55,7 @@ class SearchContext:
     table: LayerTable
     space: SearchSpace
     profile: HardwareProfile | None = None
+    grid: GridSpace | None = None  # grid-global's points (exact global-magnitude allocations)
 
     @property
     def storage_url(self) -> str:
@@ -68,21 +69,26 @@ class SearchContext:
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
                                        self.dense_metrics["accuracy"], self.profile)
-        return SearchObjective(self.space, evaluator, self.config.objectives,
+        return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints))
 
     def open_study(self) -> optuna.Study:
-        sampler = make_sampler(self.config.strategy, self.space, self.config.seed)
+        sampler = make_sampler(self.config.strategy, self.space, self.config.seed, grid=self.grid)
         return open_study(self.config, self.storage_url, sampler)
 
+    def grid_size(self) -> int | None:
+        """Points of a grid baseline (its budget is capped there), None for the other strategies."""
+        if self.config.strategy.name == "grid-uniform":
+            return len(self.space.uniform_candidates())
+        return self.grid.size() if self.grid is not None else None
+
     def budget_trials(self, extend: int) -> int | None:
-        """Total trials the study should hold; the grid baseline stops when its grid is done."""
+        """Total trials the study should hold; the grid baselines stop when their grid is done."""
         if self.config.budget.trials is None:
             return None
         total = self.config.budget.trials + extend
-        if self.config.strategy.name == "grid-uniform":
-            total = min(total, len(self.space.uniform_candidates()))
-        return total
+        grid = self.grid_size()
+        return total if grid is None else min(total, grid)
 
 
 def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
@@ -97,8 +103,18 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
         table = discover_layers(dense, data.input_shape, searchable=space.layer_names)
     profile = load_profile(config.hardware) if config.hardware else None
     dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile)}
+    grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
-                         dense_metrics, table, space, profile)
+                         dense_metrics, table, space, profile, grid)
+
+
+def _global_grid(dense: torch.nn.Module, space: SearchSpace) -> GridSpace:
+    """grid-global's points: exact one-threshold allocations at each of the space's sparsities."""
+    targets = sorted({s for d in space.decisions for s in d.sparsities if s > 0})
+    layers = find_layers(dense)
+    weights = {name: layers[name].weight for name in space.layer_names}
+    allocations = global_magnitude_allocation(weights, targets, digits=None)
+    return GridSpace(tuple(space.global_grid_candidates(allocations)))
 
 
 def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: int | None) -> int:
@@ -226,7 +242,7 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "budget_trials": config.budget.trials,
         "budget_minutes": config.budget.minutes,
         "seed": config.seed,
-        "finetune_steps": config.finetune.steps,
+        "finetune_steps": context.objective().evaluator.finetune_steps(),  # epochs resolved
         "space_size": context.space.size(),
         "searched_layers": len(context.space.layer_names),
         "hardware": config.hardware or "none",

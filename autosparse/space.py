@@ -20,6 +20,7 @@ from .config import DEFAULT_CHOICES, ChoiceSet, ConfigError, SpaceConfig
 from .layers import LayerTable
 
 FIELDS = ("pattern", "sparsity", "bits", "criterion")
+GRID_PARAM = "grid/point"
 
 
 class SuggestsCategorical(Protocol):
@@ -108,6 +109,34 @@ class Decision:
         pattern = value("pattern")
         sparsity = value("sparsity") if takes_amount(pattern) else 0.0
         return LayerChoice.make(pattern, sparsity, value("bits"), value("criterion"))
+
+
+def _group_sparsity(decision: "Decision", allocation: Mapping[str, float]) -> float:
+    values = [allocation.get(name, 0.0) for name in decision.layers]
+    return min(0.99, sum(values) / len(values)) if len(values) > 1 else min(0.99, values[0])
+
+
+@dataclass(frozen=True)
+class GridSpace:
+    """A fixed list of candidates searched by index, for grids whose points are not in the
+    categorical space (grid-global's exact per-layer sparsities): one param, ``grid/point``."""
+
+    points: tuple[Candidate, ...]
+
+    def suggest(self, trial: SuggestsCategorical) -> Candidate:
+        return self.points[trial.suggest_categorical(GRID_PARAM, tuple(range(len(self.points))))]
+
+    def decode(self, params: Mapping[str, Any]) -> Candidate:
+        try:
+            return self.points[params[GRID_PARAM]]
+        except KeyError:
+            raise ValueError(f"params miss {GRID_PARAM!r}") from None
+
+    def params_of(self, candidate: Candidate) -> dict[str, Any]:
+        return {GRID_PARAM: self.points.index(candidate)}
+
+    def size(self) -> int:
+        return len(self.points)
 
 
 def _matches(patterns: Iterable[str], name: str) -> bool:
@@ -231,16 +260,42 @@ class SearchSpace:
             choices.update({name: choice for name in d.layers})
         return Candidate(choices)
 
-    def uniform_candidates(self) -> list[Candidate]:
+    def uniform_candidates(self, skip_patterns: Iterable[str] = ()) -> list[Candidate]:
         """Same pattern, sparsity and bits on every layer (snapped per decision): the by-hand grid."""
         grid = set()
         for d in self.decisions:
-            grid |= {(c.pattern, c.sparsity, c.bits) for c in d.distinct_choices()}
+            grid |= {(c.pattern, c.sparsity, c.bits) for c in d.distinct_choices()
+                     if c.pattern not in skip_patterns}
         out = {}
         for pattern, sparsity, bits in sorted(grid):
             wish = LayerChoice.make(pattern, sparsity, bits)
             candidate = self.snap({name: wish for name in self.layer_names})
             out.setdefault(candidate.key, candidate)
+        return list(out.values())
+
+    def global_grid_candidates(self, allocations: Mapping[float, Mapping[str, float]]) -> list[Candidate]:
+        """The by-hand recipe: one global magnitude threshold x one uniform bit-width.
+
+        ``allocations`` maps each global sparsity (the space's own list) to the exact per-layer
+        sparsity one threshold over all searched layers gives (``global_magnitude_allocation``
+        with ``digits=None``), so the zeros are exactly those of ``prune.global_unstructured``.
+        Every other allowed pattern (channel, N:M, dense) is applied uniformly, as in
+        :meth:`uniform_candidates`. A decision that cannot take unstructured is snapped; a tied
+        group (one choice for several layers) takes the mean of its layers' sparsities.
+        """
+        out = {c.key: c for c in self.uniform_candidates(skip_patterns=(UNSTRUCTURED,))}
+        bits_options = sorted({b for d in self.decisions for b in d.bits})
+        for target, allocation in sorted(allocations.items()):
+            for bits in bits_options:
+                choices = {}
+                for d in self.decisions:
+                    wish = LayerChoice.make(UNSTRUCTURED, _group_sparsity(d, allocation), bits)
+                    snapped = d.snap(wish)
+                    if UNSTRUCTURED in d.patterns and snapped.bits == bits and wish.pattern != DENSE:
+                        snapped = wish  # exact, off the space's sparsity list on purpose
+                    choices.update({name: snapped for name in d.layers})
+                candidate = Candidate(choices)
+                out.setdefault(candidate.key, candidate)
         return list(out.values())
 
     def global_magnitude_candidates(self, table: LayerTable) -> list[Candidate]:

@@ -9,6 +9,8 @@
                 intersection space and are sampled by a univariate TPE instead of at random
 ``ga``          :class:`GeneticSampler` (steady-state NSGA-II on DEAP operators)
 ``grid-uniform`` :class:`UniformGridSampler` (same pattern/sparsity/bits on every layer)
+``grid-global`` :class:`GridSampler` over ``SearchSpace.global_grid_candidates`` (one global
+                magnitude threshold x one uniform bit-width: the practitioner's recipe)
 =============== ==============================================================================
 """
 
@@ -19,19 +21,23 @@ import warnings
 import optuna
 from optuna.exceptions import ExperimentalWarning
 
-from ..config import StrategyConfig
-from ..space import SearchSpace
+from ..config import STRATEGIES, StrategyConfig
+from ..space import GridSpace, SearchSpace
 from .ga import GeneticSampler
-from .grid import UniformGridSampler
+from .grid import GridSampler, UniformGridSampler
 
-__all__ = ["GeneticSampler", "UniformGridSampler", "make_sampler"]
+__all__ = ["GeneticSampler", "GridSampler", "UniformGridSampler", "make_sampler"]
 
 
 def make_sampler(
-    strategy: StrategyConfig, space: SearchSpace, seed: int
+    strategy: StrategyConfig, space: SearchSpace, seed: int, *, grid: GridSpace | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``strategy``, seeded with ``seed``."""
+    """The Optuna sampler for ``strategy``, seeded with ``seed``; ``grid-global`` needs ``grid``."""
     name = strategy.name
+    if name == "grid-global":
+        if grid is None:
+            raise ValueError("strategy 'grid-global' needs its grid (SearchSpace.global_grid_candidates)")
+        return GridSampler(points=grid.points, decoder=grid, seed=seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "ga":
@@ -67,5 +73,5 @@ def make_sampler(
             )
         raise ValueError(f"strategy.bo_kind {strategy.bo_kind!r} must be 'tpe' or 'gp'")
     raise ValueError(
-        f"strategy.name {name!r} must be one of 'ga', 'bo', 'random', 'grid-uniform'"
+        f"strategy.name {name!r} must be one of {', '.join(STRATEGIES)}"
     )

@@ -1,4 +1,4 @@
-"""Command line: ``autosparse search|space|front|profile|calibrate|ui``.
+"""Command line: ``autosparse search|space|front|sensitivity|profile|calibrate|ui``.
 
 Errors a user can fix (bad config, missing file) print one clear message and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -25,7 +25,12 @@ def _print_front(front: pd.DataFrame) -> None:
         return
     with pd.option_context("display.max_colwidth", 120, "display.width", 200,
                            "display.float_format", "{:.4g}".format):
-        print(front.to_string(index=False))
+        print(front.rename(columns=_SHORT_NAMES).to_string(index=False))
+
+
+# Short headers for a re-evaluated front's columns (accuracy is then the mean over the seeds).
+_SHORT_NAMES = {"accuracy_std": "± std", "accuracy_seeds": "seeds", "test_accuracy": "test acc",
+                "accuracy_single": "acc (1 seed)"}
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -39,6 +44,13 @@ def _search(args: argparse.Namespace) -> int:
     print(f"\nstudy: {outcome.storage_url}\nresults: {args.runs_dir}/ (pareto.csv, trials.csv); "
           "browse them with `autosparse ui`")
     return 0 if outcome.trials["state"].eq("COMPLETE").any() else 1
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from .runner import run_sensitivity
+
+    run_sensitivity(args.config, args.runs_dir, print)
+    return 0
 
 
 def _front(args: argparse.Namespace) -> int:
@@ -183,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     front = commands.add_parser("front", help="recompute the Pareto front from storage, log it to MLflow")
     front.add_argument("config")
     front.set_defaults(run=_front)
+
+    sensitivity = commands.add_parser(
+        "sensitivity", help="per-layer sensitivity of each choice (stored with the study, "
+        "logged to MLflow); measures only what the study does not hold yet")
+    sensitivity.add_argument("config")
+    sensitivity.set_defaults(run=_sensitivity)
 
     profile = commands.add_parser(
         "profile", help="per-layer predicted latency and energy of a candidate on a device")

@@ -13,32 +13,59 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR
+from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, KEY_ATTR, METRICS_ATTR
+from .fidelity import FIDELITY_ATTR, LOW_ATTR, STEPS_ATTR
 from .objectives import OBJECTIVES
 from .pareto import hypervolume_history, pareto_mask
 
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)
+# PRUNED = screened out after a short fine-tune (multi-fidelity): listed with its short
+# result, never on the front.
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+            optuna.trial.TrialState.PRUNED)
 # Hypervolume references (DESIGN.md): near dense accuracy, where the useful trade-offs are, and
 # the customary wide one whose volume is dominated by poor candidates.
 NEAR_MARGIN_POINTS = 5.0
 WIDE_ACCURACY = 50.0
+# Re-evaluations of front points with extra fine-tune seeds (``reeval.py`` writes them): one
+# study user attr per trial, ``autosparse.reeval.<trial number>`` = {"candidate_key", "seeds",
+# "accuracy": [validation per seed], "test_accuracy": [test per seed], optionally "failed":
+# {seed: reason}}. Study attrs, because a finished trial cannot be updated in Optuna.
+REEVAL_PREFIX = "autosparse.reeval."
+# Constraints whose value moves with the validation accuracy: sign of d(metric)/d(accuracy).
+_ACCURACY_CONSTRAINTS = {"accuracy": 1.0, "accuracy_drop": -1.0}
 
 
 def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
-    """One row per finished trial: state, candidate, metrics, feasibility and front membership."""
+    """One row per finished trial: state, candidate, metrics, feasibility and front membership.
+
+    Where the front was re-evaluated with extra seeds, ``accuracy`` is the mean over the trial's
+    own score and those seeds (``accuracy_single`` keeps the trial's own), ``accuracy_drop`` and
+    the feasibility of accuracy constraints follow the mean, and the front is drawn with it.
+    ``accuracy_std``, ``accuracy_seeds`` and ``test_accuracy`` (mean over the re-fine-tuned
+    models; reported, never used to pick) come with it. Without re-evaluations none of these
+    extra columns exist.
+    """
+    reevaluations = stored_reevaluations(study)
+    by_key = {r["candidate_key"]: r for r in reevaluations.values() if r.get("candidate_key")}
     rows = []
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
         complete = trial.state == optuna.trial.TrialState.COMPLETE
-        metrics = trial.user_attrs.get(METRICS_ATTR, {}) if complete else {}
-        rows.append({
+        metrics = trial_metrics(trial)
+        row = {
             "trial": trial.number,
             "state": trial.state.name,
             "candidate": trial.user_attrs.get(CANDIDATE_ATTR, ""),
             "fail_reason": trial.user_attrs.get(FAIL_ATTR, "" if complete else "unknown"),
             "cached": bool(trial.user_attrs.get(CACHED_ATTR, False)),
             "feasible": complete and all(v <= 0 for v in trial.constraints.values()),
+            "fidelity": trial.user_attrs.get(FIDELITY_ATTR, "full" if complete else ""),
+            "finetune_steps_used": int(trial.user_attrs.get(STEPS_ATTR, 0)),
             **{k: float(v) for k, v in metrics.items()},
-        })
+        }
+        if reevaluations and complete and "accuracy" in metrics:
+            record = reevaluations.get(trial.number) or by_key.get(trial.user_attrs.get(KEY_ATTR))
+            row.update(_merge_reevaluation(row, record, trial.constraints))
+        rows.append(row)
     columns = ["trial", "state", "candidate", "fail_reason", "cached", "feasible"]
     frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
     frame = frame.sort_values("trial").reset_index(drop=True)
@@ -49,6 +76,55 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     usable = frame["feasible"].to_numpy(bool) & np.isfinite(values).all(axis=1)
     frame["on_front"] = pareto_mask(values, directions, usable) if len(frame) else []
     return frame
+
+
+def trial_metrics(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
+    """A complete trial's metrics, a pruned trial's short-fine-tune metrics, else nothing."""
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        return dict(trial.user_attrs.get(METRICS_ATTR, {}))
+    if trial.state == optuna.trial.TrialState.PRUNED:
+        return dict(trial.user_attrs.get(LOW_ATTR, {}))
+    return {}
+
+
+def stored_reevaluations(study: optuna.Study) -> dict[int, dict]:
+    """The study's stored re-evaluations by trial number (partial ones included)."""
+    out = {}
+    for name, record in study.user_attrs.items():
+        number = name.removeprefix(REEVAL_PREFIX)
+        if name.startswith(REEVAL_PREFIX) and number.isdigit() and isinstance(record, dict):
+            out[int(number)] = record
+    return out
+
+
+def _merge_reevaluation(row: dict, record: dict | None, constraints: dict[str, float]) -> dict:
+    """The re-evaluation columns of one completed trial's row (own score only without one)."""
+    single = row["accuracy"]
+    extra = [float(v) for v in (record or {}).get("accuracy", [])]
+    tests = [float(v) for v in (record or {}).get("test_accuracy", [])]
+    values = [single, *extra]
+    mean = float(np.mean(values))
+    merged = {
+        "accuracy_single": single,
+        "accuracy": mean,
+        "accuracy_std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+        "accuracy_seeds": len(values),
+        "test_accuracy": float(np.mean(tests)) if tests else math.nan,
+    }
+    if not extra:
+        return merged
+    delta = mean - single
+    if "accuracy_drop" in row:  # dense = own accuracy + own drop
+        merged["accuracy_drop"] = row["accuracy_drop"] - delta
+    merged["feasible"] = all(_shifted(key, value, delta) <= 0 for key, value in constraints.items())
+    return merged
+
+
+def _shifted(key: str, violation: float, delta: float) -> float:
+    """A constraint's violation with the accuracy moved by ``delta`` (key: "accuracy_drop <= 1")."""
+    metric, op, *_ = key.split() + ["", ""]
+    shift = _ACCURACY_CONSTRAINTS.get(metric, 0.0) * delta
+    return violation + shift if op == "<=" else violation - shift
 
 
 def _objective_matrix(frame: pd.DataFrame, objectives: list[str]) -> tuple[np.ndarray, list[str]]:

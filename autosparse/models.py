@@ -73,6 +73,50 @@ class DigitsMLP(nn.Module):
         return self.fc3(x)
 
 
+class _BasicBlock(nn.Module):
+    """conv-bn-relu-conv-bn + shortcut (1x1 conv + bn when the shape changes), then relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
+                                          nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class DigitsResNet(nn.Module):
+    """ResNet-style CNN: stem, three stages of two basic blocks (16/32/64 channels), linear head.
+
+    16 searchable layers of very different size and role (3x3 convs from 2k to 37k weights, 1x1
+    shortcuts, the head), so per-layer allocation matters: the deeper built-in for benchmarks.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(widths[0])
+        blocks, cin = [], widths[0]
+        for stage, cout in enumerate(widths):
+            for index in range(2):
+                stride = 2 if stage > 0 and index == 0 else 1
+                blocks.append(_BasicBlock(cin, cout, stride))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu(self.bn(self.stem(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def is_builtin(cfg: ModelConfig) -> bool:
     return cfg.builtin is not None
 
@@ -111,7 +155,14 @@ def _build_builtin(
         return DigitsCNN(input_shape[0], input_shape[1], input_shape[2], num_classes)
     if name == "digits-mlp":
         return DigitsMLP(math.prod(input_shape), num_classes)
-    raise ConfigError(f"model.builtin {name!r} is not one of digits-cnn, digits-mlp")
+    if name == "digits-resnet":
+        if len(input_shape) != 3 or min(input_shape[1:]) < 4:
+            raise ConfigError(
+                f"model digits-resnet needs image inputs (channels, height, width) with height "
+                f"and width >= 4; the data gives samples of shape {input_shape}"
+            )
+        return DigitsResNet(input_shape[0], num_classes)
+    raise ConfigError(f"model.builtin {name!r} is not one of digits-cnn, digits-mlp, digits-resnet")
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:

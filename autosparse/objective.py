@@ -12,7 +12,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import optuna
 import torch
@@ -22,13 +22,13 @@ from .compress import compress_model, taylor_scores
 from .config import Constraint, FinetuneConfig
 from .data import DataSplits
 from .evaluate import evaluate
-from .finetune import finetune
+from .finetune import FinetuneSession, finetune, resolve_steps
 from .cost import estimate_cost
 from .footprint import footprint_metrics
 from .hardware import HardwareProfile
 from .layers import LayerTable
 from .objectives import metric_of
-from .space import SearchSpace
+from .fidelity import FIDELITY_ATTR, LOW_ATTR, PROMOTION_ATTR, STEPS_ATTR, FidelityPlan, stored_low
 
 # Keys of what a trial stores about itself (read back by ``front``).
 CANDIDATE_ATTR = "candidate"
@@ -39,6 +39,12 @@ CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
 TIMING_METRICS = ("finetune_seconds", "eval_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
+
+
+class CandidateSource(Protocol):
+    """What the objective asks of a space: one candidate per trial (SearchSpace, GridSpace)."""
+
+    def suggest(self, trial: optuna.Trial) -> Candidate: ...
 
 
 def worker_id() -> str:
@@ -85,20 +91,58 @@ class CandidateEvaluator:
         result = finetune(student, self.dense, loader, cfg)
         return student, result.final_loss
 
+    def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
+        """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split."""
+        cfg = cfg or self.finetune_cfg
+        return resolve_steps(cfg, len(self.data.loader("train", cfg.batch_size)))
+
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        with self.staged(candidate) as run:
+            return run.score()
+
+    def staged(self, candidate: Candidate) -> "StagedRun":
+        """A fine-tune of the candidate that can be scored part-way and continued (fidelities)."""
+        return StagedRun(self, candidate)
+
+
+class StagedRun:
+    """One candidate's compressed student and its fine-tune session, scored after each stage.
+
+    ``score(40)`` then ``score()`` trains 40 steps, validates, then continues the same fine-tune
+    to its full length: the result equals one uninterrupted fine-tune (FinetuneSession).
+    """
+
+    def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate):
+        cfg = evaluator.finetune_cfg
+        self.evaluator, self.candidate = evaluator, candidate
+        self.student = compress_model(evaluator.dense, candidate, evaluator._scores(candidate))
+        loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
+        self._seconds = 0.0
+
+    def __enter__(self) -> "StagedRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session.close()
+
+    def score(self, steps: int | None = None) -> dict[str, float]:
+        """Fine-tune up to ``steps`` (default: the full length), then validate."""
+        ev = self.evaluator
         start = time.perf_counter()
-        student, final_loss = self.compress_and_tune(candidate)
+        result = self.session.run_until(steps)
         tuned = time.perf_counter()
-        accuracy = evaluate(student, self.data.loader("validation", 512))
-        metrics = {
+        accuracy = evaluate(self.student, ev.data.loader("validation", 512))
+        self._seconds += tuned - start
+        return {
             "accuracy": accuracy,
-            "accuracy_drop": self.dense_accuracy - accuracy,
-            **cost_metrics(self.table, candidate, self.profile),
-            "finetune_loss": final_loss,
-            "finetune_seconds": tuned - start,
+            "accuracy_drop": ev.dense_accuracy - accuracy,
+            **cost_metrics(ev.table, self.candidate, ev.profile),
+            "finetune_loss": result.final_loss,
+            "finetune_steps": float(result.steps),
+            "finetune_seconds": self._seconds,
             "eval_seconds": time.perf_counter() - tuned,
         }
-        return metrics
 
 
 def cost_metrics(table: LayerTable, candidate: Candidate,
@@ -130,10 +174,11 @@ def _stored_metrics(study: optuna.Study, key: str) -> dict[str, float] | None:
 class SearchObjective:
     """The callable handed to ``study.optimize``."""
 
-    space: SearchSpace
+    space: CandidateSource
     evaluator: CandidateEvaluator
     objectives: list[str]
     constraints: list[Constraint]
+    fidelity: FidelityPlan | None = None
     _cache: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
@@ -145,12 +190,16 @@ class SearchObjective:
             metrics = self._cache.get(candidate.key) or _stored_metrics(trial.study, candidate.key)
             trial.set_user_attr(CACHED_ATTR, metrics is not None)
             if metrics is None:
-                metrics = self.evaluator.evaluate(candidate)
+                metrics = self._train(trial, candidate)
             else:  # a repeat costs no training: don't report the original's time again
                 metrics = {**metrics, **{key: 0.0 for key in TIMING_METRICS}}
+                trial.set_user_attr(STEPS_ATTR, 0)
+            trial.set_user_attr(FIDELITY_ATTR, "full")
             self._check_finite(metrics)
         except KeyboardInterrupt:
             trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: Ctrl-C")
+            raise
+        except optuna.TrialPruned:  # screened out after the short fine-tune: not a failure
             raise
         except Exception as err:  # recorded on the trial; the search goes on (optimize catches)
             trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:500])
@@ -160,6 +209,32 @@ class SearchObjective:
         for constraint in self.constraints:
             trial.set_constraint(str(constraint), constraint.violation(metrics[constraint.metric]))
         return tuple(metrics[metric_of(name)] for name in self.objectives)
+
+    def _train(self, trial: optuna.Trial, candidate: Candidate) -> dict[str, float]:
+        """Fine-tune and score; with a fidelity plan, a short fine-tune decides first whether the
+        full one is worth its steps (otherwise the trial ends PRUNED with its short result).
+
+        The steps about to be spent are recorded before they are spent, so the budget counts a
+        trial that diverges or is running in another worker.
+        """
+        plan = self.fidelity
+        with self.evaluator.staged(candidate) as run:
+            if plan is not None:
+                low = stored_low(trial.study, candidate.key, KEY_ATTR)
+                trial.set_user_attr(STEPS_ATTR, 0 if low is not None else plan.low_steps)
+                if low is None:
+                    low = run.score(plan.low_steps)
+                self._check_finite(low)
+                trial.set_user_attr(LOW_ATTR, low)
+                promoted, why = plan.promote(trial.study, trial.number, low)
+                trial.set_user_attr(PROMOTION_ATTR, why)
+                if not promoted:
+                    trial.set_user_attr(FIDELITY_ATTR, "low")
+                    raise optuna.TrialPruned(why)
+            trial.set_user_attr(STEPS_ATTR, run.session.total_steps)
+            metrics = run.score()
+        trial.set_user_attr(STEPS_ATTR, int(metrics["finetune_steps"]))
+        return metrics
 
     def _check_finite(self, metrics: Mapping[str, Any]) -> None:
         for name in self.objectives:

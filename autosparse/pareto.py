@@ -12,7 +12,7 @@ from typing import Sequence
 import moocore
 import numpy as np
 
-__all__ = ["pareto_mask", "hypervolume", "hypervolume_history"]
+__all__ = ["pareto_mask", "hypervolume", "hypervolume_history", "nondominated_rank"]
 
 
 def _signs(directions: Sequence, k: int) -> np.ndarray:
@@ -130,3 +130,30 @@ def hypervolume_history(values, directions: Sequence, reference, feasible=None) 
             current = _hv_min(front, ref)
         history.append(current)
     return history
+
+
+def nondominated_rank(point, others, directions: Sequence) -> int:
+    """Non-dominated rank of ``point`` among ``others`` plus itself: 0 on the first front,
+    1 on the front left after removing the first, and so on (NaN rows of ``others`` ignored).
+
+    The multi-fidelity promotion rule: a short fine-tune's result is promoted to the full one
+    when its rank among all short results is small, judged on every objective at once rather
+    than on one scalar.
+    """
+    p = np.asarray(point, dtype=float).reshape(1, -1)
+    arr = _as_2d(others) if len(others) else np.zeros((0, p.shape[1]))
+    if arr.shape[1:] != p.shape[1:] and len(arr):
+        raise ValueError(f"point has {p.shape[1]} objectives, others have {arr.shape[1]}")
+    arr = arr[~np.isnan(arr).any(axis=1)]
+    signs = _signs(directions, p.shape[1])
+    remaining = np.vstack([p, arr]) * signs  # row 0 is the point, all minimised
+    index = np.arange(len(remaining))
+    rank = 0
+    while True:
+        dominated = np.array([
+            bool(np.any(np.all(remaining <= row, axis=1) & np.any(remaining < row, axis=1)))
+            for row in remaining])
+        if not dominated[0]:  # the point stays row 0 while it is dominated
+            return rank
+        remaining, index = remaining[dominated], index[dominated]
+        rank += 1

@@ -39,6 +39,8 @@ _FRONT_COLOR = "#d62728"
 _FEASIBLE_COLOR = "#1f77b4"
 _INFEASIBLE_COLOR = "#b0b0b0"
 _DENSE_COLOR = "#2ca02c"
+# Columns of a front re-evaluated with extra seeds (front.trials_frame); absent otherwise.
+REEVAL_COLUMNS = ("accuracy_std", "accuracy_seeds", "test_accuracy", "accuracy_single")
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
     if flags:
         lines[0] += " (" + ", ".join(flags) + ")"
     for metric in metrics:
-        lines.append(f"{metric}: {_fmt(row[metric])}")
+        lines.append(f"{metric}: {_fmt(row[metric])}{_spread(row) if metric == ACCURACY else ''}")
     choices = layer_choices(row.get("candidate"))
     if choices:
         lines.append("<i>layers</i>")
@@ -191,6 +193,18 @@ def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
         if len(choices) > MAX_HOVER_LAYERS:
             lines.append(f"&nbsp;&nbsp;… {len(choices) - MAX_HOVER_LAYERS} more layers")
     return "<br>".join(lines)
+
+
+def _spread(row: pd.Series) -> str:
+    """`` ± 0.21 (3 seeds, test 96.9)`` for a re-evaluated accuracy; empty otherwise."""
+    std, seeds, test = (float(pd.to_numeric(row.get(c), errors="coerce"))
+                        for c in ("accuracy_std", "accuracy_seeds", "test_accuracy"))
+    if not math.isfinite(std):
+        return ""
+    details = [f"{int(seeds)} seeds"] if math.isfinite(seeds) else []
+    if math.isfinite(test):
+        details.append(f"test {_fmt(test)}")
+    return f" ± {_fmt(std)}" + (f" ({', '.join(details)})" if details else "")
 
 
 def _dense_point(dense: dict | None, x: str, y: str) -> tuple[float, float] | None:
@@ -214,8 +228,9 @@ def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
     """The front's rows sorted by the first cost objective (then accuracy, best first).
 
     Columns: ``trial``, the objective metrics, ``compression``, ``accuracy_drop`` (when the trials
-    have them) and ``layers``, a short per-layer summary. Feeds ``pareto.csv`` and the terminal
-    table.
+    have them) and ``layers``, a short per-layer summary; after accuracy (the mean, for a
+    re-evaluated front) its ``accuracy_std``, ``accuracy_seeds``, ``test_accuracy`` and
+    ``accuracy_single`` when the trials have them. Feeds ``pareto.csv`` and the terminal table.
     """
     costs = cost_objectives(objectives)
     metrics: list[str] = []
@@ -226,6 +241,8 @@ def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
     for extra in ("compression", "accuracy_drop"):
         if extra in trials.columns and extra not in metrics:
             metrics.append(extra)
+    # the spread of a re-evaluated front (front.trials_frame), right after the mean accuracy
+    metrics[1:1] = [c for c in REEVAL_COLUMNS if c in trials.columns and c not in metrics]
     columns = ["trial", *metrics, "layers"]
 
     complete = _complete(trials)
@@ -511,3 +528,57 @@ def calibration_figure_png(frame: pd.DataFrame, path: Path, title: str) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.savefig(path, dpi=120)
+
+
+_PATTERN_ORDER = {"dense": 0, "unstructured": 2, "channel": 3}  # N:M patterns sit at 1
+
+
+def _sensitivity_column_key(row: dict) -> tuple:
+    """Mildest first: wider bits, then dense < N:M < unstructured < channel, then sparsity."""
+    return (-int(row["bits"]), _PATTERN_ORDER.get(row["pattern"], 1), float(row["sparsity"]),
+            row["criterion"])
+
+
+def sensitivity_heatmap_png(table) -> bytes:
+    """PNG heatmap of a :class:`~autosparse.allocation.SensitivityTable`: decisions x choices,
+    colour = validation-loss change (nats) on a symmetric log scale, each cell annotated; a
+    choice a decision does not offer is left blank."""
+    from io import BytesIO
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import SymLogNorm
+    from matplotlib.figure import Figure
+
+    rows = table.rows()
+    decisions = table.decisions()
+    columns: dict[str, dict] = {}
+    for row in sorted(rows, key=_sensitivity_column_key):
+        columns.setdefault(row["choice"], row)
+    names = list(columns)
+    grid = np.full((len(decisions), len(names)), np.nan)
+    for row in rows:
+        grid[decisions.index(row["decision"]), names.index(row["choice"])] = row["loss_delta"]
+    finite = np.abs(grid[np.isfinite(grid)])
+    top = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    linthresh = max(top * 1e-3, 1e-6)
+
+    fig = Figure(figsize=(max(6.0, 0.42 * len(names) + 2.5), max(3.0, 0.5 * len(decisions) + 2.2)),
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    norm = SymLogNorm(linthresh=linthresh, vmin=-top, vmax=top, base=10)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="RdBu_r", norm=norm)
+    for i, j in zip(*np.nonzero(np.isfinite(grid))):
+        value = grid[i, j]
+        strong = abs(float(norm(value)) - 0.5) > 0.35  # dark cell: white text
+        ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=6,
+                color="white" if strong else "black", rotation=90 if len(names) > 24 else 0)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(decisions)), decisions, fontsize=8)
+    fig.colorbar(image, ax=ax, label="validation loss change (nats, symlog)")
+    ax.set_title(f"per-layer sensitivity ({table.method}, {table.samples} validation samples; "
+                 f"dense loss {table.dense_loss:.3f}, accuracy {table.dense_accuracy:.2f} %)",
+                 fontsize=9)
+    buffer = BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    return buffer.getvalue()

@@ -26,17 +26,19 @@ from .cost_report import cost_table
 from .data import DataSplits, load_data
 from .dense import prepare_dense
 from .discovery import discover_layers, find_layers, global_magnitude_allocation
-from .front import HypervolumeSpec, final, trials_frame
+from .front import HypervolumeSpec, final, trial_metrics, trials_frame
 from .hardware import HardwareProfile, load_profile
 from .layers import LayerTable
-from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, METRICS_ATTR, CandidateEvaluator,
+from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, CandidateEvaluator,
                         SearchObjective, cost_metrics)
 from .plots import front_table
+from .reeval import reevaluate_front
 from .samplers import make_sampler
 from .space import GridSpace, SearchSpace
 from .sqlite_tuning import use_fast_sqlite
-from .study import (counted_trials, fail_interrupted_trials, make_storage, open_study, storage_url,
-                    study_uid)
+from .fidelity import STEPS_ATTR, FidelityPlan, steps_used
+from .study import (counted_trials, fail_interrupted_trials, is_interrupted, make_storage,
+                    open_study, storage_url, study_uid)
 from .tracking import Tracker, resolve_tracking_uri
 
 Printer = Callable[[str], None]
@@ -69,8 +71,9 @@ class SearchContext:
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
                                        self.dense_metrics["accuracy"], self.profile)
+        fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
-                               list(self.config.constraints))
+                               list(self.config.constraints), fidelity)
 
     def open_study(self) -> optuna.Study:
         sampler = make_sampler(self.config.strategy, self.space, self.config.seed, grid=self.grid)
@@ -117,6 +120,12 @@ def _global_grid(dense: torch.nn.Module, space: SearchSpace) -> GridSpace:
     return GridSpace(tuple(space.global_grid_candidates(allocations)))
 
 
+def _in_flight_steps(context: SearchContext) -> int:
+    objective = context.objective()
+    plan = objective.fidelity
+    return plan.low_steps if plan is not None else objective.evaluator.finetune_steps()
+
+
 def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: int | None) -> int:
     strategy = context.config.strategy
     if study.trials or not strategy.warm_start or strategy.name not in ("ga", "bo"):
@@ -128,21 +137,41 @@ def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: in
     return count
 
 
+# With only a fine-tune-step budget, a sampler that proposes nothing but known candidates would
+# run free repeats forever; this many zero-cost trials in a row end the search instead.
+MAX_FREE_REPEATS = 50
+
+
 @dataclass
 class Budget:
     trials: int | None
     deadline: float | None
+    finetune_steps: int | None = None
+    in_flight_steps: int = 0  # what a running trial that recorded nothing yet will spend
 
     def exhausted(self, study: optuna.Study) -> bool:
         if self.deadline is not None and time.time() >= self.deadline:
             return True
-        return self.trials is not None and counted_trials(study) >= self.trials
+        if self.trials is not None and counted_trials(study) >= self.trials:
+            return True
+        if self.finetune_steps is None:
+            return False
+        trials = [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
+        if steps_used(trials, self.in_flight_steps) >= self.finetune_steps:
+            return True
+        recent = [t for t in trials if t.state.is_finished()][-MAX_FREE_REPEATS:]
+        return len(recent) == MAX_FREE_REPEATS and all(
+            int(t.user_attrs.get(STEPS_ATTR, 1)) == 0 for t in recent)
+
+    def spent_steps(self, study: optuna.Study) -> int:
+        trials = [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
+        return steps_used(trials, self.in_flight_steps)
 
 
 def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optuna.trial.FrozenTrial) -> None:
     if parent is None:
         return
-    metrics = trial.user_attrs.get(METRICS_ATTR, {}) if trial.state.name == "COMPLETE" else {}
+    metrics = trial_metrics(trial)
     tracker.log_trial(parent_run_id=parent, trial=trial.number, state=trial.state.name,
                       candidate_json=trial.user_attrs.get(CANDIDATE_ATTR, ""), metrics=metrics,
                       fail_reason=trial.user_attrs.get(FAIL_ATTR, ""),
@@ -206,6 +235,10 @@ class Progress:
         if self.budget.deadline is not None:
             left += f" | {_duration(max(0.0, self.budget.deadline - time.time()))} of time budget left"
         front = int(frame["on_front"].sum()) if done else 0
+        if self.budget.finetune_steps is not None:
+            pruned = int((frame["state"] == "PRUNED").sum()) if done else 0
+            left += (f" | fine-tune steps {self.budget.spent_steps(study)}/"
+                     f"{self.budget.finetune_steps} | screened out {pruned}")
         self.printer(f"[{done}/{total if total is not None else '-'}] failed {failed} | front {front}"
                      f" | hypervolume {hv:.4f} | {_duration(elapsed)} elapsed{left}")
 
@@ -241,6 +274,7 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "constraints": "; ".join(str(c) for c in config.constraints) or "none",
         "budget_trials": config.budget.trials,
         "budget_minutes": config.budget.minutes,
+        "budget_finetune_steps": config.budget.finetune_steps,
         "seed": config.seed,
         "finetune_steps": context.objective().evaluator.finetune_steps(),  # epochs resolved
         "space_size": context.space.size(),
@@ -280,7 +314,10 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     total = context.budget_trials(extend)
     _enqueue_warm_starts(context, study, total)
     deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
-    budget = Budget(total, deadline)
+    steps_budget = config.budget.finetune_steps
+    if steps_budget is not None and extend:  # --extend N: N more full fine-tunes' worth
+        steps_budget += extend * context.objective().evaluator.finetune_steps()
+    budget = Budget(total, deadline, steps_budget, _in_flight_steps(context))
     before = counted_trials(study)
     if budget.exhausted(study):
         printer(f"budget of {total} trials already used ({before} in {context.storage_url}); "
@@ -305,6 +342,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
         for process in processes:
             process.join()
     loop_seconds = time.perf_counter() - loop_start
+    if config.finetune.reeval_seeds > 0:  # also when a resumed search's budget was used up
+        reevaluate_front(context, study, printer)
     outcome = report(context, study, tracker, parent, counted_trials(study) - before)
     outcome.search_seconds = loop_seconds
     if parent is not None:
@@ -313,7 +352,9 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
 
 
 def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs")) -> SearchOutcome:
-    """Recompute the front from storage and (re-)log it to MLflow, e.g. after MLflow was down."""
+    """Recompute the front from storage and (re-)log it to MLflow, e.g. after MLflow was down.
+
+    Stored re-evaluations of the front are read, never computed: nothing is fine-tuned here."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     context = prepare(config_path, runs_dir)
     study = context.open_study()
@@ -354,3 +395,29 @@ def candidate_from_reference(context: SearchContext, reference: str) -> Candidat
         return Candidate.from_json(path.read_text())
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"candidate file {path} is not a valid candidate: {err}") from None
+
+
+def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"),
+                    printer: Printer = print):
+    """Measure (or reuse from the study) per-layer sensitivity; write runs/<name>/sensitivity.csv
+    and .png, log them to the search's MLflow parent run, print a compact table."""
+    from .plots import sensitivity_heatmap_png
+    from .sensitivity_study import ensure_sensitivity, format_sensitivity, sensitivity_csv
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    context = prepare(config_path, runs_dir)
+    study = context.open_study()
+    tracker = context.tracker()
+    parent = _start_tracking(context, tracker, study)
+    table = ensure_sensitivity(context, study, printer, tracker, parent)
+    out_dir = context.runs_dir / context.config.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sensitivity.csv").write_text(sensitivity_csv(table))
+    (out_dir / "sensitivity.png").write_bytes(sensitivity_heatmap_png(table))
+    if parent is not None:
+        tracker.end_search(parent)
+    printer(f"dense: loss {table.dense_loss:.4f} nats, accuracy {table.dense_accuracy:.2f} % on "
+            f"{table.samples} validation samples (Δloss in nats, Δacc in points)")
+    printer(format_sensitivity(table))
+    printer(f"written: {out_dir / 'sensitivity.csv'}, {out_dir / 'sensitivity.png'}")
+    return table

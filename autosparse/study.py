@@ -161,3 +161,45 @@ def counted_trials(study: optuna.Study) -> int:
     """Trials that use up the budget: finished (complete or genuinely failed) plus in flight."""
     states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
     return sum(1 for t in study.get_trials(deepcopy=False, states=states) if not is_interrupted(t))
+
+
+# --------------------------------------------------------------------------------------------
+# per-layer sensitivity, stored with the study (every worker and every resume reads the same)
+
+SENSITIVITY_ATTR = "autosparse.sensitivity"  # header: how it was measured, complete or not
+SENSITIVITY_PREFIX = SENSITIVITY_ATTR + "."  # + decision name: JSON [[choice, loss, acc], ...]
+
+
+def stored_sensitivity(study: optuna.Study) -> tuple[dict | None, dict[str, list]]:
+    """(header or None, ``{decision: [ChoiceSensitivity, ...]}``) as stored in the study."""
+    from .allocation.table import ChoiceSensitivity
+
+    attrs = study.user_attrs
+    header = attrs.get(SENSITIVITY_ATTR)
+    header = json.loads(header) if isinstance(header, str) else header
+    entries = {}
+    for key, value in attrs.items():
+        if key.startswith(SENSITIVITY_PREFIX):
+            name = key.removeprefix(SENSITIVITY_PREFIX)
+            rows = json.loads(value) if isinstance(value, str) else value
+            entries[name] = [ChoiceSensitivity(name, str(c), float(l), float(a)) for c, l, a in rows]
+    return header, entries
+
+
+def store_sensitivity_decision(study: optuna.Study, name: str, entries) -> None:
+    """Store one decision's entries (``ChoiceSensitivity``), replacing what was stored for it."""
+    rows = [[e.choice, e.loss_delta, e.accuracy_delta] for e in entries]
+    study.set_user_attr(SENSITIVITY_PREFIX + name, json.dumps(rows))  # NaN stays NaN
+
+
+def store_sensitivity_header(study: optuna.Study, *, dense_loss: float, dense_accuracy: float,
+                             samples: int, samples_used: int, method: str, seconds: float,
+                             complete: bool, decisions: list[str]) -> None:
+    """``samples`` is what the config asked for (compared on resume), ``samples_used`` what the
+    validation split held; ``seconds`` sums every part of a measurement that was resumed.
+    ``decisions`` lists the decision attrs measured under this header: after a change of method
+    the older attrs stay in the study until overwritten, and must not be read as new ones."""
+    study.set_user_attr(SENSITIVITY_ATTR, json.dumps({
+        "dense_loss": dense_loss, "dense_accuracy": dense_accuracy, "samples": samples,
+        "samples_used": samples_used, "method": method, "seconds": seconds,
+        "complete": complete, "decisions": list(decisions)}))

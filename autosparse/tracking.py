@@ -238,6 +238,23 @@ def _flag(value: Any) -> bool:
     return bool(value)
 
 
+def _own_metrics(row: dict[str, Any], metric_cols: list[str]) -> dict[str, Any]:
+    """A trial row's metrics as the trial scored them: its own accuracy, not the seeds' mean."""
+    metrics = {c: row.get(c) for c in metric_cols}
+    if _finite(row.get("accuracy_single")) is not None:
+        metrics["accuracy"] = row["accuracy_single"]
+    return metrics
+
+
+def _spread_metrics(row: dict[str, Any]) -> dict[str, float]:
+    """accuracy_mean/std and test_accuracy of a re-evaluated trial row; {} for the others."""
+    seeds = _finite(row.get("accuracy_seeds"))
+    if seeds is None or seeds < 2:
+        return {}
+    return _finite_metrics({"accuracy_mean": row.get("accuracy"), "accuracy_std": row.get(
+        "accuracy_std"), "accuracy_seeds": seeds, "test_accuracy": row.get("test_accuracy")})
+
+
 def _finite_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for key, value in (metrics or {}).items():
@@ -749,8 +766,11 @@ class Tracker:
         """Bring MLflow in line with the study: missing child runs, front tags, plots, metrics.
 
         Creates a child run for each trial row that has none (re-logging from storage after
-        MLflow was down), sets ``autosparse.on_front`` on every child run, uploads ``pareto.csv``,
-        ``pareto.html``, ``pareto.png`` and ``trials.csv`` to the parent (overwriting), logs
+        MLflow was down), sets ``autosparse.on_front`` on every child run (and, on those of
+        trials re-evaluated with extra seeds, ``accuracy_mean``, ``accuracy_std``,
+        ``accuracy_seeds`` and ``test_accuracy``; ``accuracy`` stays the trial's own), uploads
+        ``pareto.csv``, ``pareto.html``, ``pareto.png`` and ``trials.csv`` to the parent
+        (overwriting), logs
         ``front_size``, ``n_trials``, ``n_failed`` (step = number of trials) and each hypervolume
         history (step = trial index; steps already logged are skipped, so the metric's latest
         value is the final one).
@@ -792,7 +812,7 @@ class Tracker:
                         trial=number,
                         state=_text(row.get("state")) or "COMPLETE",
                         candidate_json=_text(row.get("candidate")),
-                        metrics={c: row.get(c) for c in metric_cols},
+                        metrics=_own_metrics(row, metric_cols),
                         fail_reason=_text(row.get("fail_reason")),
                         cached=_flag(row.get("cached")),
                         strategy=strategy,
@@ -811,6 +831,11 @@ class Tracker:
             want = "true" if _flag(row.get("on_front")) else "false"
             if have != want:
                 self._retry(lambda: client.set_tag(run_id, TAG_ON_FRONT, want))
+            logged = {} if existing is None else existing.data.metrics
+            spread = [(k, v, int(time.time() * 1000), 0) for k, v in _spread_metrics(row).items()
+                      if logged.get(k) != v]
+            if spread:  # a front point re-evaluated with extra seeds (reeval.py)
+                self._log_batch(run_id, metrics=spread)
 
         # 2. artifacts on the parent; a plot that fails does not stop the rest.
         files: dict[str, str | bytes] = {
@@ -859,6 +884,28 @@ class Tracker:
             rows.extend((key, value, now, step) for step, value in sorted(points.items())
                         if step not in logged)
         self._log_batch(parent_run_id, metrics=rows)
+        return None
+
+    @_safe()
+    def log_sensitivity(self, parent_run_id: str, *, csv_text: str, heatmap_png: bytes,
+                        seconds: float, method: str) -> None:
+        """Per-layer sensitivity on the search's parent run: ``sensitivity.csv``, the heatmap
+        ``sensitivity.png`` (skipped when empty), metric ``sensitivity_seconds`` and param
+        ``sensitivity_method`` (params are immutable: a later method goes to the tag
+        ``autosparse.sensitivity_method``, which always holds the latest)."""
+        if not parent_run_id:
+            return None
+        files: dict[str, str | bytes] = {"sensitivity.csv": csv_text}
+        if heatmap_png:
+            files["sensitivity.png"] = heatmap_png
+        self._log_texts(parent_run_id, files)
+        client = self._client
+        run = self._retry(lambda: client.get_run(parent_run_id))
+        params = [] if "sensitivity_method" in run.data.params else [("sensitivity_method", method)]
+        value = _finite(seconds)
+        metrics = [] if value is None else [("sensitivity_seconds", value, int(time.time() * 1000), 0)]
+        self._log_batch(parent_run_id, metrics=metrics, params=params,
+                        tags=[("autosparse.sensitivity_method", method)])
         return None
 
     @_safe()

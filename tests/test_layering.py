@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
 
 PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
-MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate"}
+MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate",
+              "sensitivity"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},
@@ -18,6 +19,8 @@ FORBIDDEN = {
     "calibration": {"optuna", "mlflow", "deap"},
     "export": {"optuna", "mlflow", "deap"},
     "selection": {"torch", "optuna", "mlflow", "deap"},
+    "allocation": {"torch", "optuna", "mlflow", "deap"},
+    "reeval": {"mlflow", "deap"},
 }
 
 

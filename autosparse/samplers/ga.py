@@ -8,7 +8,7 @@ where it stopped. Nothing private is written into Optuna storage.
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import moocore
 import numpy as np
@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..space import SearchSpace
 from ._proposing import ProposingSampler
+from .screening import Predictor, observed_values, pick_most_promising
 from .seeding import isolated_global_random, stable_seed
 
 __all__ = ["GeneticSampler"]
@@ -82,6 +83,9 @@ class GeneticSampler(ProposingSampler):
         crossover_prob: float = 0.9,
         mutation_prob: float | None = None,
         seed: int | None = None,
+        screen: int = 1,
+        predictor: Predictor | None = None,
+        gene_weights: Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -98,14 +102,20 @@ class GeneticSampler(ProposingSampler):
             raise ValueError(
                 f"mutation_prob must be None or a number in [0, 1], got {mutation_prob!r}"
             )
+        if isinstance(screen, bool) or not isinstance(screen, int) or screen < 1:
+            raise ValueError(f"screen must be an integer >= 1, got {screen!r}")
         super().__init__(seed)
         self._space = space
+        self._screen = screen if predictor is not None else 1
+        self._predictor = predictor
         self._params: list[str] = space.param_names()
         self._choices: list[tuple] = [space.choices(p) for p in self._params]
         self._population_size = population_size
         self._crossover_prob = float(crossover_prob)
         n_genes = max(len(self._params), 1)
         self._mutation_prob = 1.0 / n_genes if mutation_prob is None else float(mutation_prob)
+        self._gene_weights = _normalised_weights(
+            [float((gene_weights or {}).get(p.rsplit("/", 1)[0], 1.0)) for p in self._params])
 
         # DEAP types and toolbox live in this instance: nothing is registered in deap.creator.
         self._individual_cls = type("Individual", (list,), {})
@@ -159,11 +169,11 @@ class GeneticSampler(ProposingSampler):
         pool = list(active) if active else list(range(len(self._choices)))
         changed = False
         for i, choices in enumerate(self._choices):
-            if random.random() < self._mutation_prob:
+            if random.random() < min(1.0, self._mutation_prob * self._gene_weights[i]):
                 genome[i] = _other_index(genome[i], len(choices))
                 changed = changed or i in pool
         if force and not changed and pool:
-            i = random.choice(pool)
+            i = random.choices(pool, weights=[self._gene_weights[j] for j in pool])[0]
             genome[i] = _other_index(genome[i], len(self._choices[i]))
         return genome
 
@@ -181,15 +191,31 @@ class GeneticSampler(ProposingSampler):
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
         with isolated_global_random(rng):
-            genome = self._breed(study, completed)
             seen = self._seen_keys(trials, trial.number)
+            proposals: dict[str, tuple[Any, dict[str, Any]]] = {}
+            for _ in range(self._screen * 2):  # a few spare draws for children already proposed
+                candidate, values = self._child(study, completed, seen | set(proposals))
+                proposals.setdefault(candidate.key, (candidate, values))
+                if len(proposals) == self._screen:
+                    break
+        chosen = list(proposals.values())
+        if len(chosen) > 1 and self._predictor is not None:
+            self._predictor.refit(completed)
+            predicted = np.asarray([self._predictor.predict(c) for c, _ in chosen])
+            return chosen[pick_most_promising(predicted, observed_values(study),
+                                              study.directions)][1]
+        return chosen[0][1]
+
+    def _child(self, study: Study, completed: list[FrozenTrial], seen: set[str]):
+        """One bred child, mutated again while it repeats a candidate in ``seen``."""
+        genome = self._breed(study, completed)
+        candidate, active, values = self._decode(genome)
+        tries = 0
+        while candidate.key in seen and tries < _DEDUP_TRIES:
+            self._toolbox.mutate(genome, force=True, active=active)
             candidate, active, values = self._decode(genome)
-            tries = 0
-            while candidate.key in seen and tries < _DEDUP_TRIES:
-                self._toolbox.mutate(genome, force=True, active=active)
-                candidate, active, values = self._decode(genome)
-                tries += 1
-        return values
+            tries += 1
+        return candidate, values
 
     def _seen_keys(self, trials: list[FrozenTrial], number: int) -> set[str]:
         seen = {self._key_of(t.params) for t in trials if t.number != number}
@@ -272,6 +298,19 @@ _MISSING = object()
 
 def _signature(params: dict[str, Any]) -> tuple:
     return tuple(sorted(params.items()))
+
+
+def _normalised_weights(weights: list[float]) -> list[float]:
+    """Per-gene mutation weights with mean 1 (clipped to [0.25, 4] x the mean), so the
+    expected number of mutated genes stays that of ``mutation_prob``."""
+    if not weights:
+        return []
+    arr = np.maximum(np.asarray(weights, dtype=float), 0.0)
+    mean = arr.mean()
+    if mean <= 0:
+        return [1.0] * len(weights)
+    arr = np.clip(arr / mean, 0.25, 4.0)
+    return (arr / arr.mean()).tolist()
 
 
 def _other_index(current: int, n: int) -> int:

@@ -73,15 +73,18 @@ class FidelityPlan:
                        f"steps (promoted up to {self.promote_rank})")
 
 
-def _with_low(study: optuna.Study, number: int) -> list[optuna.trial.FrozenTrial]:
-    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+def _with_low(study: optuna.Study, number: int,
+              states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING),
+              ) -> list[optuna.trial.FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=states)
             if t.number != number and LOW_ATTR in t.user_attrs]
 
 
 def stored_low(study: optuna.Study, key: str, key_attr: str) -> dict[str, float] | None:
-    """The short result of an earlier trial of the same candidate (a repeat costs no steps)."""
-    for trial in _with_low(study, -1):
+    """The short result of an earlier trial of the same candidate: a repeat, or the re-run of a
+    trial killed after its short fine-tune (failed as interrupted), costs no short steps."""
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.FAIL)
+    for trial in _with_low(study, -1, states):
         if trial.user_attrs.get(key_attr) == key:
             return dict(trial.user_attrs[LOW_ATTR])
     return None

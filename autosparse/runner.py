@@ -34,11 +34,15 @@ from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, CandidateEvaluat
 from .plots import front_table
 from .reeval import reevaluate_front
 from .samplers import make_sampler
+from .allocation.planner import BudgetPlanner, planner_for
+from .allocation.table import SensitivityTable
+from .samplers.knapsack import seed_candidates
+from .sensitivity_study import ensure_sensitivity, log_sensitivity
 from .space import GridSpace, SearchSpace
 from .sqlite_tuning import use_fast_sqlite
-from .fidelity import STEPS_ATTR, FidelityPlan, steps_used
+from .fidelity import FIDELITY_ATTR, STEPS_ATTR, FidelityPlan, steps_used
 from .study import (counted_trials, fail_interrupted_trials, is_interrupted, make_storage,
-                    open_study, storage_url, study_uid)
+                    open_study, requeue_interrupted, storage_url, study_uid)
 from .tracking import Tracker, resolve_tracking_uri
 
 Printer = Callable[[str], None]
@@ -58,6 +62,8 @@ class SearchContext:
     space: SearchSpace
     profile: HardwareProfile | None = None
     grid: GridSpace | None = None  # grid-global's points (exact global-magnitude allocations)
+    sensitivity: SensitivityTable | None = None  # set by open_study where the strategy uses it
+    planner: BudgetPlanner | None = None
 
     @property
     def storage_url(self) -> str:
@@ -75,9 +81,28 @@ class SearchContext:
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)
 
-    def open_study(self) -> optuna.Study:
-        sampler = make_sampler(self.config.strategy, self.space, self.config.seed, grid=self.grid)
-        return open_study(self.config, self.storage_url, sampler)
+    def uses_sensitivity(self) -> bool:
+        strategy = self.config.strategy
+        return strategy.name == "knapsack" or (strategy.name in ("ga", "bo")
+                                               and strategy.use_sensitivity)
+
+    def open_study(self, printer: Printer = lambda line: None) -> optuna.Study:
+        """The study with the strategy's sampler. A strategy that uses per-layer sensitivity
+        gets it from the study (measured first when missing: a resume or another worker
+        reuses it), and its sampler is built on the budget planner."""
+        if not self.uses_sensitivity():
+            sampler = make_sampler(self.config.strategy, self.space, self.config.seed,
+                                   grid=self.grid)
+            return open_study(self.config, self.storage_url, sampler)
+        study = open_study(self.config, self.storage_url,
+                           optuna.samplers.RandomSampler(seed=self.config.seed))
+        self.sensitivity = ensure_sensitivity(self, study, printer)
+        self.planner = planner_for(self.space, self.table, self.sensitivity,
+                                   self.config.objectives, self.config.constraints, self.profile)
+        study.sampler = make_sampler(self.config.strategy, self.space, self.config.seed,
+                                     planner=self.planner, objectives=self.config.objectives,
+                                     dense_accuracy=self.dense_metrics["accuracy"])
+        return study
 
     def grid_size(self) -> int | None:
         """Points of a grid baseline (its budget is capped there), None for the other strategies."""
@@ -132,7 +157,11 @@ def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: in
         return 0
     count = strategy.population_size // 2 if strategy.name == "ga" else strategy.startup_trials
     count = min(count, budget or count)
-    for candidate in context.space.warm_start_candidates(context.table, count, context.config.seed):
+    if context.planner is not None:  # budgeted allocations from the sensitivity table
+        seeds = seed_candidates(context.space, context.planner, count)
+    else:
+        seeds = context.space.warm_start_candidates(context.table, count, context.config.seed)
+    for candidate in seeds:
         study.enqueue_trial(context.space.params_of(candidate), skip_if_exists=True)
     return count
 
@@ -175,7 +204,8 @@ def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optun
     tracker.log_trial(parent_run_id=parent, trial=trial.number, state=trial.state.name,
                       candidate_json=trial.user_attrs.get(CANDIDATE_ATTR, ""), metrics=metrics,
                       fail_reason=trial.user_attrs.get(FAIL_ATTR, ""),
-                      cached=bool(trial.user_attrs.get(CACHED_ATTR, False)), strategy=strategy)
+                      cached=bool(trial.user_attrs.get(CACHED_ATTR, False)), strategy=strategy,
+                      fidelity=str(trial.user_attrs.get(FIDELITY_ATTR, "")))
 
 
 def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: str | None,
@@ -308,9 +338,10 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     printer(f"dense model: validation accuracy {context.dense_metrics['accuracy']:.2f}%, "
             f"{context.dense_metrics['size_kb']:.1f} kB; {len(context.space.layer_names)} layers searched, "
             f"space of {context.space.size():.3g} candidates; strategy {config.strategy.name}")
-    study = context.open_study()
+    study = context.open_study(printer)
     if interrupted := fail_interrupted_trials(study):
         printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")
+    requeue_interrupted(study)
     total = context.budget_trials(extend)
     _enqueue_warm_starts(context, study, total)
     deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
@@ -324,6 +355,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
                 "reporting the existing front (use --extend N for more trials)")
     tracker = context.tracker()
     parent = _start_tracking(context, tracker, study)
+    if context.sensitivity is not None and parent is not None:
+        log_sensitivity(tracker, parent, context.sensitivity)
     progress = Progress(context, budget, printer, len(trials_frame(study, config.objectives)))
     processes = [
         multiprocessing.get_context("spawn").Process(
@@ -402,7 +435,7 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     """Measure (or reuse from the study) per-layer sensitivity; write runs/<name>/sensitivity.csv
     and .png, log them to the search's MLflow parent run, print a compact table."""
     from .plots import sensitivity_heatmap_png
-    from .sensitivity_study import ensure_sensitivity, format_sensitivity, sensitivity_csv
+    from .sensitivity_study import format_sensitivity, sensitivity_csv
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     context = prepare(config_path, runs_dir)

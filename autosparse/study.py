@@ -28,6 +28,7 @@ from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
 _SIGNATURE_ATTR = "autosparse.signature"
 _UID_ATTR = "autosparse.uid"
+_REQUEUED_ATTR = "autosparse.requeued"  # interrupted trials whose candidate was enqueued again
 
 
 def storage_url(config: SearchConfig, runs_dir: Path) -> str:
@@ -149,6 +150,21 @@ def fail_interrupted_trials(study: optuna.Study, grace_s: float = UNTAGGED_GRACE
             _interrupt(study, trial, "its worker ended before it started")
             count += 1
     return count
+
+
+def requeue_interrupted(study: optuna.Study) -> int:
+    """Enqueue the candidate of every interrupted trial once, so a resumed search re-runs what
+    was cut short (the sampler might never propose it again). Remembered in a study attr, so a
+    second resume does not enqueue it twice."""
+    done = set(study.user_attrs.get(_REQUEUED_ATTR, []))
+    todo = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+            if is_interrupted(t) and t.number not in done and t.params]
+    for trial in todo:
+        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        done.add(trial.number)
+    if todo:
+        study.set_user_attr(_REQUEUED_ATTR, sorted(done))
+    return len(todo)
 
 
 def is_interrupted(trial: optuna.trial.FrozenTrial) -> bool:

@@ -662,10 +662,12 @@ class Tracker:
         fail_reason: str = "",
         cached: bool = False,
         strategy: str = "",
+        fidelity: str = "",
     ) -> str | None:
         """One nested child run ``trial-<n>`` per trial; a second call returns the same run.
 
-        Params ``<layer>.pattern/.sparsity/.bits/.criterion``; finite metrics; artifact
+        Params ``<layer>.pattern/.sparsity/.bits/.criterion`` and ``fidelity`` (``full``, or
+        ``low`` for a trial screened out after its short fine-tune); finite metrics; artifact
         ``candidate.json``; status FINISHED (COMPLETE), FAILED (FAIL, reason in tag
         ``autosparse.fail_reason``) or KILLED (PRUNED).
         """
@@ -674,7 +676,7 @@ class Tracker:
         return self._log_trial(
             parent_run_id=parent_run_id, trial=trial, state=state,
             candidate_json=candidate_json, metrics=metrics, fail_reason=fail_reason,
-            cached=cached, strategy=strategy,
+            cached=cached, strategy=strategy, fidelity=fidelity,
         )
 
     def _log_trial(
@@ -689,6 +691,7 @@ class Tracker:
         cached: bool = False,
         strategy: str = "",
         existing: "Run | None" = None,
+        fidelity: str = "",
     ) -> str:
         trial = int(trial)
         state = str(state).upper()
@@ -705,6 +708,8 @@ class Tracker:
                 key = candidate.key
                 layers = ", ".join(f"{n}={c.describe()}" for n, c in candidate.items())
                 params_of_layers = layer_params(candidate_json)
+        if fidelity:
+            params_of_layers = {**params_of_layers, "fidelity": str(fidelity)}
         tags = {
             TAG_PARENT: parent_run_id,
             TAG_ROLE: ROLE_TRIAL,

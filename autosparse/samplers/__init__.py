@@ -17,23 +17,45 @@
 from __future__ import annotations
 
 import warnings
+from typing import Sequence
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from ..config import STRATEGIES, StrategyConfig
+from ..allocation.planner import BudgetPlanner
 from ..space import GridSpace, SearchSpace
 from .ga import GeneticSampler
 from .grid import GridSampler, UniformGridSampler
+from .knapsack import KnapsackSampler
+from .screening import AllocationPredictor, ScreenedSampler, gene_weights
 
 __all__ = ["GeneticSampler", "GridSampler", "UniformGridSampler", "make_sampler"]
 
 
 def make_sampler(
     strategy: StrategyConfig, space: SearchSpace, seed: int, *, grid: GridSpace | None = None,
+    planner: BudgetPlanner | None = None, objectives: Sequence[str] = (),
+    dense_accuracy: float | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """The Optuna sampler for ``strategy``, seeded with ``seed``; ``grid-global`` needs ``grid``."""
+    """The Optuna sampler for ``strategy``, seeded with ``seed``.
+
+    ``grid-global`` needs ``grid``; ``knapsack`` needs the budget ``planner`` (sensitivity);
+    with a planner, ``ga`` and ``bo`` screen ``strategy.screen`` proposals per trial by its
+    predictor (which needs the search's ``objectives`` and the ``dense_accuracy``) and the GA
+    mutates sensitive genes more often.
+    """
     name = strategy.name
+    predictor = None
+    if planner is not None and name in ("ga", "bo"):
+        if dense_accuracy is None or not objectives:
+            raise ValueError("screening needs the search's objectives and the dense accuracy")
+        predictor = AllocationPredictor(planner, objectives, dense_accuracy)
+    if name == "knapsack":
+        if planner is None:
+            raise ValueError("strategy 'knapsack' needs a budget planner (per-layer sensitivity)")
+        return KnapsackSampler(space=space, planner=planner, seed=seed,
+                               dense_accuracy=dense_accuracy)
     if name == "grid-global":
         if grid is None:
             raise ValueError("strategy 'grid-global' needs its grid (SearchSpace.global_grid_candidates)")
@@ -47,6 +69,9 @@ def make_sampler(
             crossover_prob=strategy.crossover_prob,
             mutation_prob=strategy.mutation_prob,
             seed=seed,
+            screen=strategy.screen,
+            predictor=predictor,
+            gene_weights=gene_weights(planner) if planner is not None else None,
         )
     if name == "grid-uniform":
         return UniformGridSampler(space=space, seed=seed)
@@ -62,16 +87,24 @@ def make_sampler(
                 constant_liar=True,
             )
         if strategy.bo_kind == "tpe":
-            return tpe
+            return _screened(tpe, space, predictor, strategy.screen, seed)
         if strategy.bo_kind == "gp":
-            return optuna.samplers.GPSampler(
+            return _screened(optuna.samplers.GPSampler(
                 seed=seed,
                 n_startup_trials=strategy.startup_trials,
                 independent_sampler=tpe,
                 # Conditional params always fall back to the independent sampler; by design.
                 warn_independent_sampling=False,
-            )
+            ), space, predictor, strategy.screen, seed)
         raise ValueError(f"strategy.bo_kind {strategy.bo_kind!r} must be 'tpe' or 'gp'")
     raise ValueError(
         f"strategy.name {name!r} must be one of {', '.join(STRATEGIES)}"
     )
+
+
+def _screened(inner: optuna.samplers.BaseSampler, space: SearchSpace,
+              predictor: AllocationPredictor | None, screen: int,
+              seed: int) -> optuna.samplers.BaseSampler:
+    if predictor is None or screen <= 1:
+        return inner
+    return ScreenedSampler(inner=inner, space=space, predictor=predictor, screen=screen, seed=seed)

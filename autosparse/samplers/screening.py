@@ -13,7 +13,7 @@ far they are from the front (additive epsilon), so the closest to it still wins:
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import moocore
 import numpy as np
@@ -27,7 +27,10 @@ from ..pareto import _signs, pareto_mask
 from ..space import SearchSpace
 from ._proposing import ProposingSampler
 
-__all__ = ["Predictor", "ScreenedSampler", "pick_most_promising"]
+if TYPE_CHECKING:
+    from ..allocation.planner import BudgetPlanner
+
+__all__ = ["AllocationPredictor", "Predictor", "ScreenedSampler", "gene_weights", "pick_most_promising"]
 
 
 class Predictor(Protocol):
@@ -148,3 +151,45 @@ class ScreenedSampler(ProposingSampler):
                     values: Sequence[float] | None) -> None:
         super().after_trial(study, trial, state, values)
         self._inner.after_trial(study, trial, state, values)
+
+
+class AllocationPredictor:
+    """The screening predictor from a budget planner: accuracy = dense accuracy minus the
+    additive sensitivity model refit on the finished trials; costs = the problem's additive
+    costs (exact for size, MACs and BOPs; per-layer sums of the cost model for latency/energy)."""
+
+    def __init__(self, planner: "BudgetPlanner", objectives: Sequence[str],
+                 dense_accuracy: float) -> None:
+        self._planner, self._objectives = planner, list(objectives)
+        self._dense_accuracy = float(dense_accuracy)
+        self._model = planner.prior
+
+    def refit(self, trials: Sequence[FrozenTrial]) -> None:
+        from ..allocation.planner import Observation
+
+        problem, observed = self._planner.problem, []
+        for trial in trials:
+            drop = (trial.user_attrs.get("metrics") or {}).get("accuracy_drop")
+            candidate = trial.user_attrs.get("candidate")
+            if drop is None or not candidate:
+                continue
+            try:
+                allocation = problem.allocation_of(Candidate.from_json(candidate))
+            except ValueError:
+                continue  # not a candidate of this space (e.g. a grid-global point)
+            observed.append(Observation(allocation, float(drop)))
+        self._model = self._planner.predictor(observed)
+
+    def predict(self, candidate: Candidate) -> np.ndarray:
+        problem = self._planner.problem
+        allocation = problem.allocation_of(candidate)
+        return np.asarray([
+            self._dense_accuracy - self._model.predict(allocation) if name == "accuracy"
+            else problem.total(name, allocation) for name in self._objectives], dtype=float)
+
+
+def gene_weights(planner: "BudgetPlanner") -> dict[str, float]:
+    """Mutation weight per decision: the spread of its sensitivity over its choices, so genes
+    whose choices matter mutate more often than genes whose every choice costs nothing."""
+    problem = planner.problem
+    return {name: float(max(row) - min(row)) for name, row in zip(problem.decisions, problem.loss)}

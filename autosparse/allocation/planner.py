@@ -156,13 +156,13 @@ class BudgetPlanner:
     def gap_budgets(self, objective: str, observed: Iterable[Observation],
                     predictor: Predictor) -> list[float]:
         """Budgets in the middle of the front's gaps, largest gap first."""
-        points = []
+        points, tried = [], []
         for o in observed:
-            if o.drop is None:
-                continue
             cost = o.costs.get(objective)
-            points.append((float(cost) if cost is not None
-                           else self.problem.total(objective, o.allocation), float(o.drop)))
+            cost = float(cost) if cost is not None else self.problem.total(objective, o.allocation)
+            tried.append(cost)  # failed or screened-out trials tried a gap too
+            if o.drop is not None:
+                points.append((cost, float(o.drop)))
         region = [p for p in points if p[1] <= self.near_lossless]
         front = _front(region + [(self.problem.dense[objective], 0.0)])
         c_min = front[0][0]
@@ -180,7 +180,7 @@ class BudgetPlanner:
             if c_lo <= 0 or c_hi <= c_lo:
                 continue
             area = math.log(c_hi / c_lo) * max(d_lo - d_hi, 0.0)
-            inside = sum(c_lo < c < c_hi for c, _ in points)  # tried there, did not close it
+            inside = sum(c_lo < c < c_hi for c in tried)  # tried there, did not close it
             gaps.append((area / (1 + inside), math.sqrt(c_lo * c_hi)))
         gaps.sort(key=lambda g: -g[0])
         return [budget for area, budget in gaps if area > 0]

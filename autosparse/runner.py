@@ -185,16 +185,25 @@ class Budget:
             return True
         if self.finetune_steps is None:
             return False
-        trials = [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
-        if steps_used(trials, self.in_flight_steps) >= self.finetune_steps:
+        if self.spent_steps(study) >= self.finetune_steps:
             return True
-        recent = [t for t in trials if t.state.is_finished()][-MAX_FREE_REPEATS:]
+        recent = [t for t in _counted(study) if t.state.is_finished()][-MAX_FREE_REPEATS:]
         return len(recent) == MAX_FREE_REPEATS and all(
             int(t.user_attrs.get(STEPS_ATTR, 1)) == 0 for t in recent)
 
     def spent_steps(self, study: optuna.Study) -> int:
-        trials = [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
-        return steps_used(trials, self.in_flight_steps)
+        return steps_used(_counted(study), self.in_flight_steps)
+
+    def describe(self) -> str:
+        parts = [f"{self.trials} trials"] if self.trials is not None else []
+        if self.finetune_steps is not None:
+            parts.append(f"{self.finetune_steps} fine-tune steps")
+        return " / ".join(parts) or "time"
+
+
+def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count against a budget: all but those cut short (they are re-run)."""
+    return [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
 
 
 def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optuna.trial.FrozenTrial) -> None:
@@ -351,8 +360,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     budget = Budget(total, deadline, steps_budget, _in_flight_steps(context))
     before = counted_trials(study)
     if budget.exhausted(study):
-        printer(f"budget of {total} trials already used ({before} in {context.storage_url}); "
-                "reporting the existing front (use --extend N for more trials)")
+        printer(f"budget of {budget.describe()} already used ({before} trials in "
+                f"{context.storage_url}); reporting the existing front (use --extend N for more)")
     tracker = context.tracker()
     parent = _start_tracking(context, tracker, study)
     if context.sensitivity is not None and parent is not None:

@@ -49,6 +49,10 @@ class GeneticSampler(ProposingSampler):
         child = cxUniform(*parents) if random() < crossover_prob else copy(parents[0])
         trial.params = decode(mutate(child))           # mutate again while it is a duplicate
 
+    With a ``predictor`` (per-layer sensitivity), ``screen`` distinct children are bred per trial
+    and the one whose predicted point adds most hypervolume to the observed front is kept
+    (:mod:`.screening`); ``gene_weights`` (per decision) scale each gene's mutation probability.
+
     Genome: one integer index per param of the full space (``space.param_names()``, conditional
     ``sparsity`` params included, so a gene survives while its pattern does not use it) into
     ``space.choices(param)``.

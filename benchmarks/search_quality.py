@@ -233,8 +233,12 @@ def _median_range(values: pd.Series, spec: str) -> str:
 
 
 def render_markdown(runs: pd.DataFrame, meta: dict) -> str:
+    made = f"`{meta['command']}`"
+    if meta.get("parts"):
+        made = "these runs, one process per core, then merged by " + made + ":\n\n" + "\n".join(
+            f"    {part}" for part in meta["parts"]) + "\n\nrun"
     lines = ["# Search quality at equal compute", "",
-             f"Produced by `{meta['command']}` on {meta['machine']} ({meta['date']}).", "",
+             f"Produced by {made} on {meta['machine']} ({meta['date']}).", "",
              f"Every method: {meta['fine_tunes']} fine-tunes x {meta['steps']} steps of compute "
              "(`budget.finetune_steps`; `tpe-4x` gets 4x). Methods that measure per-layer "
              "sensitivity are charged its wall time in fine-tune steps. Fronts are picked on "
@@ -319,14 +323,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_quality"))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--merge", nargs="+", type=Path, default=[],
+                        help="output prefixes of runs made in parallel (separate --runs-dir and "
+                             "--out each): concatenate them into --out, then report")
     return parser.parse_args(argv)
+
+
+def merge(prefixes: list[Path], out: Path, command: str) -> None:
+    """One result set from runs made in parallel processes (one per core)."""
+    runs = pd.concat([pd.read_csv(p.with_suffix(".csv")) for p in prefixes])
+    history = pd.concat([pd.read_csv(f"{p}_history.csv") for p in prefixes])
+    metas = [json.loads(p.with_suffix(".meta.json").read_text()) for p in prefixes]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs.to_csv(out.with_suffix(".csv"), index=False)
+    history.to_csv(f"{out}_history.csv", index=False)
+    meta = {**metas[0], "command": command, "parts": [m["command"] for m in metas]}
+    out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     csv, hist_csv = args.out.with_suffix(".csv"), Path(f"{args.out}_history.csv")
     meta_path = args.out.with_suffix(".meta.json")
-    if not args.report_only:
+    if args.merge:
+        merge(args.merge, args.out, "python benchmarks/search_quality.py " + shlex.join(
+            sys.argv[1:] if argv is None else argv))
+    elif not args.report_only:
         import optuna
         import torch
 

@@ -262,7 +262,22 @@ def render_markdown(runs: pd.DataFrame, meta: dict) -> str:
             ]) + " |")
         lines.append("")
         lines += targets(part)
+        lines += per_seed(part)
     return "\n".join(lines) + "\n"
+
+
+def per_seed(part: pd.DataFrame) -> list[str]:
+    """Every run: HV on validation / test (−5 pt) and best CR at ≤ 1 pt validation drop."""
+    seeds = sorted(part["seed"].unique())
+    out = ["Per seed: HV val / HV test (−5 pt), best CR at ≤ 1 pt validation drop:", "",
+           "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+           "|---|" + "---|" * len(seeds)]
+    for method, rows in part.groupby("method", sort=False):
+        by = rows.set_index("seed")
+        cells = [f"{by.loc[s, 'hv5_val']:.4f} / {by.loc[s, 'hv5_test']:.4f}, "
+                 f"{by.loc[s, 'cr_drop1']:.1f}x" if s in by.index else "–" for s in seeds]
+        out.append(f"| {method} | " + " | ".join(cells) + " |")
+    return out + [""]
 
 
 def targets(part: pd.DataFrame) -> list[str]:
@@ -333,7 +348,11 @@ def merge(prefixes: list[Path], out: Path, command: str) -> None:
     """One result set from runs made in parallel processes (one per core)."""
     runs = pd.concat([pd.read_csv(p.with_suffix(".csv")) for p in prefixes])
     history = pd.concat([pd.read_csv(f"{p}_history.csv") for p in prefixes])
-    metas = [json.loads(p.with_suffix(".meta.json").read_text()) for p in prefixes]
+    metas = [json.loads(p.with_suffix(".meta.json").read_text()) if p.with_suffix(".meta.json")
+             .exists() else {"command": f"(stopped before writing {p}.meta.json; its finished "
+                                        "runs are in its csv)"} for p in prefixes]
+    metas[0] = {"machine": machine_note(), "date": time.strftime("%Y-%m-%d"),
+                "fine_tunes": None, "steps": None, **metas[0]}
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out.with_suffix(".csv"), index=False)
     history.to_csv(f"{out}_history.csv", index=False)

@@ -351,8 +351,9 @@ def merge(prefixes: list[Path], out: Path, command: str) -> None:
     metas = [json.loads(p.with_suffix(".meta.json").read_text()) if p.with_suffix(".meta.json")
              .exists() else {"command": f"(stopped before writing {p}.meta.json; its finished "
                                         "runs are in its csv)"} for p in prefixes]
+    known = next((m for m in metas if "fine_tunes" in m), {})
     metas[0] = {"machine": machine_note(), "date": time.strftime("%Y-%m-%d"),
-                "fine_tunes": None, "steps": None, **metas[0]}
+                "fine_tunes": known.get("fine_tunes"), "steps": known.get("steps"), **metas[0]}
     out.parent.mkdir(parents=True, exist_ok=True)
     runs.to_csv(out.with_suffix(".csv"), index=False)
     history.to_csv(f"{out}_history.csv", index=False)

@@ -39,6 +39,7 @@ from .front import trials_frame
 from .hardware import HardwareProfile, load_profile
 from .models import build_model
 from .objective import CandidateEvaluator
+from .trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
 from .runner import SearchContext, prepare
 from .selection import Selection, by_number, by_rule, knee
 from .study import make_storage
@@ -166,8 +167,8 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
     for warning in selection.warnings:
         printer(f"warning: {warning}")
     trial = study.trials[selection.trial]
-    candidate = Candidate.from_json(trial.user_attrs["candidate"])
-    searched = {**trial.user_attrs.get("metrics", {}),
+    candidate = Candidate.from_json(trial.user_attrs[CANDIDATE_ATTR])
+    searched = {**trial.user_attrs.get(METRICS_ATTR, {}),
                 **_reevaluation(context, study, trial.number)}
     final_dir = request.out or runs_dir / context.config.name / "export" / f"trial-{selection.trial}"
     if final_dir.exists():

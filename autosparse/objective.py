@@ -22,18 +22,16 @@ from .compress import compress_model, taylor_scores
 from .config import Constraint, FinetuneConfig
 from .data import DataSplits
 from .evaluate import evaluate
-from .finetune import FinetuneSession, finetune, resolve_steps
+from .finetune import FinetuneSession, resolve_steps
 from .cost import estimate_cost
 from .footprint import footprint_metrics
 from .hardware import HardwareProfile
 from .layers import LayerTable
 from .objectives import metric_of
 from .fidelity import FIDELITY_ATTR, LOW_ATTR, PROMOTION_ATTR, STEPS_ATTR, FidelityPlan, stored_low
+from .trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (re-exported)
 
 # Keys of what a trial stores about itself (read back by ``front``).
-CANDIDATE_ATTR = "candidate"
-KEY_ATTR = "candidate_key"
-METRICS_ATTR = "metrics"
 FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
@@ -85,11 +83,9 @@ class CandidateEvaluator:
 
         Deterministic for a given config, so export rebuilds exactly the model a trial scored.
         """
-        cfg = cfg or self.finetune_cfg
-        student = compress_model(self.dense, candidate, self._scores(candidate))
-        loader = self.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
-        result = finetune(student, self.dense, loader, cfg)
-        return student, result.final_loss
+        with self.staged(candidate, cfg) as run:
+            result = run.session.run_until()
+        return run.student, result.final_loss
 
     def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
         """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split."""
@@ -100,9 +96,9 @@ class CandidateEvaluator:
         with self.staged(candidate) as run:
             return run.score()
 
-    def staged(self, candidate: Candidate) -> "StagedRun":
+    def staged(self, candidate: Candidate, cfg: FinetuneConfig | None = None) -> "StagedRun":
         """A fine-tune of the candidate that can be scored part-way and continued (fidelities)."""
-        return StagedRun(self, candidate)
+        return StagedRun(self, candidate, cfg or self.finetune_cfg)
 
 
 class StagedRun:
@@ -112,8 +108,7 @@ class StagedRun:
     to its full length: the result equals one uninterrupted fine-tune (FinetuneSession).
     """
 
-    def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate):
-        cfg = evaluator.finetune_cfg
+    def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
         self.evaluator, self.candidate = evaluator, candidate
         self.student = compress_model(evaluator.dense, candidate, evaluator._scores(candidate))
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)

@@ -16,11 +16,11 @@ from ..allocation.problem import Allocation
 from ..candidate import Candidate
 from ..objectives import metric_of
 from ..space import SearchSpace
+from ..trial_attrs import METRICS_ATTR
 from ._proposing import ProposingSampler
 
 __all__ = ["KnapsackSampler", "seed_candidates"]
 
-METRICS_ATTR = "metrics"  # = autosparse.objective.METRICS_ATTR (that module imports torch)
 SEEDS_PER_OBJECTIVE = 4
 
 

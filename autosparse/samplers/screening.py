@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..candidate import Candidate
 from ..pareto import _signs, pareto_mask
 from ..space import SearchSpace
+from ..trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
 from ._proposing import ProposingSampler
 
 if TYPE_CHECKING:
@@ -169,8 +170,8 @@ class AllocationPredictor:
 
         problem, observed = self._planner.problem, []
         for trial in trials:
-            drop = (trial.user_attrs.get("metrics") or {}).get("accuracy_drop")
-            candidate = trial.user_attrs.get("candidate")
+            drop = (trial.user_attrs.get(METRICS_ATTR) or {}).get("accuracy_drop")
+            candidate = trial.user_attrs.get(CANDIDATE_ATTR)
             if drop is None or not candidate:
                 continue
             try:

@@ -65,6 +65,7 @@ def _front(args: argparse.Namespace) -> int:
 
 def _space(args: argparse.Namespace) -> int:
     from .runner import prepare
+    from .structure import describe_group
 
     context = prepare(args.config, args.runs_dir)
     decision_of = {name: d for d in context.space.decisions for name in d.layers}
@@ -85,6 +86,11 @@ def _space(args: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(pd.DataFrame(rows).to_string(index=False))
     print(f"\nother parameters (stored fp32): {context.table.other_params}")
+    print("\nchannel groups (channels removed together; channel is offered on the leader):")
+    if context.table.graph_error:
+        print(f"  none: the dependency graph could not be built ({context.table.graph_error})")
+    for group in context.table.channel_groups:
+        print(f"  {describe_group(group)}")
     for note in context.space.notes:
         print(f"note: {note}")
     print(f"search space: {len(context.space.decisions)} decisions, "

@@ -11,8 +11,12 @@ Patterns (masks are computed once, from the dense weights or from given importan
 - ``unstructured``: the ``round(sparsity * numel)`` lowest-scoring weights are zeroed (exact).
 - ``N:M``: groups of M consecutive weights along the reduction dimension, input channels fastest
   (conv ``(O, I, *k)`` is viewed as ``(O, *k, I)``), keep the N highest-scoring per group.
-- ``channel``: the ``round(sparsity * O)`` output channels with the lowest row score are zeroed,
-  together with their bias, so export can remove them; at least one channel is kept.
+- ``channel`` (only on a channel group's leader, see ``graph.py``): the group's lowest-scoring
+  channels (row norms summed over its producers, each normalised by its mean; whole heads for
+  attention) are zeroed in every producer's rows and biases *and in every consumer's input
+  columns*. So nothing a batch norm shift or an activation leaves in a removed channel ever
+  reaches a kept computation: the fine-tuned model computes exactly what the shrunk export does.
+  A layer whose rows or columns a group removed applies its own pattern to what is left.
 
 Layer rule: torch only, never optuna or mlflow.
 """
@@ -28,6 +32,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, Candidate, LayerChoice, parse_nm
+from .graph import ChannelGraph
+from .layers import ChannelGroup
 
 __all__ = [
     "MaskedQuantizer",
@@ -41,6 +47,8 @@ __all__ = [
     "bake",
     "layer_sparsity",
     "weight_mask",
+    "channel_keep",
+    "structural_keep",
 ]
 
 
@@ -293,6 +301,92 @@ def taylor_scores(
 
 
 # --------------------------------------------------------------------------------------------
+# channel groups
+
+
+def _row_importance(weight: Tensor, scores: Tensor | None) -> Tensor:
+    rows = weight.detach().reshape(weight.shape[0], -1).float()
+    if scores is None:
+        value = rows.norm(dim=1)
+    else:
+        value = scores.detach().reshape(weight.shape[0], -1).float().sum(dim=1)
+    return value / value.mean().clamp_min(torch.finfo(value.dtype).tiny)
+
+
+def channel_keep(modules: Mapping[str, nn.Module], graph: ChannelGraph, group: ChannelGroup,
+                 choice: LayerChoice, scores: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Boolean keep-mask over the group's channels for the leader's ``channel`` choice.
+
+    Importance is the sum over producers of their normalised row norms (Taylor row sums when the
+    leader's criterion is taylor and scores exist), added up per unit (head); the
+    ``group.pruned_channels`` lowest units go, ties broken by the lower index first.
+    """
+    total = torch.zeros(group.channels)
+    for name, rows in graph.rows[group.name].items():
+        weight = _weight_of(modules[name])
+        layer_scores = scores.get(name) if scores and choice.criterion == "taylor" else None
+        total += _row_importance(weight, layer_scores).cpu()[rows]
+    per_unit = total.reshape(group.units, group.unit).sum(dim=1)
+    drop = group.pruned_channels(choice.sparsity) // group.unit
+    keep_units = torch.ones(group.units, dtype=torch.bool)
+    if drop:
+        keep_units[torch.argsort(per_unit, stable=True)[:drop]] = False
+    return keep_units.repeat_interleave(group.unit)
+
+
+def structural_keep(model: nn.Module, candidate: Mapping[str, LayerChoice],
+                    graph: ChannelGraph | None, scores: Mapping[str, Tensor] | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """(rows kept per layer, input columns kept per layer, channels kept per group) for the
+    candidate's channel choices; layers a group does not touch are absent. With no ``graph``
+    (a layer table built by hand) nothing is structural."""
+    rows: dict[str, Tensor] = {}
+    cols: dict[str, Tensor] = {}
+    kept: dict[str, Tensor] = {}
+    leaders = {g.producers[0]: g for g in (graph.groups if graph else ()) if g.blocked is None}
+    modules = dict(model.named_modules())
+    for name, choice in candidate.items():
+        if choice.pattern != CHANNEL or graph is None:
+            continue  # without a graph, a channel choice zeroes its own rows only (compute_mask)
+        group = leaders.get(name)
+        if group is None:
+            raise ValueError(f"layer {name!r} leads no channel group export can remove")
+        keep = channel_keep(modules, graph, group, choice, scores)
+        kept[group.name] = keep
+        for producer, index in graph.rows[group.name].items():
+            module_rows = rows.setdefault(producer, torch.ones(_weight_of(modules[producer]).shape[0],
+                                                               dtype=torch.bool))
+            module_rows[index[~keep]] = False
+        for consumer, index in graph.columns[group.name].items():
+            weight = _weight_of(modules[consumer])
+            module_cols = cols.setdefault(consumer, torch.ones(weight.shape[1], dtype=torch.bool))
+            module_cols[index[~keep].flatten()] = False
+    return rows, cols, kept
+
+
+def _structured_mask(weight: Tensor, choice: LayerChoice, scores: Tensor | None,
+                     rows: Tensor | None, cols: Tensor | None) -> Tensor:
+    """The layer's own pattern applied to the rows and columns the channel groups left."""
+    device = weight.device
+    row_idx = (torch.nonzero(rows).flatten() if rows is not None
+               else torch.arange(weight.shape[0])).to(device)
+    col_idx = (torch.nonzero(cols).flatten() if cols is not None
+               else torch.arange(weight.shape[1])).to(device)
+    full = torch.zeros_like(weight, dtype=torch.bool)
+    if choice.pattern in (DENSE, CHANNEL):
+        sub_mask = torch.ones((len(row_idx), len(col_idx), *weight.shape[2:]), dtype=torch.bool,
+                              device=device)
+    else:
+        sub = weight.detach()[row_idx][:, col_idx]
+        sub_scores = None if scores is None else scores.to(device)[row_idx][:, col_idx]
+        sub_mask = compute_mask(sub, choice, sub_scores)
+    block = torch.zeros((len(row_idx), *weight.shape[1:]), dtype=torch.bool, device=device)
+    block[:, col_idx] = sub_mask
+    full[row_idx] = block
+    return full
+
+
+# --------------------------------------------------------------------------------------------
 # models
 
 
@@ -300,18 +394,24 @@ def compress_model(
     dense: nn.Module,
     candidate: Candidate | Mapping[str, LayerChoice],
     scores: Mapping[str, Tensor] | None = None,
+    graph: ChannelGraph | None = None,
 ) -> nn.Module:
     """A deep copy of ``dense`` with the candidate's masks and fake-quant as parametrizations.
 
     Masks come from the dense weights (magnitude) or, for layers whose criterion is ``taylor``,
-    from ``scores[name]`` (see :func:`taylor_scores`). Layers not in the candidate, and dense
-    fp32 choices, are left untouched. ``dense`` itself is not modified.
+    from ``scores[name]`` (see :func:`taylor_scores`). Channel choices prune their whole group
+    (``graph``, from ``trace_channel_groups``), including layers the candidate does not list.
+    Layers left dense fp32 are untouched. ``dense`` itself is not modified.
     """
     model = copy.deepcopy(dense)
     modules = dict(model.named_modules())
-    for name, choice in candidate.items():
+    rows, cols, _ = structural_keep(model, candidate, graph, scores)
+    names = list(dict.fromkeys([*candidate, *rows, *cols]))
+    for name in names:
+        choice = candidate.get(name, DENSE_CHOICE)
         module = _get_layer(modules, name)
-        if choice.pattern == DENSE and choice.bits == FLOAT_BITS:
+        structured = name in rows or name in cols
+        if choice.pattern == DENSE and choice.bits == FLOAT_BITS and not structured:
             continue
         if parametrize.is_parametrized(module, "weight"):
             raise ValueError(f"layer {name!r} is already parametrized; compress a dense model")
@@ -326,7 +426,10 @@ def compress_model(
             layer_scores = scores[name]
         try:
             mask = None
-            if choice.pattern != DENSE:
+            if structured:
+                mask = _structured_mask(weight, choice, layer_scores, rows.get(name),
+                                        cols.get(name))
+            elif choice.pattern != DENSE:
                 mask = compute_mask(weight, choice, layer_scores)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
@@ -334,10 +437,16 @@ def compress_model(
             module, "weight", MaskedQuantizer(mask, choice.bits, dtype=weight.dtype)
         )
         bias = getattr(module, "bias", None)
-        if choice.pattern == CHANNEL and isinstance(bias, Tensor):
-            keep = mask.reshape(mask.shape[0], -1)[:, 0].to(bias.dtype)
+        keep_rows = rows.get(name)
+        if keep_rows is None and choice.pattern == CHANNEL:  # no graph: the layer's own rows
+            keep_rows = mask.reshape(mask.shape[0], -1).any(dim=1)
+        if keep_rows is not None and isinstance(bias, Tensor):
+            keep = keep_rows.to(device=bias.device, dtype=bias.dtype)
             parametrize.register_parametrization(module, "bias", BiasMask(keep))
     return model
+
+
+DENSE_CHOICE = LayerChoice(DENSE, 0.0, FLOAT_BITS)
 
 
 def bake(model: nn.Module) -> nn.Module:

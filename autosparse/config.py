@@ -20,14 +20,16 @@ from .objectives import CONSTRAINT_METRICS, HARDWARE_METRICS, OBJECTIVES
 from .validation import ConfigError, Strict, validate
 
 STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
-BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet")
+BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
+                  "digits-mobilenet", "digits-vit", "digits-conv1d")
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder")
 
 
 class ModelConfig(Strict):
     """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
 
-    builtin: Literal["digits-cnn", "digits-mlp", "digits-resnet"] | None = None
+    builtin: Literal["digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
+                     "digits-mobilenet", "digits-vit", "digits-conv1d"] | None = None
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
@@ -36,8 +38,8 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
         if (self.builtin is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'builtin' (digits-cnn, digits-mlp, "
-                             "digits-resnet) or 'factory'")
+            raise ValueError(f"give exactly one of 'builtin' ({', '.join(BUILTIN_MODELS)}) "
+                             "or 'factory'")
         if self.factory is not None and not re.match(r"^[\w.]+:[\w.]+$", self.factory):
             raise ValueError(
                 f"factory {self.factory!r} must look like 'package.module:function'"

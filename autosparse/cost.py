@@ -4,11 +4,12 @@ A pure function of (layer table, candidate, profile), so the search can score th
 candidates for free and a test can check every number by hand. Per layer (README, "Cost model"):
 
     precision  = what the device runs weights of this width on (int4 on an int8 CPU -> int8)
-    macs       = layer MACs x kept output channels (channel pruning shrinks the dense layer)
-                 x compute fraction of the pattern (1 unless the device accelerates it here)
+    macs       = layer MACs x kept output channels x kept input channels (channel groups shrink
+                 the dense layer and what it reads) x compute fraction of the pattern (1 unless the device accelerates it here)
     compute    = macs x (channels rounded up to the precision's channel block) / channels
                  / (peak MACs/s of the precision x kind efficiency)
-    memory     = weight bytes / bandwidth(weights' level) + activation bytes / bandwidth(act level)
+    memory     = weight bytes / bandwidth(weights' level) + activation bytes (kept input and
+                 output channels) / bandwidth(act level)
     latency    = max(compute, memory) + layer overhead [+ precision switch]      (roofline)
     switch     = conversion overhead + input elements x conversion time per element
     energy     = macs x pJ/MAC(precision) + bytes x pJ/byte(level) + static power x latency
@@ -27,6 +28,7 @@ from .candidate import CHANNEL, DENSE, Candidate, LayerChoice
 from .footprint import layer_footprint
 from .hardware import HardwareProfile, MemoryLevel, Precision, SparseAcceleration
 from .layers import LayerInfo, LayerTable
+from .structure import LayerStructure, layer_structures
 
 INPUT_ACTIVATION_BITS = 32  # the model's input and output are float32 tensors
 US = 1e-6
@@ -107,22 +109,24 @@ class _Plan:
     sparse: SparseAcceleration | None  # the acceleration that applies, if any
     fraction: float  # compute fraction from the sparse pattern
     keep_rows: float  # share of output channels kept
+    keep_columns: float  # share of input channels kept (what channel groups left of its inputs)
     weight_bits: float  # bits the kernel reads
     note: str
 
 
 def _plan(layer: LayerInfo, choice: LayerChoice, profile: HardwareProfile,
-          allow_sparse: bool = True) -> _Plan:
+          allow_sparse: bool = True, structure: LayerStructure | None = None) -> _Plan:
     precision, native = profile.precision_for(choice.bits)
-    footprint = layer_footprint(layer, choice)
+    footprint = layer_footprint(layer, choice, structure)
     keep_rows = footprint.kept_channels / layer.out_channels
+    keep_columns = (structure.kept_columns / layer.in_columns) if structure else 1.0
     notes = []
     if not native:
         notes.append(f"no {choice.bits}-bit arithmetic: emulated on {precision.label}")
     elif choice.bits < precision.bits:
         notes.append(f"int{choice.bits} runs on {precision.label}")
     sparse, fraction = None, 1.0
-    weight_bits = float(footprint.kept_channels * layer.row_length * precision.bits)
+    weight_bits = float(footprint.kept_channels * layer.row_length * keep_columns * precision.bits)
     if choice.pattern not in (DENSE, CHANNEL):
         entry = profile.acceleration(choice.pattern)
         if entry is None:
@@ -140,7 +144,8 @@ def _plan(layer: LayerInfo, choice: LayerChoice, profile: HardwareProfile,
             weight_bits = float(footprint.kept_weights * precision.bits + footprint.index_bits)
     # per-channel scales exist only where integers are computed on; float kernels get floats
     weight_bits += (footprint.scale_bits if precision.kind == "int" else 0) + footprint.bias_bits
-    return _Plan(precision, native, sparse, fraction, keep_rows, weight_bits, "; ".join(notes))
+    return _Plan(precision, native, sparse, fraction, keep_rows, keep_columns, weight_bits,
+                 "; ".join(notes))
 
 
 def conversion_s(profile: HardwareProfile, elements: float) -> float:
@@ -159,11 +164,12 @@ def _layer_cost(layer: LayerInfo, choice: LayerChoice, plan: _Plan, profile: Har
     rows = layer.out_channels * plan.keep_rows
     block = plan.precision.channel_block
     blocked_rows = math.ceil(round(rows, 6) / block) * block
-    macs = layer.macs * plan.keep_rows * plan.fraction  # what the arithmetic must do
+    macs = layer.macs * plan.keep_rows * plan.keep_columns * plan.fraction  # arithmetic to do
     run_macs = macs * blocked_rows / rows  # what the hardware spends time on
     compute_s = run_macs / (plan.precision.macs_per_second * profile.efficiency(layer.kind))
     weight_bytes = plan.weight_bits / 8
-    activation_bytes = ((layer.input_elements + layer.output_elements * plan.keep_rows)
+    activation_bytes = ((layer.input_elements * plan.keep_columns
+                         + layer.output_elements * plan.keep_rows)
                         * plan.precision.act_bits / 8)
     act_level = profile.level_holding(activation_bytes)
     memory_s = (weight_bytes / weight_level.bandwidth_bytes_per_second
@@ -201,7 +207,9 @@ def estimate_cost(table: LayerTable, candidate: Candidate, profile: HardwareProf
     memory-bound layer), the layer runs dense, as a runtime choosing kernels would.
     """
     choices = [candidate.get_choice(layer.name) for layer in table.layers]
-    plans = [_plan(layer, choice, profile) for layer, choice in zip(table.layers, choices)]
+    structures = layer_structures(table, candidate)
+    plans = [_plan(layer, choice, profile, structure=structures[layer.name])
+             for layer, choice in zip(table.layers, choices)]
     total_weight_bytes = sum(plan.weight_bits for plan in plans) / 8
     weight_level = (profile.level(profile.weights_level) if profile.weights_level
                     else profile.level_holding(total_weight_bytes))
@@ -211,8 +219,8 @@ def estimate_cost(table: LayerTable, candidate: Candidate, profile: HardwareProf
         switch = plan.precision.act_bits != previous_bits
         cost = _layer_cost(layer, choice, plan, profile, weight_level, switch)
         if plan.sparse is not None:
-            dense = _layer_cost(layer, choice, _plan(layer, choice, profile, allow_sparse=False),
-                                profile, weight_level, switch)
+            dense_plan = _plan(layer, choice, profile, False, structures[layer.name])
+            dense = _layer_cost(layer, choice, dense_plan, profile, weight_level, switch)
             cost = min(cost, dense, key=lambda c: c.latency_s)
         layers.append(cost)
         previous_bits = plan.precision.act_bits

@@ -13,24 +13,35 @@ import torch
 from torch import nn
 
 from .evaluate import eval_mode
+from .graph import ChannelGraph, trace_channel_groups
 from .layers import LayerInfo, LayerTable
 
-SEARCHABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear)
+SEARCHABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 DEFAULT_TARGETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """``transformers``' ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
 def layer_kind(module: nn.Module) -> str:
-    """The base type's name (``Conv1d``, ``Conv2d``, ``Linear``), also for subclasses."""
+    """The base type's name (``Conv1d``, ``Conv2d``, ``Linear``, ``Embedding``, or
+    ``Conv1D`` for transformers' transposed Linear), also for subclasses."""
+    if _is_hf_conv1d(module):
+        return "Conv1D"
     return next(t.__name__ for t in SEARCHABLE_TYPES if isinstance(module, t))
 
 
 def find_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every Conv1d/Conv2d/Linear with a weight, by ``named_modules`` name, in module order."""
+    """Every Conv1d/Conv2d/Linear/Embedding (and transformers' Conv1D) with a 2-d or larger
+    weight, by ``named_modules`` name, in module order."""
     return {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, SEARCHABLE_TYPES)
+        if (isinstance(module, SEARCHABLE_TYPES) or _is_hf_conv1d(module))
         and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() >= 2
     }
 
 
@@ -41,9 +52,23 @@ def _layer_macs(module: nn.Module, output: torch.Tensor) -> int:
     (e.g. sequence-first inputs to a Linear).
     """
     outputs = output.numel()
+    if isinstance(module, nn.Embedding):
+        return 0  # a lookup: no multiply-accumulates
+    if _is_hf_conv1d(module):
+        return outputs * module.weight.shape[0]
     if isinstance(module, nn.Linear):
         return outputs * module.in_features
     return outputs * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tensor:
+    """One random sample (batch 1) on the model's device and dtype, from a private generator."""
+    parameter = next(model.parameters(), None)
+    floating = parameter is not None and parameter.is_floating_point()
+    dtype = parameter.dtype if floating else torch.float32
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)  # a private generator: global RNG untouched
+    return torch.randn((1, *input_shape), generator=generator).to(device=device, dtype=dtype)
 
 
 def measure(
@@ -65,12 +90,7 @@ def measure(
 
         return hook
 
-    parameter = next(model.parameters(), None)
-    floating = parameter is not None and parameter.is_floating_point()
-    dtype = parameter.dtype if floating else torch.float32
-    device = parameter.device if parameter is not None else torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)  # a private generator: global RNG untouched
-    x = torch.randn((1, *input_shape), generator=generator).to(device=device, dtype=dtype)
+    x = example_input(model, input_shape)
     handles = [module.register_forward_hook(hook_for(name)) for name, module in layers.items()]
     try:
         with eval_mode(model), torch.no_grad():
@@ -148,7 +168,17 @@ def discover_layers(
     global_targets: Sequence[float] = DEFAULT_TARGETS,
     searchable: Collection[str] | None = None,
 ) -> LayerTable:
-    """Build the layer table of ``model`` for per-sample inputs of ``input_shape``.
+    """Build the layer table of ``model`` for per-sample inputs of ``input_shape``."""
+    return discover(model, input_shape, global_targets, searchable)[0]
+
+
+def discover(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    global_targets: Sequence[float] = DEFAULT_TARGETS,
+    searchable: Collection[str] | None = None,
+) -> tuple[LayerTable, ChannelGraph]:
+    """The layer table of ``model`` and its channel graph (the indices masks and export need).
 
     ``searchable`` limits the global magnitude allocation to those layer names (the others are
     kept dense, so their weights must not pull the threshold); all layers stay in the table.
@@ -172,19 +202,25 @@ def discover_layers(
             input_elements=stats[name]["input_elements"],
             output_elements=stats[name]["output_elements"],
             groups=int(getattr(module, "groups", 1)),
+            bias_length=int(module.bias.numel()) if _is_hf_conv1d(module)
+            and getattr(module, "bias", None) is not None else None,
         )
         for name, module in layers.items()
     )
     allocated = [n for n in layers if searchable is None or n in searchable]
     weights = {n: layers[n].weight for n in allocated}
-    return LayerTable(
+    graph = trace_channel_groups(model, layers, example_input(model, input_shape))
+    table = LayerTable(
         layers=infos,
         other_params=count_other_params(model, layers),
         input_shape=input_shape,
         global_magnitude=global_magnitude_allocation(weights, global_targets),
+        channel_groups=graph.groups,
+        graph_error=graph.error,
     )
+    return table, graph
 
 
 def unused_layers(table: LayerTable) -> list[str]:
-    """Layers the forward pass never called (macs 0): worth a warning, e.g. an unused head."""
-    return [layer.name for layer in table.layers if layer.macs == 0]
+    """Layers the forward pass never called: worth a warning, e.g. an unused head."""
+    return [layer.name for layer in table.layers if layer.input_elements == 0]

@@ -3,9 +3,11 @@
     pick      trial by number, by rule (max drop + minimise a metric) or the front's knee
     rebuild   compress the dense model with the trial's candidate, fine-tune exactly as the
               search did (or longer, on request), check validation accuracy against the trial's
-    bake      masks and quantization into plain weights; shrink channel-pruned layers for real
-    write     model.pt2 (torch.export of the shrunk model), model.packed (what the size objective
-              counted), model.onnx, model.int8.onnx (QDQ) where every searched layer is <= 8 bits
+    bake      masks and quantization into plain weights; remove the pruned channel groups for
+              real (Torch-Pruning); parameters must equal the footprint's prediction
+    write     model.pt2 (torch.export of the shrunk model), model.packed (the shrunk model, what
+              the size objective counted), model.onnx, model.int8.onnx (QDQ) where every searched
+              layer is <= 8 bits
     check     test accuracy in every format; formats must agree; measured vs predicted latency
     report    report.json / report.md; the model registered in MLflow, linked to the search
     publish   everything is written to a temporary folder and renamed into place at the end, so a
@@ -27,13 +29,14 @@ import optuna
 import torch
 
 from .candidate import FLOAT_BITS, Candidate
-from .compress import bake
+from .compress import bake, structural_keep
 from .config import FinetuneConfig
 from .cost import estimate_cost
+from .discovery import example_input
 from .evaluate import evaluate
 from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
 from .export.packed import load_packed, save_packed
-from .export.shrink import shrink_model
+from .export.shrink import ShrinkError, ShrinkReport, shrink_model
 from .footprint import footprint_metrics
 from .front import trials_frame
 from .hardware import HardwareProfile, load_profile
@@ -50,8 +53,9 @@ Printer = Callable[[str], None]
 # Documented tolerances (README, "Export").
 SAME_PREDICTIONS = 99.5  # % of test images on which every float format predicts the same class
 INT8_MAX_DROP = 1.0  # points the QDQ int8 model (activations quantized too) may lose vs PyTorch
-SEARCH_MARGIN = 1.0
-FLOAT_FORMATS = ("pytorch_shrunk", "packed", "onnx")  # must predict like the compressed model  # points the rebuilt model's validation accuracy may differ from the trial's
+SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
+OUTPUT_TOLERANCE = 1e-4  # largest output difference of a float format, relative to the largest output
+FLOAT_FORMATS = ("pytorch_shrunk", "pt2", "packed", "onnx")  # must compute the compressed model
 
 
 # What a front point re-evaluated with extra seeds adds (front.trials_frame): "accuracy" is then
@@ -124,18 +128,24 @@ def _batches(context: SearchContext, split: str) -> Iterable[tuple[np.ndarray, n
         yield x.numpy().astype(np.float32), np.asarray(y)
 
 
-def _predictions(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
+def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
+    """The model's outputs on the whole test split (eval mode)."""
     out = []
     with torch.no_grad():
-        model.eval()
+        if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
+            model.eval()  # a loaded torch.export program is already in eval form
         for x, _ in context.data.loader("test", 256):
-            out.append(model(x).argmax(dim=1).numpy())
+            out.append(model(x).numpy())
     return np.concatenate(out)
 
 
-def _onnx_predictions(path: Path, context: SearchContext) -> np.ndarray:
-    return np.concatenate([onnx_outputs(path, x).argmax(axis=1)
-                           for x, _ in _batches(context, "test")])
+def _onnx_logits(path: Path, context: SearchContext) -> np.ndarray:
+    return np.concatenate([onnx_outputs(path, x) for x, _ in _batches(context, "test")])
+
+
+def _output_error(logits: np.ndarray, reference: np.ndarray) -> float:
+    """Largest output difference relative to the reference's largest output."""
+    return float(np.abs(logits - reference).max() / max(float(np.abs(reference).max()), 1e-12))
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
@@ -202,7 +212,8 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         # an explicit step count replaces the search's length, epochs included
         tune_cfg = config.finetune.model_copy(update={"steps": steps, "epochs": None})
     evaluator = CandidateEvaluator(context.dense, context.data, context.table, config.finetune,
-                                   context.dense_metrics["accuracy"], context.profile)
+                                   context.dense_metrics["accuracy"], context.profile,
+                                   graph=context.graph)
     tune_steps = evaluator.finetune_steps(tune_cfg)
     printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
             f"{tune_steps} fine-tune steps ...")
@@ -218,29 +229,33 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                 f"rebuilt model scores {validation:.2f} % on validation, the search recorded "
                 f"{own:.2f} % for this seed (allowed difference {SEARCH_MARGIN} points)")
     baked = bake(student)
-    shrunk, shrink_report = shrink_model(baked, candidate, context.data.input_shape)
+    shrunk, shrink_report, kept = _shrink(context, evaluator, candidate, baked)
 
-    # one pass over the test split per format: accuracy and agreement both come from it
-    predictions = {"pytorch": _predictions(baked, context),
-                   "pytorch_shrunk": _predictions(shrunk, context)}
+    # one pass over the test split per format: outputs, accuracy and agreement all come from it
+    logits = {"pytorch": _logits(baked, context), "pytorch_shrunk": _logits(shrunk, context)}
 
     # batch 2 as the example (torch.export specialises size-1 dimensions), dynamic batch: the
     # program serves any batch size, like the ONNX files and the MLflow model
     exported = torch.export.export(shrunk.eval(), (torch.randn(2, *context.data.input_shape),),
                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(exported, out / "model.pt2")
+    logits["pt2"] = _logits(torch.export.load(out / "model.pt2").module(), context)
 
-    packed_info = save_packed(baked, candidate, out / "model.packed")
+    packed_info = save_packed(shrunk, candidate, out / "model.packed", table=context.table,
+                              kept=kept)
     skeleton = build_model(config.model, context.data.input_shape, context.data.num_classes)
-    predictions["packed"] = _predictions(load_packed(out / "model.packed", skeleton), context)
+    logits["packed"] = _logits(load_packed(out / "model.packed", skeleton), context)
 
     export_onnx(shrunk, context.data.input_shape, out / "model.onnx")
-    predictions["onnx"] = _onnx_predictions(out / "model.onnx", context)
+    logits["onnx"] = _onnx_logits(out / "model.onnx", context)
     quantized = all(candidate.get_choice(n).bits <= 8 for n in context.table.names)
     if quantized:
         calibration = (x for x, _ in _batches(context, "train"))
         quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration)
-        predictions["onnx_int8"] = _onnx_predictions(out / "model.int8.onnx", context)
+        logits["onnx_int8"] = _onnx_logits(out / "model.int8.onnx", context)
+    predictions = {name: values.argmax(axis=1) for name, values in logits.items()}
+    output_error = {name: _output_error(values, logits["pytorch"])
+                    for name, values in logits.items() if name in FLOAT_FORMATS}
     labels = np.concatenate([y for _, y in _batches(context, "test")])
     accuracy = {name: _agreement(pred, labels) for name, pred in predictions.items()}
     agreement = {name: _agreement(pred, predictions["pytorch"])
@@ -249,6 +264,9 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     problems = [f"{name} predicts like PyTorch on only {value:.2f} % of test images "
                 f"(needs >= {SAME_PREDICTIONS} %)"
                 for name, value in agreement.items() if value < SAME_PREDICTIONS]
+    problems += [f"{name} outputs differ from the compressed model's by {value:.2e} (relative; "
+                 f"allowed {OUTPUT_TOLERANCE:g})"
+                 for name, value in output_error.items() if value > OUTPUT_TOLERANCE]
     if quantized and accuracy["pytorch"] - accuracy["onnx_int8"] > INT8_MAX_DROP:
         problems.append(f"int8 ONNX loses {accuracy['pytorch'] - accuracy['onnx_int8']:.2f} "
                         f"points vs PyTorch (allowed {INT8_MAX_DROP})")
@@ -288,17 +306,42 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         "reevaluation": {key: searched[key] for key in REEVALUATION if key in searched},
         "test_accuracy": {**accuracy, "dense": context.dense_metrics.get("test_accuracy")},
         "agreement_percent": agreement,
+        "output_error": output_error,
         "size_kb": {"dense_predicted": dense_size, "predicted": footprint["size_kb"],
                     "packed_file": files["model.packed"] / 1000,
                     "packed_header": packed_info.header_bytes / 1000},
         "files_bytes": files,
         "shrink": shrink_report.to_dict(),
+        "parameters": {"predicted": shrink_report.parameters_predicted,
+                       "shrunk": shrink_report.parameters_after,
+                       "dense": shrink_report.parameters_before},
         "latency_ms_measured": {k: v * 1e3 for k, v in measured.items()},
         "predicted": predicted,
         "tolerances": {"same_predictions_percent": SAME_PREDICTIONS,
+                       "output_error_relative": OUTPUT_TOLERANCE,
                        "int8_max_drop_points": INT8_MAX_DROP,
                        "search_margin_points": SEARCH_MARGIN},
     }, shrunk
+
+
+def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Candidate,
+            baked: torch.nn.Module) -> tuple[torch.nn.Module, ShrinkReport, dict]:
+    """The baked model with the candidate's channel groups removed, the report, and the kept
+    channels per group (the same ones compression chose: computed on the dense model with the
+    same scores). A group that cannot be removed, or a shrunk model whose parameters are not
+    the footprint's, fails the export: it would not be what the search scored."""
+    _, _, kept = structural_keep(context.dense, candidate, context.graph,
+                                 evaluator._scores(candidate))
+    example = example_input(baked, context.data.input_shape)
+    try:
+        shrunk, report = shrink_model(baked, candidate, context.table, context.graph, kept,
+                                      example)
+    except ShrinkError as err:
+        raise ExportCheckFailed(f"shrinking failed: {err}") from err
+    if report.parameters_after != report.parameters_predicted:
+        raise ExportCheckFailed(f"the shrunk model has {report.parameters_after} parameters, the "
+                                f"footprint predicts {report.parameters_predicted}")
+    return shrunk, report, kept
 
 
 def _register(context: SearchContext, report: dict, model: torch.nn.Module, out: Path,
@@ -323,6 +366,19 @@ def _register(context: SearchContext, report: dict, model: torch.nn.Module, out:
         printer(f"registered in MLflow as {name!r} version {result[1]} ({uri})")
 
 
+def _shrink_markdown(report: dict) -> list[str]:
+    """The channel groups removed and the parameter count against the footprint's."""
+    params = report["parameters"]
+    lines = [f"Parameters: {params['shrunk']} in the shrunk model (footprint predicts "
+             f"{params['predicted']}; dense {params['dense']})."]
+    groups = report["shrink"]["groups"]
+    if groups:
+        lines += ["", "| channel group | channels | producers | consumers |", "|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['channels_before']} -> {g['channels_after']} | "
+                  f"{', '.join(g['producers'])} | {', '.join(g['consumers'])} |" for g in groups]
+    return lines
+
+
 def report_markdown(report: dict) -> str:
     acc, size = report["test_accuracy"], report["size_kb"]
     lines = [f"# Export of {report['search']} trial {report['trial']}", "",
@@ -339,11 +395,15 @@ def report_markdown(report: dict) -> str:
     for layer in report["layers"]:
         bits = "fp32" if layer["bits"] == FLOAT_BITS else f"int{layer['bits']}"
         lines.append(f"| {layer['layer']} | {layer['pattern']} | {layer['sparsity']:.0%} | {bits} |")
-    lines += ["", "| format | test accuracy (%) | same prediction as PyTorch (%) |", "|---|---|---|"]
+    lines += ["", *_shrink_markdown(report)]
+    lines += ["", "| format | test accuracy (%) | same prediction as PyTorch (%) | output error "
+              "(relative) |", "|---|---|---|---|"]
     for name, value in acc.items():
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
             agree = report["agreement_percent"].get(name)
-            lines.append(f"| {name} | {value:.2f} | {'' if agree is None else f'{agree:.2f}'} |")
+            error = report.get("output_error", {}).get(name)
+            lines.append(f"| {name} | {value:.2f} | {'' if agree is None else f'{agree:.2f}'} | "
+                         f"{'' if error is None else f'{error:.1e}'} |")
     lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
               f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "
               f"{size['dense_predicted']:.2f} kB dense.", "",

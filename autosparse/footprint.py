@@ -2,12 +2,15 @@
 
 Size counts every bit a deployment stores (see the README's "Size formula"):
 
-    values  = kept weights x bits
-    index   = unstructured: min(bitmask, column index per kept value + per-row count)
-              N:M: ceil(log2 M) bits per kept value;  channel: one bit per output channel
+    left    = kept rows x kept input columns x kernel: what channel groups leave of the layer
+              (its own kept output channels and the kept channels of what feeds it)
+    values  = kept weights of ``left`` x bits
+    index   = unstructured: min(bitmask, column index per kept value + per-row count) over left
+              N:M: ceil(log2 M) bits per kept value;  a group's leader: one bit per channel
     scales  = one fp32 scale per kept output channel when bits < 32
     bias    = fp32 per kept output channel
-    rest    = every parameter outside the searched layers at fp32
+    rest    = every parameter outside the searched layers at fp32, less the batch-norm
+              parameters of removed channels
 
 MACs count the multiply-accumulates left after pruning (the ideal a sparse kernel could reach;
 whether a device reaches it is the hardware cost model's business). BOPs = MACs x weight bits x
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from .candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, Candidate, LayerChoice, parse_nm
 from .layers import LayerInfo, LayerTable
+from .structure import LayerStructure, layer_structures, other_params_removed
 
 ACTIVATION_BITS = 32
 SCALE_BITS = 32
@@ -70,9 +74,23 @@ def _bits_for(count: int) -> int:
     return max(1, math.ceil(math.log2(count))) if count > 1 else 1
 
 
-def layer_footprint(layer: LayerInfo, choice: LayerChoice) -> LayerFootprint:
-    n, rows, row = layer.weight_count, layer.out_channels, layer.row_length
-    kept_rows = rows
+def _own_structure(layer: LayerInfo, choice: LayerChoice) -> LayerStructure:
+    """A layer on its own: a channel choice keeps its rows (one channel at a time), nothing
+    else changes. Per-layer estimates (the allocation planner) use this; a whole candidate's
+    footprint uses the groups (:func:`model_footprint`)."""
+    rows = layer.out_channels
+    if choice.pattern == CHANNEL:
+        rows = max(1, rows - round(choice.sparsity * rows))
+    return LayerStructure(rows, layer.in_columns, layer.name if choice.pattern == CHANNEL else None)
+
+
+def layer_footprint(layer: LayerInfo, choice: LayerChoice,
+                    structure: LayerStructure | None = None) -> LayerFootprint:
+    structure = structure or _own_structure(layer, choice)
+    n_full = layer.weight_count
+    rows = kept_rows = structure.kept_rows
+    n = structure.weight_count(layer)
+    row = n // rows
     if choice.pattern == DENSE:
         kept, index = n, 0
     elif choice.pattern == UNSTRUCTURED:
@@ -80,14 +98,15 @@ def layer_footprint(layer: LayerInfo, choice: LayerChoice) -> LayerFootprint:
         csr = kept * _bits_for(row) + rows * _bits_for(row + 1)
         index = min(n, csr)
     elif choice.pattern == CHANNEL:
-        kept_rows = max(1, rows - round(choice.sparsity * rows))
-        kept, index = kept_rows * row, rows
+        kept, index = n, 0
     else:
         keep, group = parse_nm(choice.pattern)  # type: ignore[misc]
         kept = n * keep // group
         index = kept * _bits_for(group)
+    if structure.leads is not None:
+        index += layer.out_channels  # the group's channel bitmask, stored once, with its leader
     quantized = choice.bits < FLOAT_BITS
-    macs = layer.macs * kept / n if n else 0.0
+    macs = layer.macs * kept / n_full if n_full else 0.0
     return LayerFootprint(
         name=layer.name,
         kept_weights=kept,
@@ -95,7 +114,7 @@ def layer_footprint(layer: LayerInfo, choice: LayerChoice) -> LayerFootprint:
         value_bits=kept * choice.bits,
         index_bits=index,
         scale_bits=kept_rows * SCALE_BITS if quantized else 0,
-        bias_bits=kept_rows * BIAS_BITS if layer.has_bias else 0,
+        bias_bits=layer.kept_bias(kept_rows) * BIAS_BITS,
         macs=macs,
         bops=macs * choice.bits * ACTIVATION_BITS,
     )
@@ -103,8 +122,11 @@ def layer_footprint(layer: LayerInfo, choice: LayerChoice) -> LayerFootprint:
 
 def model_footprint(table: LayerTable, candidate: Candidate) -> Footprint:
     """Footprint of every layer in the table; layers the candidate omits count as dense fp32."""
-    layers = tuple(layer_footprint(layer, candidate.get_choice(layer.name)) for layer in table.layers)
-    return Footprint(layers=layers, other_bits=table.other_params * FLOAT_BITS)
+    structures = layer_structures(table, candidate)
+    layers = tuple(layer_footprint(layer, candidate.get_choice(layer.name), structures[layer.name])
+                   for layer in table.layers)
+    other = table.other_params - other_params_removed(table, candidate)
+    return Footprint(layers=layers, other_bits=other * FLOAT_BITS)
 
 
 def footprint_metrics(table: LayerTable, candidate: Candidate) -> dict[str, float]:

@@ -29,10 +29,20 @@ class LayerInfo:
     input_elements: int = 0
     output_elements: int = 0
     groups: int = 1
+    bias_length: int | None = None  # when the bias is not one per row (transformers' Conv1D)
 
     @property
     def out_channels(self) -> int:
         return self.weight_shape[0]
+
+    @property
+    def in_columns(self) -> int:
+        """Input channels (conv, per group) or features (Linear) one output row reads."""
+        return self.weight_shape[1] if len(self.weight_shape) > 1 else 1
+
+    @property
+    def kernel_elements(self) -> int:
+        return math.prod(self.weight_shape[2:])
 
     @property
     def weight_count(self) -> int:
@@ -45,7 +55,15 @@ class LayerInfo:
 
     @property
     def bias_count(self) -> int:
-        return self.out_channels if self.has_bias else 0
+        if not self.has_bias:
+            return 0
+        return self.out_channels if self.bias_length is None else self.bias_length
+
+    def kept_bias(self, kept_rows: int) -> int:
+        """Bias entries left when only ``kept_rows`` rows remain (one per row, or all)."""
+        if not self.has_bias:
+            return 0
+        return kept_rows if self.bias_length is None else self.bias_length
 
     def supports(self, pattern: str) -> bool:
         """Whether the pattern can be applied to this layer.
@@ -56,10 +74,60 @@ class LayerInfo:
         """
         nm = parse_nm(pattern)
         if nm is not None:
-            return self.row_length % nm[1] == 0
+            return self.kind in NM_KINDS and self.row_length % nm[1] == 0
         if pattern == CHANNEL:
             return self.out_channels > 1
         return pattern in (UNSTRUCTURED, DENSE)
+
+
+NM_KINDS = ("Conv1d", "Conv2d", "Linear")  # weights stored (out, in, ...): N:M runs along inputs
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together, found by the dependency graph at discovery.
+
+    ``producers`` are the layers whose output channels these are (several when a residual add,
+    a depthwise conv or attention heads tie them); the first searched one, the *leader*, carries
+    the group's channel decision and the others follow it. ``consumers`` lists each layer that
+    reads the channels with how many of its input columns one channel feeds (1, or H*W after a
+    flatten). ``unit`` channels go together (an attention head's width). ``other_params`` are the
+    parameters per channel outside searched layers (batch-norm scale and shift) that go with them.
+    ``step`` units are removed at a time (4 for groups of 8 or more channels in multiples of 4:
+    consumers keep input counts that N:M patterns and SIMD lanes divide). ``blocked`` says why
+    export could not remove them; such a group is never offered.
+    """
+
+    name: str
+    producers: tuple[str, ...]
+    consumers: tuple[tuple[str, int], ...]
+    channels: int
+    unit: int = 1
+    other_params: int = 0
+    through: tuple[str, ...] = ()
+    blocked: str | None = None
+    step: int = 1
+
+    @property
+    def units(self) -> int:
+        return self.channels // self.unit
+
+    def pruned_channels(self, sparsity: float) -> int:
+        """Channels a sparsity removes: ``round(s * units)`` whole units rounded to the step,
+        at least one step kept."""
+        step = self.step
+        drop = min(int(round(sparsity * self.units / step)) * step, self.units - step)
+        return max(0, drop) * self.unit
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "producers": list(self.producers),
+                "consumers": [list(c) for c in self.consumers], "through": list(self.through)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ChannelGroup":
+        return cls(**{**data, "producers": tuple(data["producers"]),
+                      "consumers": tuple((str(n), int(c)) for n, c in data["consumers"]),
+                      "through": tuple(data.get("through", ()))})
 
 
 @dataclass(frozen=True)
@@ -76,6 +144,8 @@ class LayerTable:
     other_params: int = 0
     input_shape: tuple[int, ...] = ()
     global_magnitude: dict[float, dict[str, float]] = field(default_factory=dict)
+    channel_groups: tuple[ChannelGroup, ...] = ()
+    graph_error: str | None = None  # why no dependency graph could be built (no channel pruning)
 
     def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
@@ -98,6 +168,8 @@ class LayerTable:
             "other_params": self.other_params,
             "input_shape": list(self.input_shape),
             "global_magnitude": {str(k): v for k, v in self.global_magnitude.items()},
+            "channel_groups": [g.to_dict() for g in self.channel_groups],
+            "graph_error": self.graph_error,
         }
 
     @classmethod
@@ -114,4 +186,6 @@ class LayerTable:
                 float(k): {n: float(s) for n, s in v.items()}
                 for k, v in data.get("global_magnitude", {}).items()
             },
+            channel_groups=tuple(ChannelGroup.from_dict(g) for g in data.get("channel_groups", ())),
+            graph_error=data.get("graph_error"),
         )

@@ -1,4 +1,4 @@
-"""Models: the two built-in demo networks, or the user's own model through a factory.
+"""Models: the built-in demo networks, or the user's own model through a factory.
 
 A user's model comes in as ``factory: "package.module:function"`` (plus kwargs) and an optional
 state-dict checkpoint, so no pickled model object is ever loaded (``weights_only=True``).
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .config import ConfigError, ModelConfig
+from .config import BUILTIN_MODELS, ConfigError, ModelConfig
 
 _STATE_DICT_ENTRIES = ("state_dict", "model_state_dict")
 _SHOWN = 5  # how many missing/unexpected keys an error lists
@@ -117,6 +117,134 @@ class DigitsResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class DigitsResNet18(DigitsResNet):
+    """ResNet-18 layout: stem, four stages of two basic blocks (16/32/64/128 channels), head.
+
+    21 searchable layers (stem, 16 block convs, three 1x1 shortcuts, the head): the classic
+    residual layout, where the adds tie channels across blocks for structured pruning.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__(in_channels, num_classes, widths=(16, 32, 64, 128))
+
+
+class _InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand (when t > 1), 3x3 depthwise, linear 1x1 project (+ input).
+
+    The residual add only when the stride is 1 and the channels match, as in MobileNetV2.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = cin * expansion
+        self.expand: nn.Conv2d | None = None
+        if expansion != 1:
+            self.expand = nn.Conv2d(cin, hidden, 1, bias=False)
+            self.expand_bn = nn.BatchNorm2d(hidden)
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden,
+                                   bias=False)
+        self.depthwise_bn = nn.BatchNorm2d(hidden)
+        self.project = nn.Conv2d(hidden, cout, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.expand is not None:
+            out = F.relu6(self.expand_bn(self.expand(out)))
+        out = F.relu6(self.depthwise_bn(self.depthwise(out)))
+        out = self.project_bn(self.project(out))
+        return out + x if self.residual else out
+
+
+class DigitsMobileNet(nn.Module):
+    """MobileNetV2-style CNN: stem, seven inverted residual blocks, 1x1 conv to 128, linear head.
+
+    23 searchable layers including seven depthwise convs (groups == channels), whose pruning
+    must follow the 1x1 convs around them, and residual adds without a ReLU after them.
+    """
+
+    # (expansion t, output channels c, repeats n, first stride s): the MobileNetV2 table, scaled
+    # down for 8x8 inputs (two stride-2 stages instead of five)
+    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 2, 1))
+
+    def __init__(self, in_channels: int, num_classes: int, stem: int = 16, last: int = 128):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, stem, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(stem)
+        blocks, cin = [], stem
+        for expansion, cout, repeats, first_stride in self.SETTINGS:
+            for index in range(repeats):
+                blocks.append(_InvertedResidual(cin, cout, first_stride if index == 0 else 1,
+                                                expansion))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Conv2d(cin, last, 1, bias=False)
+        self.head_bn = nn.BatchNorm2d(last)
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(F.relu6(self.stem_bn(self.stem(x))))
+        x = F.relu6(self.head_bn(self.head(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class DigitsViT(nn.Module):
+    """A two-layer Vision Transformer from ``transformers`` (random init), returning logits.
+
+    14 searchable layers: the patch-embedding conv, per encoder layer query/key/value, the
+    attention output and the two MLP Linears, and the classifier; LayerNorms stay dense.
+    ``forward`` returns the logits tensor (not a ModelOutput) so it looks like any classifier.
+    """
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        try:
+            from transformers import ViTConfig, ViTForImageClassification
+        except ImportError as err:
+            raise ConfigError(
+                f"model digits-vit needs the transformers package ({err}); "
+                "install it with `pip install transformers`"
+            ) from None
+        config = ViTConfig(
+            image_size=image_size, patch_size=2, num_channels=in_channels, hidden_size=48,
+            num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+            # eager: attention as plain matmul + softmax ops, the same graph in training, the
+            # cost probe and export (sdpa also passed torch.export and ONNX; nothing depends on it)
+            num_labels=num_classes, attn_implementation="eager",
+        )
+        self.hf = ViTForImageClassification(config)  # layers: hf.vit.layers.N.attention.q_proj, ...
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(pixel_values=x).logits
+
+
+class DigitsConv1d(nn.Module):
+    """Conv1d net over the image read as a sequence: rows (C*H) as channels, columns as time.
+
+    Four searchable layers (three Conv1d and the head), so the 1-D conv paths get exercised.
+    """
+
+    def __init__(self, in_channels: int, length: int, num_classes: int):
+        super().__init__()
+        del length  # the adaptive pool makes the head independent of it
+        self.conv1 = nn.Conv1d(in_channels, 32, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm1d(32)
+        self.conv2 = nn.Conv1d(32, 64, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm1d(64)
+        self.pool = nn.MaxPool1d(2)
+        self.conv3 = nn.Conv1d(64, 64, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm1d(64)
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.flatten(x, 1, -2)  # (batch, C, H, W) -> (batch, C*H, W)
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.pool(F.relu(self.bn2(self.conv2(x))))
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool1d(x, 1), 1))
+
+
 def is_builtin(cfg: ModelConfig) -> bool:
     return cfg.builtin is not None
 
@@ -162,7 +290,32 @@ def _build_builtin(
                 f"and width >= 4; the data gives samples of shape {input_shape}"
             )
         return DigitsResNet(input_shape[0], num_classes)
-    raise ConfigError(f"model.builtin {name!r} is not one of digits-cnn, digits-mlp, digits-resnet")
+    if name == "digits-resnet18":
+        _need_image(name, input_shape, 8)
+        return DigitsResNet18(input_shape[0], num_classes)
+    if name == "digits-mobilenet":
+        _need_image(name, input_shape, 4)
+        return DigitsMobileNet(input_shape[0], num_classes)
+    if name == "digits-vit":
+        if len(input_shape) != 3 or input_shape[1] != input_shape[2] or input_shape[1] % 2:
+            raise ConfigError(
+                f"model digits-vit needs square image inputs (channels, size, size) with an even "
+                f"size (patches are 2x2); the data gives samples of shape {input_shape}"
+            )
+        return DigitsViT(input_shape[0], input_shape[1], num_classes)
+    if name == "digits-conv1d":
+        _need_image(name, input_shape, 2)
+        return DigitsConv1d(input_shape[0] * input_shape[1], input_shape[2], num_classes)
+    raise ConfigError(f"model.builtin {name!r} is not one of {', '.join(BUILTIN_MODELS)}")
+
+
+def _need_image(name: str, input_shape: tuple[int, ...], least: int) -> None:
+    """Raise unless ``input_shape`` is (channels, height, width) with both sides >= ``least``."""
+    if len(input_shape) != 3 or min(input_shape[1:]) < least:
+        raise ConfigError(
+            f"model {name} needs image inputs (channels, height, width) with height and width "
+            f">= {least}; the data gives samples of shape {input_shape}"
+        )
 
 
 def _import_factory(spec: str) -> Callable[..., Any]:

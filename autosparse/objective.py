@@ -28,6 +28,7 @@ from .footprint import footprint_metrics
 from .hardware import HardwareProfile
 from .layers import LayerTable
 from .objectives import metric_of
+from .graph import ChannelGraph
 from .fidelity import FIDELITY_ATTR, LOW_ATTR, PROMOTION_ATTR, STEPS_ATTR, FidelityPlan, stored_low
 from .trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (re-exported)
 
@@ -65,6 +66,7 @@ class CandidateEvaluator:
     finetune_cfg: FinetuneConfig
     dense_accuracy: float
     profile: HardwareProfile | None = None
+    graph: ChannelGraph | None = None
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -110,7 +112,8 @@ class StagedRun:
 
     def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
         self.evaluator, self.candidate = evaluator, candidate
-        self.student = compress_model(evaluator.dense, candidate, evaluator._scores(candidate))
+        self.student = compress_model(evaluator.dense, candidate, evaluator._scores(candidate),
+                                      evaluator.graph)
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
         self._seconds = 0.0

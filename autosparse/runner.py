@@ -25,7 +25,8 @@ from .cost import estimate_cost
 from .cost_report import cost_table
 from .data import DataSplits, load_data
 from .dense import prepare_dense
-from .discovery import discover_layers, find_layers, global_magnitude_allocation
+from .discovery import discover, find_layers, global_magnitude_allocation
+from .graph import ChannelGraph
 from .front import HypervolumeSpec, final, trial_metrics, trials_frame
 from .hardware import HardwareProfile, load_profile
 from .layers import LayerTable
@@ -64,6 +65,7 @@ class SearchContext:
     grid: GridSpace | None = None  # grid-global's points (exact global-magnitude allocations)
     sensitivity: SensitivityTable | None = None  # set by open_study where the strategy uses it
     planner: BudgetPlanner | None = None
+    graph: ChannelGraph | None = None  # channel groups' row/column indices (masks, export)
 
     @property
     def storage_url(self) -> str:
@@ -76,7 +78,7 @@ class SearchContext:
 
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
-                                       self.dense_metrics["accuracy"], self.profile)
+                                       self.dense_metrics["accuracy"], self.profile, self.graph)
         fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)
@@ -125,15 +127,15 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
     torch.manual_seed(config.seed)
     data = load_data(config.data)
     dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed)
-    table = discover_layers(dense, data.input_shape)
+    table, graph = discover(dense, data.input_shape)
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
-        table = discover_layers(dense, data.input_shape, searchable=space.layer_names)
+        table, graph = discover(dense, data.input_shape, searchable=space.layer_names)
     profile = load_profile(config.hardware) if config.hardware else None
     dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile)}
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
-                         dense_metrics, table, space, profile, grid)
+                         dense_metrics, table, space, profile, grid, graph=graph)
 
 
 def _global_grid(dense: torch.nn.Module, space: SearchSpace) -> GridSpace:

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .allocation.table import ChoiceSensitivity, choice_id
-from .candidate import DENSE, FLOAT_BITS, LayerChoice
+from .candidate import CHANNEL, DENSE, FLOAT_BITS, LayerChoice
 from .compress import compress_model, taylor_scores
+from .graph import ChannelGraph
 from .config import FinetuneConfig, SensitivityConfig
 from .data import DataSplits
 from .evaluate import eval_mode
@@ -104,14 +105,18 @@ def scores_for_space(dense: nn.Module, data: DataSplits, space: SearchSpace,
 
 
 def compressed_tensors(modules: Mapping[str, nn.Module], layers: Collection[str],
-                       choice: LayerChoice,
-                       scores: Mapping[str, Tensor] | None) -> dict[str, dict[str, Tensor]]:
+                       choice: LayerChoice, scores: Mapping[str, Tensor] | None,
+                       graph: ChannelGraph | None = None) -> dict[str, dict[str, Tensor]]:
     """``{layer: {"weight": w_c[, "bias": b_c]}}``: the effective tensors of ``choice``.
 
     Built by ``compress_model`` on a copy of only these layers (not the whole model), so masks,
-    fake-quant and channel bias masking are exactly those of a trial's compressed model.
+    fake-quant and channel bias masking are exactly those of a trial's compressed model. A
+    channel choice prunes whole groups, so it also returns the other producers' and the
+    consumers' tensors (built on a copy of the whole model, ``modules[""]``).
     """
     layers = list(layers)
+    if choice.pattern == CHANNEL and graph is not None:
+        return _group_tensors(modules, layers, choice, scores, graph)
     if choice.criterion == "taylor" and choice.pattern != DENSE:
         missing = [name for name in layers if scores is None or name not in scores]
         if missing:
@@ -133,6 +138,28 @@ def compressed_tensors(modules: Mapping[str, nn.Module], layers: Collection[str]
             if parametrize.is_parametrized(module, "bias"):
                 tensors["bias"] = module.bias.detach()
             out[name] = tensors
+    return out
+
+
+def _group_tensors(modules: Mapping[str, nn.Module], layers: list[str], choice: LayerChoice,
+                   scores: Mapping[str, Tensor] | None,
+                   graph: ChannelGraph) -> dict[str, dict[str, Tensor]]:
+    try:
+        compressed = compress_model(modules[""], {name: choice for name in layers}, scores, graph)
+    except ValueError as err:
+        raise ValueError(f"{', '.join(layers)}: {choice.describe()}: {err}") from None
+    touched = dict.fromkeys(layers)
+    for group in graph.groups:
+        if group.producers[0] in layers:
+            touched.update(dict.fromkeys([*group.producers, *(n for n, _ in group.consumers)]))
+    compressed_modules = dict(compressed.named_modules())
+    out: dict[str, dict[str, Tensor]] = {}
+    with torch.no_grad():
+        for name in touched:
+            module = compressed_modules[name]
+            out[name] = {"weight": module.weight.detach()}
+            if parametrize.is_parametrized(module, "bias"):
+                out[name]["bias"] = module.bias.detach()
     return out
 
 
@@ -203,6 +230,7 @@ def measure_sensitivity(
     skip: Collection[str] = frozenset(),
     on_decision: OnDecision | None = None,
     baseline: tuple[float, float] | None = None,
+    graph: ChannelGraph | None = None,
 ) -> list[ChoiceSensitivity]:
     """Entries of every decision not in ``skip``, decision by decision (see the module doc).
 
@@ -224,10 +252,13 @@ def measure_sensitivity(
         for decision in todo:
             entries = []
             for choice in measured_choices(decision):
-                tensors = compressed_tensors(dense_modules, decision.layers, choice, scores)
+                tensors = compressed_tensors(dense_modules, decision.layers, choice, scores, graph)
+                # a channel group's consumers have no Fisher here: their removed columns read
+                # channels whose own change is already counted
                 delta = sum(float((fisher[name] * (by["weight"].float()
                                                    - dense_modules[name].weight.detach().float())
-                                   .pow(2)).sum()) for name, by in tensors.items())
+                                   .pow(2)).sum()) for name, by in tensors.items()
+                            if name in fisher)
                 entries.append(ChoiceSensitivity(decision.name, choice_id(choice), 0.5 * delta,
                                                  math.nan))
             out.extend(entries)
@@ -241,7 +272,7 @@ def measure_sensitivity(
     for decision in todo:
         entries = []
         for choice in measured_choices(decision):
-            tensors = compressed_tensors(dense_modules, decision.layers, choice, scores)
+            tensors = compressed_tensors(dense_modules, decision.layers, choice, scores, graph)
             with _swapped(work_modules, tensors):
                 loss, accuracy = _loss_and_accuracy(work, batches)
             entries.append(ChoiceSensitivity(decision.name, choice_id(choice),

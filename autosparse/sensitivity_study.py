@@ -84,7 +84,8 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
         scores = scores_for_space(context.dense, context.data, context.space,
                                   context.config.finetune) if taylor else None
         measure_sensitivity(context.dense, context.data, context.space, cfg, scores=scores,
-                            skip=frozenset(usable), on_decision=on_decision, baseline=baseline)
+                            skip=frozenset(usable), on_decision=on_decision, baseline=baseline,
+                            graph=getattr(context, "graph", None))
         seconds = save_header(True)
     else:
         baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Mapping, Protocol
 
 from .candidate import CHANNEL, DENSE, UNSTRUCTURED, Candidate, LayerChoice
 from .config import DEFAULT_CHOICES, ChoiceSet, ConfigError, SpaceConfig
-from .layers import LayerTable
+from .layers import NM_KINDS, LayerInfo, LayerTable
+from .structure import channel_blocker
 
 FIELDS = ("pattern", "sparsity", "bits", "criterion")
 GRID_PARAM = "grid/point"
@@ -139,6 +140,12 @@ class GridSpace:
         return len(self.points)
 
 
+def _why_not(layer: LayerInfo) -> str:
+    if layer.kind not in NM_KINDS:
+        return f"{layer.kind} weights are not stored (out, in)"
+    return f"reduction length {layer.row_length}"
+
+
 def _matches(patterns: Iterable[str], name: str) -> bool:
     return any(p == name or re.fullmatch(p, name) for p in patterns)
 
@@ -184,11 +191,16 @@ class SearchSpace:
         for key, (names, choices) in groups.items():
             patterns = []
             for pattern in choices.patterns:
-                unable = [n for n in names if not table[n].supports(pattern)]
-                if unable:
-                    notes.append(f"{pattern} not possible for {', '.join(unable)}"
-                                 f" (reduction length {table[unable[0]].row_length})")
+                if pattern == CHANNEL:
+                    blocked = {n: channel_blocker(table, n, searched) for n in names}
+                    unable = [n for n, why in blocked.items() if why is not None]
+                    notes.extend(f"channel not offered for {n}: {blocked[n]}" for n in unable)
                 else:
+                    unable = [n for n in names if not table[n].supports(pattern)]
+                    if unable:
+                        notes.append(f"{pattern} not possible for {', '.join(unable)} "
+                                     f"({_why_not(table[unable[0]])})")
+                if not unable:
                     patterns.append(pattern)
             if not patterns:
                 raise ConfigError(

@@ -3,7 +3,8 @@
     for model in (quickstart digits-cnn with its trained weights, ResNet-style CNN at 32x32 with
                   random weights -- for speed only):
         for candidate in (dense, int8, channel 50 % inside residual blocks + int8, ...):
-            compress + bake + shrink; write the packed checkpoint, ONNX fp32 and ONNX int8 (QDQ)
+            compress + bake + shrink (channel groups removed by Torch-Pruning); write the packed
+            checkpoint of the shrunk model, ONNX fp32 and ONNX int8 (QDQ)
             stored size: packed file vs the size formula's prediction
             latency: onnxruntime, one thread, batch 1, interleaved rounds, medians
             predicted latency: the cost model with the measured profile of this machine
@@ -29,15 +30,16 @@ from torch.nn import functional as F
 from autosparse.calibration.timing import time_variants
 from autosparse.calibration.variants import Variant
 from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model
+from autosparse.compress import bake, compress_model, structural_keep
 from autosparse.cost import estimate_cost
-from autosparse.discovery import discover_layers
+from autosparse.discovery import discover, example_input
 from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8
 from autosparse.export.packed import save_packed
 from autosparse.export.shrink import shrink_model
 from autosparse.footprint import footprint_metrics
 from autosparse.hardware import load_profile
 from autosparse.models import DigitsCNN
+from autosparse.structure import leaders
 
 MEASURED = Path("benchmarks/results/calibration/measured-ci-epyc.yaml")
 
@@ -83,11 +85,14 @@ class ResNet14(nn.Module):
 def candidates(table) -> dict[str, Candidate]:
     inner = [n for n in table.names if n.endswith(".conv1")]  # feed only their block's conv2
     every = table.names
+    stages = [n for n in leaders(table) if n not in inner]  # residual stages: stem, conv2s
     return {
         "dense fp32": Candidate({}),
         "int8": Candidate({n: LayerChoice.make("dense", 0, 8) for n in every}),
         "channel 50 % (block-inner convs)": Candidate(
             {n: LayerChoice.make("channel", 0.5, 32) for n in inner}),
+        "channel 50 % (residual stages)": Candidate(
+            {n: LayerChoice.make("channel", 0.5, 32) for n in stages}),
         "channel 50 % + int8": Candidate(
             {n: LayerChoice.make("channel" if n in inner else "dense", 0.5 if n in inner else 0, 8)
              for n in every}),
@@ -99,14 +104,14 @@ def candidates(table) -> dict[str, Candidate]:
 
 
 def digits_candidates(table) -> dict[str, Candidate]:
-    every = table.names
+    every, led = table.names, leaders(table)  # channel on conv1-conv3 and fc1, never the head
     return {
         "dense fp32": Candidate({}),
         "int8": Candidate({n: LayerChoice.make("dense", 0, 8) for n in every}),
         "channel 50 % (conv1-conv3, fc1)": Candidate(
-            {n: LayerChoice.make("channel", 0.5, 32) for n in every if n != "fc2"}),
+            {n: LayerChoice.make("channel", 0.5, 32) for n in led}),
         "channel 50 % + int8": Candidate(
-            {n: LayerChoice.make("channel" if n != "fc2" else "dense", 0.5 if n != "fc2" else 0, 8)
+            {n: LayerChoice.make("channel" if n in led else "dense", 0.5 if n in led else 0, 8)
              for n in every}),
         "unstructured 90 % fp32": Candidate(
             {n: LayerChoice.make("unstructured", 0.9, 32) for n in every}),
@@ -120,22 +125,25 @@ def run(models: dict, workdir: Path, rounds: int, calls: int) -> pd.DataFrame:
     profiles = {"measured": load_profile(MEASURED), "x86": load_profile("x86-server-vnni")}
     for model_name, (model, input_shape, make) in models.items():
         model.eval()
-        table = discover_layers(model, input_shape)
+        table, graph = discover(model, input_shape)
+        example = example_input(model, input_shape)
         calibration = [np.random.default_rng(i).standard_normal((1, *input_shape)).astype(np.float32)
                        for i in range(8)]
         for label, candidate in make(table).items():
-            shrunk, shrink_report = shrink_model(bake(compress_model(model, candidate)), candidate,
-                                                 input_shape)
+            _, _, kept = structural_keep(model, candidate, graph)
+            baked = bake(compress_model(model, candidate, None, graph))
+            shrunk, shrink_report = shrink_model(baked, candidate, table, graph, kept, example)
             stem = workdir / f"{model_name}-{len(rows)}"
-            info = save_packed(compress_model(model, candidate), candidate, stem.with_suffix(".packed"))
+            info = save_packed(shrunk, candidate, stem.with_suffix(".packed"), table=table,
+                               kept=kept)
             fp32 = export_onnx(shrunk, input_shape, stem.with_suffix(".onnx"))
             row = {"model": model_name, "candidate": label,
                    "predicted_size_kb": footprint_metrics(table, candidate)["size_kb"],
                    "packed_kb": stem.with_suffix(".packed").stat().st_size / 1000,
                    "header_kb": info.header_bytes / 1000,
                    "buffers_kb": info.buffer_bytes / 1000,
-                   "refused_shrinks": sum(1 for r in shrink_report.to_dict()["layers"]
-                                          if r.get("refused"))}
+                   "removed_groups": len(shrink_report.groups),
+                   "parameters": shrink_report.parameters_after}
             for name, profile in profiles.items():
                 row[f"predicted_ms_{name}"] = estimate_cost(table, candidate, profile).latency_ms
             rows.append(row)

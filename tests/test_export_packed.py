@@ -10,20 +10,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model
-from autosparse.discovery import discover_layers
+from autosparse.compress import bake, compress_model, structural_keep
+from autosparse.discovery import discover, example_input
+from autosparse.export.bitpack import _BitReader, _row_scales, _uint_bits
 from autosparse.export.packed import (
     MAGIC,
     PackedFormatError,
-    _BitReader,
-    _row_scales,
-    _uint_bits,
     load_packed,
     read_header,
     save_packed,
 )
+from autosparse.export.shrink import shrink_model
 from autosparse.footprint import footprint_metrics, model_footprint
-from autosparse.models import DigitsCNN, DigitsMLP
+from autosparse.models import DigitsCNN, DigitsMLP, DigitsResNet
+from autosparse.structure import leaders, pruned_by_group
 
 SHAPE = (1, 8, 8)
 
@@ -52,7 +52,7 @@ def _dense_cnn() -> nn.Module:
 @pytest.fixture(scope="module")
 def cnn():
     model = _dense_cnn()
-    return model, discover_layers(model, SHAPE)
+    return model, *discover(model, SHAPE)
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +61,36 @@ def inputs():
 
 
 def _candidate(table, pattern, sparsity, bits) -> Candidate:
-    """The same choice on every layer that supports it (N:M skips conv1's 9-long rows)."""
+    """The same choice on every layer that supports it (N:M skips conv1's 9-long rows; channel
+    goes to the channel groups' leaders, never to the output layer)."""
+    offered = leaders(table) if pattern == "channel" else None
     return Candidate({layer.name: LayerChoice.make(pattern, sparsity, bits)
-                      for layer in table.layers if layer.supports(pattern)})
+                      for layer in table.layers
+                      if (layer.name in offered if offered is not None
+                          else layer.supports(pattern))})
 
 
-def _check_round_trip(dense, table, candidate, path, skeleton, inputs, baked=False):
-    compressed = compress_model(dense, candidate).eval()
-    saved = bake(compress_model(dense, candidate)).eval() if baked else compressed
-    info = save_packed(saved, candidate, path, table=table)
+def _to_save(dense, table, graph, candidate, baked=False):
+    """(compressed model, model to save, kept channels): the shrunk model when a channel group
+    is pruned (as export saves it), else the parametrized or baked compressed model."""
+    compressed = compress_model(dense, candidate, None, graph).eval()
+    _, _, kept = structural_keep(dense, candidate, graph)
+    if not any(pruned_by_group(table, candidate).values()):
+        return compressed, (bake(compress_model(dense, candidate, None, graph)).eval()
+                            if baked else compressed), kept
+    shrunk, _ = shrink_model(bake(compress_model(dense, candidate, None, graph)).eval(),
+                             candidate, table, graph, kept, example_input(dense, SHAPE))
+    return compressed, shrunk.eval(), kept
+
+
+def _check_round_trip(dense, table, graph, candidate, path, skeleton, inputs, baked=False,
+                      max_header=2000):
+    compressed, saved, kept = _to_save(dense, table, graph, candidate, baked)
+    info = save_packed(saved, candidate, path, table=table, kept=kept)
     loaded = load_packed(path, skeleton).eval()
 
-    # weights bit for bit, outputs equal
-    modules = dict(compressed.named_modules())
+    # weights bit for bit (the shrunk model's), outputs equal the compressed model's
+    modules = dict(saved.named_modules())
     for name, module in loaded.named_modules():
         if name in table.names:
             assert torch.equal(module.weight, modules[name].weight), name
@@ -91,7 +108,8 @@ def _check_round_trip(dense, table, candidate, path, skeleton, inputs, baked=Fal
         assert (bits.values, bits.index, bits.scales, bits.bias) == (
             fp.value_bits, fp.index_bits, fp.scale_bits, fp.bias_bits), name
         assert bits.total == bits.predicted == fp.total_bits
-    assert info.other_param_bits == info.predicted_other_bits == table.other_params * 32
+    assert info.other_param_bits == info.predicted_other_bits \
+        == model_footprint(table, candidate).other_bits
     assert info.payload_bits == info.predicted_bits == model_footprint(table, candidate).total_bits
     # the only slack: each layer's bitstream is padded to a whole byte
     padded = sum(b.padded_bytes for b in info.layers.values()) + info.other_param_bits // 8
@@ -101,7 +119,7 @@ def _check_round_trip(dense, table, candidate, path, skeleton, inputs, baked=Fal
     assert info.file_bytes == path.stat().st_size
     assert info.file_bytes == info.header_bytes + info.payload_bytes + info.buffer_bytes
     assert info.file_bytes <= 1.03 * predicted_bytes + info.header_bytes + info.buffer_bytes
-    assert info.header_bytes < 2000
+    assert info.header_bytes < max_header  # JSON: one entry per layer and per other tensor
     return info, loaded
 
 
@@ -120,10 +138,10 @@ PATTERNS = [
 @pytest.mark.parametrize("pattern, sparsity", PATTERNS, ids=lambda p: str(p))
 def test_round_trip_every_pattern_and_width(cnn, inputs, tmp_path, one_thread,
                                             pattern, sparsity, bits):
-    dense, table = cnn
+    dense, table, graph = cnn
     candidate = _candidate(table, pattern, sparsity, bits)
-    _check_round_trip(dense, table, candidate, tmp_path / "m.aspk", DigitsCNN(1, 8, 8, 10),
-                      inputs)
+    _check_round_trip(dense, table, graph, candidate, tmp_path / "m.aspk",
+                      DigitsCNN(1, 8, 8, 10), inputs)
 
 
 @pytest.mark.parametrize("pattern, sparsity, bits",
@@ -131,11 +149,11 @@ def test_round_trip_every_pattern_and_width(cnn, inputs, tmp_path, one_thread,
                           ("dense", 0, 5)])
 def test_baked_model_round_trips_like_the_parametrized_one(cnn, inputs, tmp_path, one_thread,
                                                            pattern, sparsity, bits):
-    dense, table = cnn
+    dense, table, graph = cnn
     candidate = _candidate(table, pattern, sparsity, bits)
-    from_param, _ = _check_round_trip(dense, table, candidate, tmp_path / "a.aspk",
+    from_param, _ = _check_round_trip(dense, table, graph, candidate, tmp_path / "a.aspk",
                                       DigitsCNN(1, 8, 8, 10), inputs)
-    from_baked, _ = _check_round_trip(dense, table, candidate, tmp_path / "b.aspk",
+    from_baked, _ = _check_round_trip(dense, table, graph, candidate, tmp_path / "b.aspk",
                                       DigitsCNN(1, 8, 8, 10), inputs, baked=True)
     assert from_baked.file_bytes == from_param.file_bytes
 
@@ -148,22 +166,94 @@ def test_mixed_candidate_with_batch_norm_buffers(tmp_path, inputs, one_thread):
         for _ in range(3):  # non-trivial running statistics
             dense(torch.randn(16, *SHAPE))
     dense.eval()
-    table = discover_layers(dense, SHAPE)
+    table, graph = discover(dense, SHAPE)
     candidate = Candidate({
         "conv1": LayerChoice.make("channel", 0.5, 4),
         "conv2": LayerChoice.make("2:4", 0, 8),
         "fc": LayerChoice.make("unstructured", 0.9, 2),
     })
-    info, loaded = _check_round_trip(dense, table, candidate, tmp_path / "bn.aspk", BNNet(), inputs)
-    assert info.other_param_bits == 16 * 32  # bn1 weight and bias
-    # running mean and var (8 floats each) + num_batches_tracked (int64), not in the formula
-    assert info.buffer_bytes == 8 * 4 * 2 + 8
-    assert torch.equal(loaded.bn1.running_var, dense.bn1.running_var)
+    info, loaded = _check_round_trip(dense, table, graph, candidate, tmp_path / "bn.aspk",
+                                     BNNet(), inputs)
+    assert loaded.conv1.out_channels == loaded.bn1.num_features == loaded.conv2.in_channels == 4
+    assert info.other_param_bits == 8 * 32  # bn1 weight and bias of the 4 kept channels
+    # running mean and var (4 floats each) + num_batches_tracked (int64), not in the formula
+    assert info.buffer_bytes == 4 * 4 * 2 + 8
+    _, _, kept = structural_keep(dense, candidate, graph)
+    assert torch.equal(loaded.bn1.running_var, dense.bn1.running_var[kept["conv1"]])
     assert int(loaded.bn1.num_batches_tracked) == 3
 
 
+def _trained_like(model: nn.Module) -> nn.Module:
+    """Random batch-norm statistics, scales and shifts (removed channels leave constants)."""
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) * 2 - 1)
+    return model.eval()
+
+
+RESIDUAL = Candidate({
+    "stem": LayerChoice.make("channel", 0.5, 8),            # stage 1 (stem + two conv2s)
+    "blocks.2.conv2": LayerChoice.make("channel", 0.25, 4),  # stage 2 (conv2 + shortcut + conv2)
+    "blocks.0.conv1": LayerChoice.make("channel", 0.5, 6),
+    "blocks.0.conv2": LayerChoice.make("unstructured", 0.7, 4),  # a follower: own pattern on top
+    "blocks.2.shortcut.0": LayerChoice.make("2:4", 0, 8),
+    "blocks.3.conv1": LayerChoice.make("unstructured", 0.95, 3),
+    "fc": LayerChoice.make("unstructured", 0.5, 8),
+})
+
+
+def test_residual_channel_groups_pack_exactly_and_round_trip(tmp_path, inputs, one_thread):
+    torch.manual_seed(4)
+    dense = _trained_like(DigitsResNet(1, 10))
+    table, graph = discover(dense, SHAPE)
+    info, loaded = _check_round_trip(dense, table, graph, RESIDUAL, tmp_path / "r.aspk",
+                                     DigitsResNet(1, 10), inputs, max_header=16000)
+    assert loaded.stem.out_channels == loaded.blocks[1].conv2.out_channels == 8
+    assert loaded.blocks[2].shortcut[0].out_channels == loaded.blocks[3].conv2.out_channels == 24
+    # the leader's index is exactly its group's bitmask: one bit per dense channel
+    assert (info.layers["stem"].index_format, info.layers["stem"].index) == ("group", 16)
+    assert info.layers["blocks.2.conv2"].index == 32
+    assert info.layers["blocks.0.conv2"].index_format in ("bitmask", "csr")
+    header, _ = read_header(tmp_path / "r.aspk")
+    assert header["input_shape"] == list(SHAPE)
+    assert [(g["name"], g["layer"], g["bits"], g["kept"]) for g in header["groups"]] == [
+        ("stem", "stem", 16, 8), ("blocks.0.conv1", "blocks.0.conv1", 16, 8),
+        ("blocks.2.conv2", "blocks.2.conv2", 32, 24)]
+    # a second load of the same file into a fresh skeleton gives the identical model
+    again = load_packed(tmp_path / "r.aspk", DigitsResNet(1, 10)).eval()
+    with torch.no_grad():
+        assert torch.equal(again(inputs), loaded(inputs))
+
+
+def test_channel_candidates_need_the_shrunk_model_and_its_masks(tmp_path):
+    dense = _dense_cnn()
+    table, graph = discover(dense, SHAPE)
+    candidate = Candidate({"conv2": LayerChoice.make("channel", 0.5, 8)})
+    compressed, shrunk, kept = _to_save(dense, table, graph, candidate)
+    with pytest.raises(ValueError, match="shrink it first.*conv2: model \\(32, 16, 3, 3\\), "
+                                         "expected \\(16, 16, 3, 3\\)"):
+        save_packed(compressed, candidate, tmp_path / "x.aspk", table=table, kept=kept)
+    with pytest.raises(ValueError, match="needs the dense model's layer table"):
+        save_packed(shrunk, candidate, tmp_path / "x.aspk")
+    with pytest.raises(ValueError, match="prunes channel group conv2: pass its kept"):
+        save_packed(shrunk, candidate, tmp_path / "x.aspk", table=table)
+    with pytest.raises(ValueError, match="'fc2' cannot be channel-pruned"):
+        save_packed(shrunk, Candidate({"fc2": LayerChoice.make("channel", 0.5, 8)}),
+                    tmp_path / "x.aspk", table=table)
+    save_packed(shrunk, candidate, tmp_path / "x.aspk", table=table, kept=kept)
+    with pytest.raises(PackedFormatError, match="'conv2' \\(32 channels\\), the skeleton has "
+                                                "8 channels"):
+        load_packed(tmp_path / "x.aspk", DigitsCNN(1, 8, 8, 10, widths={"conv2": 8}))
+
+
 def test_index_format_is_the_cheaper_one(cnn, tmp_path):
-    dense, table = cnn
+    dense, table, _ = cnn
     sparse = _candidate(table, "unstructured", 0.97, 8)
     info = save_packed(compress_model(dense, sparse), sparse, tmp_path / "s.aspk", table=table)
     assert info.layers["fc1"].index_format == "csr"
@@ -174,14 +264,18 @@ def test_index_format_is_the_cheaper_one(cnn, tmp_path):
 
 
 def test_omitted_layers_are_dense_fp32_and_table_is_optional(cnn, tmp_path):
-    dense, table = cnn
+    dense, table, _ = cnn
     candidate = Candidate({"fc1": LayerChoice.make("unstructured", 0.9, 4)})
     compressed = compress_model(dense, candidate)
     with_table = save_packed(compressed, candidate, tmp_path / "a.aspk", table=table)
     without = save_packed(compressed, candidate, tmp_path / "b.aspk")
     assert with_table.predicted_bits == without.predicted_bits == with_table.payload_bits
     assert with_table.layers["conv1"].values == table["conv1"].weight_count * 32
-    assert (tmp_path / "a.aspk").read_bytes() == (tmp_path / "b.aspk").read_bytes()
+    (head_a, payload_a), (head_b, payload_b) = (read_header(tmp_path / n) for n in ("a.aspk",
+                                                                                 "b.aspk"))
+    assert payload_a == payload_b
+    assert (head_a.pop("input_shape"), head_b.pop("input_shape")) == ([1, 8, 8], [])
+    assert head_a == head_b  # the only difference: a table built from shapes has no input shape
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 7, 9, 16, 32])
@@ -200,7 +294,7 @@ def test_bit_packing_round_trips(width):
 
 @pytest.fixture
 def saved(cnn, tmp_path):
-    dense, table = cnn
+    dense, table, _ = cnn
     candidate = _candidate(table, "unstructured", 0.75, 4)
     path = tmp_path / "m.aspk"
     save_packed(compress_model(dense, candidate), candidate, path, table=table)
@@ -222,7 +316,7 @@ def test_other_version_is_refused(saved):
     data = bytearray(saved.read_bytes())
     struct.pack_into("<H", data, len(MAGIC), 99)
     saved.write_bytes(bytes(data))
-    with pytest.raises(PackedFormatError, match="version 99.*reads version 1"):
+    with pytest.raises(PackedFormatError, match="version 99.*reads version 2"):
         load_packed(saved, DigitsCNN(1, 8, 8, 10))
 
 
@@ -255,7 +349,7 @@ def test_skeleton_mismatch_names_layer_and_shapes(saved):
 
 
 def test_saving_needs_the_compressed_model_and_its_candidate(cnn, tmp_path):
-    dense, table = cnn
+    dense, table, _ = cnn
     quantized = _candidate(table, "dense", 0, 4)
     with pytest.raises(ValueError, match="'conv1'.*not on a"):
         save_packed(dense, quantized, tmp_path / "x.aspk")
@@ -265,7 +359,7 @@ def test_saving_needs_the_compressed_model_and_its_candidate(cnn, tmp_path):
     with pytest.raises(ValueError, match="'conv1'.*keeps"):
         save_packed(compress_model(dense, pruned), _candidate(table, "unstructured", 0.8, 32),
                     tmp_path / "x.aspk")
-    with pytest.raises(ValueError, match="'conv1'.*2:4 needs the row length"):
+    with pytest.raises(ValueError, match="'conv1'.*2:4 needs its reduction length"):
         save_packed(dense, Candidate({"conv1": LayerChoice.make("2:4", 0, 32)}),
                     tmp_path / "x.aspk")
     with pytest.raises(ValueError, match="not layers of the model"):

@@ -7,10 +7,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
 
-PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost"}
+PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost",
+        "structure"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
 MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate",
-              "sensitivity"}
+              "sensitivity", "graph"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},

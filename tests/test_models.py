@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from autosparse.config import ConfigError, ModelConfig
+from autosparse.discovery import find_layers
 from autosparse.models import build_model, is_builtin, model_name
 
 
@@ -51,6 +52,67 @@ def test_digits_mlp_architecture():
     assert model(torch.zeros(5, 64)).shape == (5, 10)
     assert is_builtin(ModelConfig(builtin="digits-mlp"))
     assert model_name(ModelConfig(builtin="digits-mlp")) == "digits-mlp"
+
+
+def _build_digits(name: str) -> nn.Module:
+    """A built-in for the digits sample shape, checked to give one logit row per sample."""
+    model = build_model(ModelConfig(builtin=name), (1, 8, 8), 10).eval()
+    assert model(torch.zeros(3, 1, 8, 8)).shape == (3, 10)
+    return model
+
+
+def _kinds(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in find_layers(model).values()]
+
+
+def test_digits_resnet18_architecture():
+    model = _build_digits("digits-resnet18")
+    layers = find_layers(model)
+    assert len(layers) == 21 and _kinds(model).count("Conv2d") == 20  # stem, 16, 3 shortcuts
+    assert [n for n in layers if "shortcut" in n] == [
+        f"blocks.{i}.shortcut.0" for i in (2, 4, 6)]
+    assert [b.conv2.out_channels for b in model.blocks] == [16, 16, 32, 32, 64, 64, 128, 128]
+    assert [b.conv1.stride for b in model.blocks][::2] == [(1, 1), (2, 2), (2, 2), (2, 2)]
+    assert model.fc.in_features == 128
+    with pytest.raises(ConfigError, match=r"digits-resnet18 needs .*>= 8.*\(1, 4, 4\)"):
+        build_model(ModelConfig(builtin="digits-resnet18"), (1, 4, 4), 10)
+
+
+def test_digits_mobilenet_architecture():
+    model = _build_digits("digits-mobilenet")
+    layers = find_layers(model)
+    assert len(layers) == 23 and _kinds(model).count("Linear") == 1
+    depthwise = {n: m for n, m in layers.items() if n.endswith("depthwise")}
+    assert len(depthwise) == 7
+    for name, conv in depthwise.items():
+        assert conv.groups == conv.in_channels == conv.out_channels, name
+    assert "blocks.0.expand" not in layers and "blocks.1.expand" in layers  # t=1 has no expand
+    assert [b.residual for b in model.blocks] == [True, False, True, False, True, False, True]
+    assert all(not m.bias for n, m in layers.items() if n != "fc")  # batch norm follows
+    with pytest.raises(ConfigError, match=r"digits-mobilenet needs .*\(64,\)"):
+        build_model(ModelConfig(builtin="digits-mobilenet"), (64,), 10)
+
+
+def test_digits_vit_architecture():
+    pytest.importorskip("transformers")
+    model = _build_digits("digits-vit")
+    kinds = _kinds(model)
+    assert len(kinds) == 14 and kinds.count("Conv2d") == 1  # patch embedding, 2 x 6, classifier
+    assert sum(isinstance(m, nn.LayerNorm) for m in model.modules()) == 5
+    assert model(torch.zeros(2, 1, 8, 8)).dtype == torch.float32  # logits, not a ModelOutput
+    for shape in [(1, 8, 6), (1, 7, 7), (64,)]:
+        with pytest.raises(ConfigError, match=re.escape(str(shape))):
+            build_model(ModelConfig(builtin="digits-vit"), shape, 10)
+
+
+def test_digits_conv1d_architecture():
+    model = _build_digits("digits-conv1d")
+    assert _kinds(model) == ["Conv1d", "Conv1d", "Conv1d", "Linear"]
+    assert model.conv1.in_channels == 8  # C*H rows as channels
+    other = build_model(ModelConfig(builtin="digits-conv1d"), (3, 5, 7), 4)
+    assert other.conv1.in_channels == 15 and other(torch.zeros(2, 3, 5, 7)).shape == (2, 4)
+    with pytest.raises(ConfigError, match=r"digits-conv1d needs .*\(8, 8\)"):
+        build_model(ModelConfig(builtin="digits-conv1d"), (8, 8), 10)
 
 
 def test_builtin_rejects_kwargs():

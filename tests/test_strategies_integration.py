@@ -79,7 +79,8 @@ def test_grid_global_is_exact_global_magnitude_times_uniform_bits(runs_dir):
 
 def test_fine_tune_step_budget_screens_at_low_fidelity(runs_dir):
     config = write_config(runs_dir, "fidelity", strategy={"name": "random"},
-                          budget={"finetune_steps": 8 * 12}, finetune={"steps": 12})
+                          budget={"trials": 100, "finetune_steps": 8 * 12},
+                          finetune={"steps": 12})
     outcome = run_search(config, runs_dir=runs_dir, **QUIET)
     frame = outcome.trials
     assert set(frame["fidelity"]) <= {"low", "full"}

@@ -141,7 +141,8 @@ def _plan(layer: LayerInfo, choice: LayerChoice, profile: HardwareProfile,
             notes.append(f"{choice.pattern} slower than dense here: dense kernel")
         else:
             sparse, fraction = entry, entry.compute_fraction(choice.sparsity)
-            weight_bits = float(footprint.kept_weights * precision.bits + footprint.index_bits)
+            weight_bits = float(footprint.kept_weights * precision.bits
+                                + footprint.kernel_index_bits)
     # per-channel scales exist only where integers are computed on; float kernels get floats
     weight_bits += (footprint.scale_bits if precision.kind == "int" else 0) + footprint.bias_bits
     return _Plan(precision, native, sparse, fraction, keep_rows, keep_columns, weight_bits,

@@ -38,6 +38,7 @@ from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, t
 from .export.packed import load_packed, save_packed
 from .export.shrink import ShrinkError, ShrinkReport, shrink_model
 from .footprint import footprint_metrics
+from .storage import model_zeros
 from .front import trials_frame
 from .hardware import HardwareProfile, load_profile
 from .models import build_model
@@ -290,7 +291,9 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
             "candidate_ms": cost.latency_ms,
             "candidate_energy_uj": cost.energy_uj,
         }
-    footprint = footprint_metrics(context.table, candidate)
+    # the formula on the exported weights' own zeros: what the trial's size objective measured
+    footprint = footprint_metrics(context.table, candidate,
+                                  model_zeros(shrunk, context.table, candidate))
     dense_size = footprint_metrics(context.table, Candidate({}))["size_kb"]
     files = {p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file()}
     return {
@@ -308,6 +311,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         "agreement_percent": agreement,
         "output_error": output_error,
         "size_kb": {"dense_predicted": dense_size, "predicted": footprint["size_kb"],
+                    "search": searched.get("size_kb"),
                     "packed_file": files["model.packed"] / 1000,
                     "packed_header": packed_info.header_bytes / 1000},
         "files_bytes": files,

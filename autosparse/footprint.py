@@ -7,6 +7,10 @@ Size counts every bit a deployment stores (see the README's "Size formula"):
     values  = kept weights of ``left`` x bits
     index   = unstructured: min(bitmask, column index per kept value + per-row count) over left
               N:M: ceil(log2 M) bits per kept value;  a group's leader: one bit per channel
+    measured (``zeros``: the fine-tuned weights are known) = values the quantizer rounded to
+              zero are free like pruned ones, and the cheapest of dense values, bitmask, column
+              index and a w-bit relative index (Deep Compression; its filler entries counted,
+              w = 1..8) is stored; N:M keeps its fixed layout
     scales  = one fp32 scale per kept output channel when bits < 32
     bias    = fp32 per kept output channel
     rest    = every parameter outside the searched layers at fp32, less the batch-norm
@@ -20,6 +24,7 @@ activation bits, with activations at 32 bits because only weights are quantized.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, Candidate, LayerChoice, parse_nm
@@ -29,6 +34,19 @@ from .structure import LayerStructure, layer_structures, other_params_removed
 ACTIVATION_BITS = 32
 SCALE_BITS = 32
 BIAS_BITS = 32
+
+
+MAX_RELATIVE_BITS = 8
+
+
+@dataclass(frozen=True)
+class StoredZeros:
+    """Measured on a compressed layer's stored tensor (what channel groups left, row-major):
+    how many values are nonzero, and the filler entries a w-bit relative index needs
+    (``fillers[w - 1]``: a gap of d positions takes (d - 1) // (2^w - 1) of them)."""
+
+    nonzeros: int
+    fillers: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,8 @@ class LayerFootprint:
     bias_bits: int
     macs: float
     bops: float
+    storage: str = "dense"  # how the values are indexed: dense, bitmask, csr, relativeW, nm
+    kernel_index_bits: int = 0  # the sparse index a kernel reads (bitmask or CSR of the kept)
 
     @property
     def total_bits(self) -> int:
@@ -84,25 +104,54 @@ def _own_structure(layer: LayerInfo, choice: LayerChoice) -> LayerStructure:
     return LayerStructure(rows, layer.in_columns, layer.name if choice.pattern == CHANNEL else None)
 
 
+def _csr_bits(kept: int, rows: int, row: int) -> int:
+    return kept * _bits_for(row) + rows * _bits_for(row + 1)
+
+
+def storage_options(n: int, rows: int, bits: int, zeros: StoredZeros) -> dict[str, tuple[int, int]]:
+    """Every way to store ``n`` values of which ``zeros.nonzeros`` are nonzero, as
+    ``format -> (index bits, value bits)``, in tie-break order."""
+    k, row = zeros.nonzeros, n // rows
+    options = {"dense": (0, n * bits), "bitmask": (n, k * bits),
+               "csr": (_csr_bits(k, rows, row), k * bits)}
+    for width, fillers in enumerate(zeros.fillers, start=1):
+        # every entry, value or filler, is a w-bit code; a filler stores no value
+        options[f"relative{width}"] = ((k + fillers) * width, k * bits)
+    return options
+
+
+def cheapest_storage(n: int, rows: int, bits: int, zeros: StoredZeros) -> tuple[str, int, int]:
+    """(format, index bits, value bits) of the smallest storage; the first on ties."""
+    options = storage_options(n, rows, bits, zeros)
+    name = min(options, key=lambda key: sum(options[key]))
+    return (name, *options[name])
+
+
 def layer_footprint(layer: LayerInfo, choice: LayerChoice,
-                    structure: LayerStructure | None = None) -> LayerFootprint:
+                    structure: LayerStructure | None = None,
+                    zeros: StoredZeros | None = None) -> LayerFootprint:
+    """One layer's stored bits and MACs. Without ``zeros`` a prediction from the pattern alone
+    (the count it keeps, bitmask or CSR); with them, what the fine-tuned weights really need."""
     structure = structure or _own_structure(layer, choice)
     n_full = layer.weight_count
     rows = kept_rows = structure.kept_rows
     n = structure.weight_count(layer)
     row = n // rows
-    if choice.pattern == DENSE:
-        kept, index = n, 0
+    nm = parse_nm(choice.pattern)
+    if choice.pattern in (DENSE, CHANNEL):
+        kept, index, storage = n, 0, "dense"
     elif choice.pattern == UNSTRUCTURED:
         kept = n - round(choice.sparsity * n)
-        csr = kept * _bits_for(row) + rows * _bits_for(row + 1)
-        index = min(n, csr)
-    elif choice.pattern == CHANNEL:
-        kept, index = n, 0
+        csr = _csr_bits(kept, rows, row)
+        index, storage = (n, "bitmask") if n <= csr else (csr, "csr")
     else:
-        keep, group = parse_nm(choice.pattern)  # type: ignore[misc]
+        keep, group = nm  # type: ignore[misc]
         kept = n * keep // group
-        index = kept * _bits_for(group)
+        index, storage = kept * _bits_for(group), "nm"
+    kernel_index = 0 if choice.pattern in (DENSE, CHANNEL) else index
+    values = kept * choice.bits
+    if zeros is not None and nm is None:
+        storage, index, values = cheapest_storage(n, rows, choice.bits, zeros)
     if structure.leads is not None:
         index += layer.out_channels  # the group's channel bitmask, stored once, with its leader
     quantized = choice.bits < FLOAT_BITS
@@ -111,27 +160,34 @@ def layer_footprint(layer: LayerInfo, choice: LayerChoice,
         name=layer.name,
         kept_weights=kept,
         kept_channels=kept_rows,
-        value_bits=kept * choice.bits,
+        value_bits=values,
         index_bits=index,
         scale_bits=kept_rows * SCALE_BITS if quantized else 0,
         bias_bits=layer.kept_bias(kept_rows) * BIAS_BITS,
         macs=macs,
         bops=macs * choice.bits * ACTIVATION_BITS,
+        storage=storage,
+        kernel_index_bits=kernel_index,
     )
 
 
-def model_footprint(table: LayerTable, candidate: Candidate) -> Footprint:
-    """Footprint of every layer in the table; layers the candidate omits count as dense fp32."""
+def model_footprint(table: LayerTable, candidate: Candidate,
+                    zeros: Mapping[str, StoredZeros] | None = None) -> Footprint:
+    """Footprint of every layer in the table; layers the candidate omits count as dense fp32.
+    ``zeros`` (per layer, measured on the compressed model) make it what the packed file stores."""
     structures = layer_structures(table, candidate)
-    layers = tuple(layer_footprint(layer, candidate.get_choice(layer.name), structures[layer.name])
+    zeros = zeros or {}
+    layers = tuple(layer_footprint(layer, candidate.get_choice(layer.name), structures[layer.name],
+                                   zeros.get(layer.name))
                    for layer in table.layers)
     other = table.other_params - other_params_removed(table, candidate)
     return Footprint(layers=layers, other_bits=other * FLOAT_BITS)
 
 
-def footprint_metrics(table: LayerTable, candidate: Candidate) -> dict[str, float]:
+def footprint_metrics(table: LayerTable, candidate: Candidate,
+                      zeros: Mapping[str, StoredZeros] | None = None) -> dict[str, float]:
     """The cost metrics a search objective or constraint can name, plus helpful extras."""
-    footprint = model_footprint(table, candidate)
+    footprint = model_footprint(table, candidate, zeros)
     dense = model_footprint(table, Candidate({}))
     total_weights = sum(layer.weight_count for layer in table.layers)
     kept_weights = sum(layer.kept_weights for layer in footprint.layers)

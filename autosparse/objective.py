@@ -18,16 +18,17 @@ import optuna
 import torch
 
 from .candidate import Candidate
-from .compress import compress_model, taylor_scores
+from .compress import compress_model, structural_keep, taylor_scores
 from .config import Constraint, FinetuneConfig
 from .data import DataSplits
 from .evaluate import evaluate
 from .finetune import FinetuneSession, resolve_steps
 from .cost import estimate_cost
-from .footprint import footprint_metrics
+from .footprint import StoredZeros, footprint_metrics
 from .hardware import HardwareProfile
 from .layers import LayerTable
 from .objectives import metric_of
+from .storage import model_zeros
 from .graph import ChannelGraph
 from .fidelity import FIDELITY_ATTR, LOW_ATTR, PROMOTION_ATTR, STEPS_ATTR, FidelityPlan, stored_low
 from .trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (re-exported)
@@ -112,8 +113,11 @@ class StagedRun:
 
     def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
         self.evaluator, self.candidate = evaluator, candidate
-        self.student = compress_model(evaluator.dense, candidate, evaluator._scores(candidate),
-                                      evaluator.graph)
+        scores = evaluator._scores(candidate)
+        self.student = compress_model(evaluator.dense, candidate, scores, evaluator.graph)
+        # which rows/columns the stored layers keep: the size objective reads the student there
+        self._rows, self._cols, _ = structural_keep(evaluator.dense, candidate, evaluator.graph,
+                                                    scores)
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
         self._seconds = 0.0
@@ -132,10 +136,11 @@ class StagedRun:
         tuned = time.perf_counter()
         accuracy = evaluate(self.student, ev.data.loader("validation", 512))
         self._seconds += tuned - start
+        zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         return {
             "accuracy": accuracy,
             "accuracy_drop": ev.dense_accuracy - accuracy,
-            **cost_metrics(ev.table, self.candidate, ev.profile),
+            **cost_metrics(ev.table, self.candidate, ev.profile, zeros),
             "finetune_loss": result.final_loss,
             "finetune_steps": float(result.steps),
             "finetune_seconds": self._seconds,
@@ -143,14 +148,17 @@ class StagedRun:
         }
 
 
-def cost_metrics(table: LayerTable, candidate: Candidate,
-                 profile: HardwareProfile | None) -> dict[str, float]:
+def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile | None,
+                 zeros: Mapping[str, StoredZeros] | None = None) -> dict[str, float]:
     """Footprint metrics, plus predicted latency/energy in total and per layer with a profile.
+
+    ``zeros`` (measured on the fine-tuned model) make ``size_kb`` what the packed file stores:
+    quantizer zeros free, the cheapest index; without them the pattern's prediction.
 
     Per-layer figures are named ``layer_latency_us.<layer>`` / ``layer_energy_uj.<layer>`` so
     they land in the trial's metrics, in trials.csv and in the trial's MLflow run.
     """
-    metrics = footprint_metrics(table, candidate)
+    metrics = footprint_metrics(table, candidate, zeros)
     if profile is not None:
         cost = estimate_cost(table, candidate, profile)
         metrics.update(cost.metrics())

@@ -37,6 +37,7 @@ from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8
 from autosparse.export.packed import save_packed
 from autosparse.export.shrink import shrink_model
 from autosparse.footprint import footprint_metrics
+from autosparse.storage import model_zeros
 from autosparse.hardware import load_profile
 from autosparse.models import DigitsCNN
 from autosparse.structure import leaders
@@ -138,7 +139,8 @@ def run(models: dict, workdir: Path, rounds: int, calls: int) -> pd.DataFrame:
                                kept=kept)
             fp32 = export_onnx(shrunk, input_shape, stem.with_suffix(".onnx"))
             row = {"model": model_name, "candidate": label,
-                   "predicted_size_kb": footprint_metrics(table, candidate)["size_kb"],
+                   "predicted_size_kb": footprint_metrics(
+                       table, candidate, model_zeros(shrunk, table, candidate))["size_kb"],
                    "packed_kb": stem.with_suffix(".packed").stat().st_size / 1000,
                    "header_kb": info.header_bytes / 1000,
                    "buffers_kb": info.buffer_bytes / 1000,

@@ -21,7 +21,8 @@ from autosparse.export.packed import (
     save_packed,
 )
 from autosparse.export.shrink import shrink_model
-from autosparse.footprint import footprint_metrics, model_footprint
+from autosparse.storage import model_zeros
+from autosparse.footprint import footprint_metrics, model_footprint, storage_options
 from autosparse.models import DigitsCNN, DigitsMLP, DigitsResNet
 from autosparse.structure import leaders, pruned_by_group
 
@@ -101,21 +102,26 @@ def _check_round_trip(dense, table, graph, candidate, path, skeleton, inputs, ba
     assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
     assert all(layer.exact for layer in info.layers.values())
 
-    # payload bits equal the size formula, layer by layer and part by part
-    footprint = {fp.name: fp for fp in model_footprint(table, candidate).layers}
+    # payload bits equal the size formula on the saved model's own zeros (what the search's
+    # size objective measures on the fine-tuned model), layer by layer and part by part; the
+    # prediction from the patterns alone is an upper bound
+    zeros = model_zeros(saved, table, candidate)
+    measured = model_footprint(table, candidate, zeros)
+    footprint = {fp.name: fp for fp in measured.layers}
+    pattern_only = {fp.name: fp for fp in model_footprint(table, candidate).layers}
     for name, bits in info.layers.items():
         fp = footprint[name]
         assert (bits.values, bits.index, bits.scales, bits.bias) == (
             fp.value_bits, fp.index_bits, fp.scale_bits, fp.bias_bits), name
-        assert bits.total == bits.predicted == fp.total_bits
-    assert info.other_param_bits == info.predicted_other_bits \
-        == model_footprint(table, candidate).other_bits
-    assert info.payload_bits == info.predicted_bits == model_footprint(table, candidate).total_bits
+        assert bits.total == bits.predicted == fp.total_bits <= pattern_only[name].total_bits
+        assert bits.index_format == {"dense": "none"}.get(fp.storage, fp.storage), name
+    assert info.other_param_bits == info.predicted_other_bits == measured.other_bits
+    assert info.payload_bits == info.predicted_bits == measured.total_bits
     # the only slack: each layer's bitstream is padded to a whole byte
     padded = sum(b.padded_bytes for b in info.layers.values()) + info.other_param_bits // 8
     assert info.payload_bytes == padded
     assert 0 <= info.payload_bytes - info.predicted_bits / 8 < len(info.layers)
-    predicted_bytes = footprint_metrics(table, candidate)["size_kb"] * 1000
+    predicted_bytes = footprint_metrics(table, candidate, zeros)["size_kb"] * 1000
     assert info.file_bytes == path.stat().st_size
     assert info.file_bytes == info.header_bytes + info.payload_bytes + info.buffer_bytes
     assert info.file_bytes <= 1.03 * predicted_bytes + info.header_bytes + info.buffer_bytes
@@ -216,10 +222,11 @@ def test_residual_channel_groups_pack_exactly_and_round_trip(tmp_path, inputs, o
                                      DigitsResNet(1, 10), inputs, max_header=16000)
     assert loaded.stem.out_channels == loaded.blocks[1].conv2.out_channels == 8
     assert loaded.blocks[2].shortcut[0].out_channels == loaded.blocks[3].conv2.out_channels == 24
-    # the leader's index is exactly its group's bitmask: one bit per dense channel
-    assert (info.layers["stem"].index_format, info.layers["stem"].index) == ("group", 16)
+    # the leader's index is its group's bitmask (one bit per dense channel), then its rows dense
+    assert (info.layers["stem"].index_format, info.layers["stem"].index) == ("none", 16)
     assert info.layers["blocks.2.conv2"].index == 32
-    assert info.layers["blocks.0.conv2"].index_format in ("bitmask", "csr")
+    assert info.layers["blocks.0.conv2"].index_format in ("bitmask", "csr") or \
+        info.layers["blocks.0.conv2"].index_format.startswith("relative")
     header, _ = read_header(tmp_path / "r.aspk")
     assert header["input_shape"] == list(SHAPE)
     assert [(g["name"], g["layer"], g["bits"], g["kept"]) for g in header["groups"]] == [
@@ -255,12 +262,21 @@ def test_channel_candidates_need_the_shrunk_model_and_its_masks(tmp_path):
 def test_index_format_is_the_cheaper_one(cnn, tmp_path):
     dense, table, _ = cnn
     sparse = _candidate(table, "unstructured", 0.97, 8)
-    info = save_packed(compress_model(dense, sparse), sparse, tmp_path / "s.aspk", table=table)
-    assert info.layers["fc1"].index_format == "csr"
+    compressed = compress_model(dense, sparse)
+    info = save_packed(compressed, sparse, tmp_path / "s.aspk", table=table)
+    zeros = model_zeros(compressed, table, sparse)["fc1"]
+    n = table["fc1"].weight_count
+    options = storage_options(n, table["fc1"].out_channels, 8, zeros)
+    cheapest = min(options, key=lambda k: sum(options[k]))
+    assert info.layers["fc1"].index_format == cheapest.replace("dense", "none")
+    # 97 % sparse: a relative index beats column indices, which beat a bitmask
+    assert cheapest.startswith("relative") and sum(options[cheapest]) < sum(options["csr"]) \
+        < sum(options["bitmask"])
     assert info.layers["fc1"].index < table["fc1"].weight_count
     mild = _candidate(table, "unstructured", 0.5, 8)
     info = save_packed(compress_model(dense, mild), mild, tmp_path / "m.aspk", table=table)
-    assert {b.index_format for b in info.layers.values()} == {"bitmask"}
+    # half the weights: a bitmask (or its 1-bit relative form, which stops at the last value)
+    assert {b.index_format for b in info.layers.values()} <= {"bitmask", "relative1"}
 
 
 def test_omitted_layers_are_dense_fp32_and_table_is_optional(cnn, tmp_path):

@@ -11,7 +11,7 @@ PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware",
         "structure"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
 MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate",
-              "sensitivity", "graph"}
+              "sensitivity", "graph", "storage"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},

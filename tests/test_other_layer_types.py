@@ -14,6 +14,7 @@ from autosparse.discovery import discover
 from autosparse.export.packed import load_packed, save_packed
 from autosparse.footprint import model_footprint
 from autosparse.space import SearchSpace
+from autosparse.storage import model_zeros
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
@@ -69,8 +70,9 @@ def test_compressed_and_packed_exactly_as_counted(net, tmp_path):
     baked = bake(compress_model(net, candidate))
     assert layer_sparsity(baked, "embed") == 0.5 and layer_sparsity(baked, "mix") == 0.75
     info = save_packed(baked, candidate, tmp_path / "m.packed", table=table)
+    zeros = model_zeros(baked, table, candidate)
     assert info.payload_bits - info.other_param_bits == sum(
-        layer.total_bits for layer in model_footprint(table, candidate).layers)
+        layer.total_bits for layer in model_footprint(table, candidate, zeros).layers)
     loaded = load_packed(tmp_path / "m.packed", TokenNet())
     x = torch.randn(8, 1, 8, 8)
     with torch.no_grad():

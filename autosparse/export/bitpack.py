@@ -19,7 +19,8 @@ from torch import Tensor
 
 from ..candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, LayerChoice, parse_nm
 from ..compress import qmax_for_bits
-from ..footprint import _bits_for
+from ..footprint import _bits_for, cheapest_storage
+from ..storage import stored_zeros
 
 PARTS = ("index", "values", "scales", "bias")
 _MAX_ULP_STEPS = 4
@@ -228,32 +229,56 @@ def _row_scales(rows_w: Tensor, qmax: int) -> tuple[Tensor, Tensor, bool]:
     return scale, codes, exact
 
 
-def _index(pattern: str, mask: Tensor, group_mask: Tensor | None
+def relative_codes(nonzero: np.ndarray, width: int) -> np.ndarray:
+    """A w-bit relative index of the nonzero positions (row-major): code c >= 1 is a value c
+    positions after the previous one (the first counted from -1); code 0 is a filler that only
+    advances 2^w - 1 positions, for longer gaps. Fillers store no value."""
+    step = 2 ** width - 1
+    positions = np.flatnonzero(nonzero.reshape(-1))
+    gaps = np.diff(positions, prepend=-1)
+    fillers = (gaps - 1) // step
+    codes = []
+    for gap, skip in zip(gaps.tolist(), fillers.tolist()):
+        codes.extend([0] * skip)
+        codes.append(gap - skip * step)
+    return np.asarray(codes, dtype=np.int64)
+
+
+def _storage_index(storage: str, nonzero: Tensor) -> tuple[str, np.ndarray, Tensor]:
+    """(format, index bits, mask of the stored values) for a dense-layout (non-N:M) layer."""
+    rows = nonzero.shape[0]
+    row_len = nonzero.numel() // rows
+    if storage == "dense":
+        return "none", np.zeros(0, dtype=np.uint8), torch.ones_like(nonzero)
+    flat = nonzero.reshape(rows, row_len)
+    if storage == "bitmask":
+        return "bitmask", _uint_bits(flat.reshape(-1).numpy(), 1), nonzero
+    if storage == "csr":
+        counts, cols = flat.sum(dim=1).numpy(), flat.nonzero()[:, 1].numpy()
+        return "csr", np.concatenate([_uint_bits(counts, _bits_for(row_len + 1)),
+                                      _uint_bits(cols, _bits_for(row_len))]), nonzero
+    width = int(storage.removeprefix("relative"))
+    return storage, _uint_bits(relative_codes(nonzero.numpy(), width), width), nonzero
+
+
+def _index(choice: LayerChoice, mask: Tensor, stored: Tensor, group_mask: Tensor | None
            ) -> tuple[str, np.ndarray, Tensor, tuple[int, ...] | None]:
     """(format, index bits, mask in value order, permutation to value order) for one layer.
 
-    ``group_mask`` (a channel leader: its group's kept channels, one bit each) is the whole
-    index of a ``channel`` layer: what is left of it is stored dense.
+    ``stored`` holds the values as they will be written (codes or floats): outside N:M, only
+    its nonzeros need storing, in the cheapest format the size formula picks for them. A
+    channel leader's group bitmask (one bit per channel) comes first in its index.
     """
-    rows = mask.shape[0]
-    row_len = mask.numel() // rows
-    if pattern == CHANNEL:
-        if group_mask is None:  # a channel choice that removes no whole unit: nothing to record
-            return "none", np.zeros(0, dtype=np.uint8), mask, None
-        return "group", _uint_bits(group_mask.to(torch.uint8).numpy(), 1), mask, None
-    if pattern == DENSE:
-        return "none", np.zeros(0, dtype=np.uint8), mask, None
-    if pattern == UNSTRUCTURED:
-        flat = mask.reshape(rows, row_len)
-        csr = int(flat.sum()) * _bits_for(row_len) + rows * _bits_for(row_len + 1)
-        if mask.numel() <= csr:
-            return "bitmask", _uint_bits(flat.reshape(-1).numpy(), 1), mask, None
-        counts, cols = flat.sum(dim=1).numpy(), flat.nonzero()[:, 1].numpy()
-        return "csr", np.concatenate([_uint_bits(counts, _bits_for(row_len + 1)),
-                                      _uint_bits(cols, _bits_for(row_len))]), mask, None
-    nm = parse_nm(pattern)
+    prefix = (np.zeros(0, dtype=np.uint8) if group_mask is None
+              else _uint_bits(group_mask.to(torch.uint8).numpy(), 1))
+    nm = parse_nm(choice.pattern)
     if nm is None:
-        raise ValueError(f"unknown pattern {pattern!r}")
+        nonzero = (stored != 0) & mask
+        storage, _, _ = cheapest_storage(mask.numel(), mask.shape[0], choice.bits,
+                                         stored_zeros(nonzero))
+        fmt, bits, value_mask = _storage_index(storage, nonzero)
+        return fmt, np.concatenate([prefix, bits]), value_mask, None
+    rows = mask.shape[0]
     perm = _nm_perm(mask.dim())
     ordered = mask.permute(perm).reshape(rows, -1, nm[1])
     return "nm", _uint_bits(ordered.nonzero()[:, 2].numpy(), _bits_for(nm[1])), ordered, perm
@@ -286,7 +311,8 @@ def _pack_layer(name: str, weight: Tensor, bias: Tensor | None, choice: LayerCho
     masked = torch.where(mask, weight, torch.zeros_like(weight))
     scale, codes, exact = _quantized(name, choice, masked)
     try:
-        index_format, index_bits, order_mask, perm = _index(choice.pattern, mask, group_mask)
+        index_format, index_bits, order_mask, perm = _index(
+            choice, mask, masked if codes is None else codes, group_mask)
     except ValueError as err:
         raise ValueError(f"layer {name!r}: {err}") from None
 
@@ -307,7 +333,7 @@ def _pack_layer(name: str, weight: Tensor, bias: Tensor | None, choice: LayerCho
     entry = {"name": name, "shape": list(weight.shape), "pattern": choice.pattern,
              "sparsity": choice.sparsity, "bits": choice.bits, "index": index_format,
              "group_bits": 0 if group_mask is None else int(group_mask.numel()),
-             "kept": int(mask.sum()), "bias": 0 if bias is None else int(bias.numel()),
+             "kept": int(order_mask.sum()), "bias": 0 if bias is None else int(bias.numel()),
              "parts": [sizes[p] for p in PARTS]}
     layer_bits = LayerBits(name=name, pattern=choice.pattern, bits=choice.bits,
                            index_format=index_format, values=sizes["values"],
@@ -361,11 +387,31 @@ def _nm_mask(reader: _BitReader, shape: tuple[int, ...], kept: int, pattern: str
     return groups.reshape(permuted_shape)
 
 
+def _relative_mask(reader: _BitReader, shape: tuple[int, ...], kept: int, width: int,
+                   index_bits: int) -> Tensor:
+    entries = index_bits // width
+    codes = reader.uints(entries, width).astype(np.int64)
+    step = 2 ** width - 1
+    advance = np.where(codes == 0, step, codes)
+    positions = np.cumsum(advance) - 1
+    positions = positions[codes != 0]
+    n = int(np.prod(shape))
+    if positions.size != kept or (kept and int(positions[-1]) >= n):
+        raise PackedFormatError(f"{reader.where}: relative index does not fit (corrupt file)")
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.from_numpy(positions)] = True
+    return flat.reshape(shape)
+
+
 def _read_mask(reader: _BitReader, entry: dict, shape: tuple[int, ...]) -> Tensor:
     fmt, kept = entry["index"], int(entry["kept"])
-    if fmt == "group":  # the group's bitmask: read by load_packed, the tensor is dense
-        reader.uints(int(entry["group_bits"]), 1)
+    group_bits = int(entry.get("group_bits", 0))
+    reader.uints(group_bits, 1)  # a leader's group bitmask: read by load_packed
+    if fmt == "group":  # format version 2.0: the group's bitmask, then a dense tensor
         return torch.ones(shape, dtype=torch.bool)
+    if fmt.startswith("relative"):
+        return _relative_mask(reader, shape, kept, int(fmt.removeprefix("relative")),
+                              int(entry["parts"][0]) - group_bits)
     if fmt == "none":
         return torch.ones(shape, dtype=torch.bool)
     if fmt == "bitmask":

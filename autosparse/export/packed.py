@@ -59,6 +59,7 @@ from torch.nn.utils import parametrize
 from ..candidate import CHANNEL, Candidate
 from ..compress import weight_mask
 from ..discovery import count_other_params, find_layers, layer_kind
+from ..storage import model_zeros
 from ..footprint import LayerFootprint, model_footprint
 from ..layers import LayerInfo, LayerTable
 from ..structure import channel_groups, pruned_by_group
@@ -217,7 +218,9 @@ def _pack_layers(model: nn.Module, candidate: Candidate, layers: dict[str, nn.Mo
                  ) -> tuple[list[bytes], list[dict], dict[str, LayerBits], dict[tuple, str]]:
     """Every searched layer's bitstream, header entry and bits; plus the layer weights'
     tensor keys (a weight tied into another module is stored once, as an alias)."""
-    footprint = {fp.name: fp for fp in model_footprint(table, candidate).layers}
+    # the formula with this model's own zeros: what the search's size objective measured
+    footprint = {fp.name: fp for fp in model_footprint(table, candidate,
+                                                       model_zeros(model, table, candidate)).layers}
     blobs, entries, layer_bits, tensors = [], [], {}, {}
     offset = 0
     with torch.no_grad():
@@ -316,7 +319,7 @@ def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
     header_json = json.dumps(header, separators=(",", ":")).encode()
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header_json), zlib.crc32(header_json))
     path.write_bytes(prefix + header_json + payload)
-    footprint = model_footprint(table, candidate)
+    footprint = model_footprint(table, candidate, model_zeros(model, table, candidate))
     return PackedInfo(
         path=path,
         file_bytes=len(prefix) + len(header_json) + len(payload),

@@ -36,8 +36,12 @@ _SHORT_NAMES = {"accuracy_std": "± std", "accuracy_seeds": "seeds", "test_accur
 def _search(args: argparse.Namespace) -> int:
     from .runner import run_search
 
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
     outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
-                         extend=args.extend)
+                         extend=args.extend, threads=args.threads)
     print(f"\nPareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
           f"hypervolume {outcome.hypervolume['hypervolume']:.4f}):")
     _print_front(outcome.front)
@@ -190,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="run or resume a search from a YAML config")
     search.add_argument("config")
     search.add_argument("--workers", type=int, default=1, help="local processes sharing the study")
+    search.add_argument("--threads", type=int, default=None,
+                        help="torch threads in all, split across workers (default: "
+                             "OMP_NUM_THREADS, else the CPUs this process may use)")
     search.add_argument("--extend", type=int, default=0, metavar="N",
                         help="add N trials to the config's budget (to continue a finished search)")
     search.set_defaults(run=_search)

@@ -13,7 +13,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, KEY_ATTR, METRICS_ATTR
+from .objective import CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, INTERRUPTED, KEY_ATTR, METRICS_ATTR
 from .fidelity import FIDELITY_ATTR, LOW_ATTR, STEPS_ATTR
 from .objectives import OBJECTIVES
 from .pareto import hypervolume_history, pareto_mask
@@ -35,6 +35,15 @@ REEVAL_PREFIX = "autosparse.reeval."
 _ACCURACY_CONSTRAINTS = {"accuracy": 1.0, "accuracy_drop": -1.0}
 
 
+def _state(trial: optuna.trial.FrozenTrial) -> str:
+    """Optuna's state, except INTERRUPTED for a trial cut short (a kill, Ctrl-C): it is re-run on
+    resume and is neither a failure nor part of the budget."""
+    if trial.state == optuna.trial.TrialState.FAIL and str(
+            trial.user_attrs.get(FAIL_ATTR, "")).startswith(INTERRUPTED):
+        return "INTERRUPTED"
+    return trial.state.name
+
+
 def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     """One row per finished trial: state, candidate, metrics, feasibility and front membership.
 
@@ -53,7 +62,7 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
         metrics = trial_metrics(trial)
         row = {
             "trial": trial.number,
-            "state": trial.state.name,
+            "state": _state(trial),
             "candidate": trial.user_attrs.get(CANDIDATE_ATTR, ""),
             "fail_reason": trial.user_attrs.get(FAIL_ATTR, "" if complete else "unknown"),
             "cached": bool(trial.user_attrs.get(CACHED_ATTR, False)),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,10 +236,36 @@ def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: s
                        gc_after_trial=False)
 
 
+def _die_with(parent_pid: int, poll_s: float = 1.0) -> None:
+    """Exit this worker as soon as its parent is gone (killed, even by SIGKILL): an orphan would
+    keep running trials beside the next search. Its trial in flight is re-run on resume."""
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_s)
+        os._exit(3)
+
+    threading.Thread(target=watch, name="autosparse-parent-watch", daemon=True).start()
+
+
+def thread_count(workers: int, threads: int | None = None) -> int:
+    """Threads per worker: ``threads`` (the --threads flag), else OMP_NUM_THREADS, else the CPUs
+    this process may run on (its affinity), split across the workers; never below 1."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        if env.isdigit() and int(env) > 0:
+            threads = int(env)
+        elif hasattr(os, "sched_getaffinity"):
+            threads = len(os.sched_getaffinity(0))
+        else:
+            threads = os.cpu_count() or 1
+    return max(1, threads // workers)
+
+
 def _worker_main(config_path: str, runs_dir: str, budget: Budget, parent: str | None,
-                 threads: int) -> None:
+                 threads: int, parent_pid: int) -> None:
+    _die_with(parent_pid)
     torch.set_num_threads(threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, Path(runs_dir))
     _work(context, context.open_study(), budget, parent)
 
@@ -264,6 +291,7 @@ class Progress:
 
     def __call__(self, study: optuna.Study) -> None:
         frame = trials_frame(study, self.context.config.objectives)
+        frame = frame[frame["state"] != "INTERRUPTED"]  # re-run on resume: not in the budget
         done = len(frame)
         failed = int((frame["state"] == "FAIL").sum()) if done else 0
         hv = final(self.spec.histories(frame)["hypervolume"]) if done else 0.0
@@ -337,12 +365,18 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
 
 
 def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"), workers: int = 1,
-               extend: int = 0, printer: Printer = print) -> SearchOutcome:
-    """Run (or resume) the search described by the config until its budget is used."""
+               extend: int = 0, printer: Printer = print,
+               threads: int | None = None) -> SearchOutcome:
+    """Run (or resume) the search described by the config until its budget is used.
+
+    ``threads`` in all (default: OMP_NUM_THREADS, else this process's CPU affinity) are split
+    across the ``workers``."""
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be ≥ 1, got {threads}")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
+    threads = thread_count(workers, threads)
     torch.set_num_threads(threads)
     context = prepare(config_path, runs_dir)
     config = context.config
@@ -372,7 +406,7 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     processes = [
         multiprocessing.get_context("spawn").Process(
             target=_worker_main,
-            args=(str(config_path), str(runs_dir), budget, parent, threads),
+            args=(str(config_path), str(runs_dir), budget, parent, threads, os.getpid()),
             daemon=True,
         )
         for _ in range(workers - 1)
@@ -382,6 +416,12 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     loop_start = time.perf_counter()
     try:
         _work(context, study, budget, parent, progress)
+    except KeyboardInterrupt:  # the trial in flight is re-run on resume; close the parent run
+        for process in processes:
+            process.terminate()
+        if parent is not None:
+            tracker.end_search(parent, "KILLED")
+        raise
     finally:
         for process in processes:
             process.join()
@@ -399,7 +439,7 @@ def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"
     """Recompute the front from storage and (re-)log it to MLflow, e.g. after MLflow was down.
 
     Stored re-evaluations of the front are read, never computed: nothing is fine-tuned here."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, runs_dir)
     study = context.open_study()
     tracker = context.tracker()
@@ -448,7 +488,7 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     from .plots import sensitivity_heatmap_png
     from .sensitivity_study import format_sensitivity, sensitivity_csv
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, runs_dir)
     study = context.open_study()
     tracker = context.tracker()

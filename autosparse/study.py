@@ -158,13 +158,19 @@ def requeue_interrupted(study: optuna.Study) -> int:
     second resume does not enqueue it twice."""
     done = set(study.user_attrs.get(_REQUEUED_ATTR, []))
     todo = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if is_interrupted(t) and t.number not in done and t.params]
+            if is_interrupted(t) and t.number not in done and _params_of(t)]
     for trial in todo:
-        study.enqueue_trial(dict(trial.params), skip_if_exists=False)
+        study.enqueue_trial(_params_of(trial), skip_if_exists=False)
         done.add(trial.number)
     if todo:
         study.set_user_attr(_REQUEUED_ATTR, sorted(done))
     return len(todo)
+
+
+def _params_of(trial: optuna.trial.FrozenTrial) -> dict:
+    """The params a trial ran, or was enqueued to run: a kill before the first suggest leaves
+    ``params`` empty but the enqueued ``fixed_params`` (a warm-start seed) are still there."""
+    return dict(trial.params) or dict(trial.system_attrs.get("fixed_params") or {})
 
 
 def is_interrupted(trial: optuna.trial.FrozenTrial) -> bool:

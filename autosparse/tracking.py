@@ -62,7 +62,8 @@ TAG_PARENT = "mlflow.parentRunId"
 ROLE_SEARCH = "search"
 ROLE_TRIAL = "trial"
 
-_STATE_TO_STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED"}
+_STATE_TO_STATUS = {"COMPLETE": "FINISHED", "FAIL": "FAILED", "PRUNED": "KILLED",
+                    "INTERRUPTED": "KILLED"}
 _TERMINAL = {"FINISHED", "FAILED", "KILLED"}
 _RUN_STATUSES = {"RUNNING", "SCHEDULED", "FINISHED", "FAILED", "KILLED"}
 
@@ -863,7 +864,7 @@ class Tracker:
 
         # 3. metrics on the parent, extending histories without duplicate steps.
         state = trials["state"].astype(str) if "state" in trials.columns else None
-        n_trials = int(len(trials))
+        n_trials = int((state != "INTERRUPTED").sum()) if state is not None else int(len(trials))
         n_failed = int((state == "FAIL").sum()) if state is not None else 0
         if "on_front" in trials.columns:
             on_front = trials["on_front"].fillna(False).astype(bool)

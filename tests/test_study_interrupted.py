@@ -38,3 +38,24 @@ def test_dead_workers_trial_on_this_host_is_failed(tmp_path):
     trial.set_user_attr(WORKER_ATTR, f"{socket.gethostname()}:999999999")
     assert fail_interrupted_trials(study, grace_s=0.2) == 1
     assert is_interrupted(study.trials[0])
+
+
+def test_enqueued_seed_cut_before_its_first_suggest_is_requeued_with_its_params(tmp_path):
+    """A warm-start seed popped from the queue and killed before any suggest has no params,
+    only Optuna's fixed_params: resume must still re-run it, exactly once."""
+    from autosparse.front import trials_frame
+    from autosparse.study import requeue_interrupted
+
+    study = _study(tmp_path)
+    study.enqueue_trial({"x": 0.25})
+    study.ask()  # popped from the queue, never suggested: killed here
+    assert study.trials[0].params == {}
+    assert fail_interrupted_trials(study, grace_s=0.1) == 1
+    assert requeue_interrupted(study) == 1 and requeue_interrupted(study) == 0
+    rerun = study.ask()
+    assert rerun.suggest_float("x", 0, 1) == 0.25
+    study.tell(rerun, 1.0)
+    frame = trials_frame(study, ["accuracy"])
+    # the cut-short one is INTERRUPTED (neither a failure nor budget), the re-run counts
+    assert list(frame["state"]) == ["INTERRUPTED", "COMPLETE"]
+    assert counted_trials(study) == 1

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import ConfigError
+from .config import ConfigError, load_config
 
 RUNS_DIR = Path("runs")
 
@@ -38,6 +38,8 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
+    if args.extend < 0:
+        raise ConfigError(f"--extend {args.extend}: must be 0 or more (trials to add)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
     outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
@@ -59,7 +61,9 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 def _front(args: argparse.Namespace) -> int:
     from .runner import report_front
+    from .study import require_study
 
+    require_study(load_config(args.config), args.runs_dir)
     outcome = report_front(args.config, runs_dir=args.runs_dir)
     print(f"Pareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
           f"hypervolume {outcome.hypervolume['hypervolume']:.4f}); logged to MLflow")
@@ -107,17 +111,24 @@ def _profile(args: argparse.Namespace) -> int:
     from .hardware import builtin_profiles, load_profile
     from .runner import candidate_from_reference, prepare
 
-    context = prepare(args.config, args.runs_dir)
-    hardware = args.hardware or context.config.hardware
+    hardware = args.hardware or load_config(args.config).cost_profile()  # measure: planning
     if hardware is None:
         raise ConfigError("no target device: give --hardware or set 'hardware' in the config "
                           f"(built-in profiles: {', '.join(builtin_profiles())})")
+    context = prepare(args.config, args.runs_dir)
     candidate = candidate_from_reference(context, args.candidate)
     unknown = sorted(set(candidate) - set(context.table.names))
     if unknown:
         raise ConfigError(f"the candidate names layers the model does not have: {unknown}")
+    from .latency_table import find_latency_table
+
+    profile = load_profile(hardware)
+    latency_table, note = find_latency_table(args.runs_dir / context.config.name, context.table,
+                                             profile)
     with pd.option_context("display.width", 220, "display.max_colwidth", 60):
-        print(format_cost_report(context.table, candidate, load_profile(hardware)))
+        print(format_cost_report(context.table, candidate, profile, latency_table))
+    print(note or f"latency: analytic {profile.name} for every layer (no measured table; "
+          "`autosparse calibrate --config CONFIG` measures one)")
     return 0
 
 
@@ -125,9 +136,14 @@ def _export(args: argparse.Namespace) -> int:
     from .export.onnx_export import ExportError
     from .exporter import ExportCheckFailed, ExportRequest, run_export
 
+    from .study import require_study
+
     chosen = sum(x is not None and x is not False for x in (args.trial, args.max_drop, args.knee or None))
     if chosen > 1:
         raise ConfigError("give one of --trial, --max-drop (with --minimize) or --knee")
+    if args.finetune_steps is not None and args.finetune_steps < 1:
+        raise ConfigError(f"--finetune-steps {args.finetune_steps}: must be at least 1")
+    require_study(load_config(args.config), args.runs_dir)
     request = ExportRequest(trial=args.trial, max_drop=args.max_drop, minimize=args.minimize,
                             knee=args.knee, finetune_steps=args.finetune_steps, out=args.out,
                             registered_name=args.registered_name, mlflow=not args.no_mlflow,
@@ -153,10 +169,38 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate_model(args: argparse.Namespace) -> int:
+    """``calibrate --config``: the per-layer latency table of the config's own model."""
+    from .calibration.model_table import build_latency_table
+    from .hardware import load_profile
+    from .latency_table import TABLE_FILE
+    from .runner import prepare
+
+    context = prepare(args.config, args.runs_dir)
+    profile = context.profile or load_profile(args.base)
+    table = build_latency_table(context, profile, rounds=args.rounds, calls=args.calls,
+                                seed=args.seed)
+    path = args.runs_dir / context.config.name / TABLE_FILE
+    existed = path.is_file()
+    table.save(path)
+    channel = sum(len(e.channels) - 1 for e in table.entries.values() if e.channels)
+    int8 = sum(e.int8 is not None for e in table.entries.values())
+    print(f"dense {table.dense_us:.1f} µs (spread {table.dense_spread:.1%}) on {table.machine}, "
+          f"onnxruntime {table.onnxruntime}; {len(table.entries)} layers: {channel} kept-channel "
+          f"levels, int8 on {int8}"
+          + (f", all int8 {table.all_int8_us:.1f} µs" if table.all_int8_us else "")
+          + f"; {table.settings.get('seconds')} s")
+    print(f"{'overwrote' if existed else 'wrote'} {path}; the search and `autosparse profile` "
+          f"use it with profile {profile.name} (analytic where it has no entry)")
+    return 0
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import CalibrationSettings, log_calibration, run_calibration, summary_lines
     from .tracking import resolve_tracking_uri
 
+    if args.config is not None:
+        return _calibrate_model(args)
     settings = CalibrationSettings(
         base=args.base, architectures=tuple(args.architectures),
         per_architecture=args.per_architecture, fit_share=args.fit_share, rounds=args.rounds,
@@ -176,6 +220,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _ui(args: argparse.Namespace) -> int:
     from .tracking import resolve_tracking_uri, ui_command, ui_environment
 
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port {args.port}: must be a TCP port from 1 to 65535")
     uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
     command = ui_command(uri, args.runs_dir, args.port)
     print(f"MLflow UI on http://127.0.0.1:{args.port} (tracking store {uri}); Ctrl-C to stop")
@@ -251,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate = commands.add_parser(
         "calibrate", help="time real variants here with onnxruntime, fit a measured profile, "
         "report its accuracy on held-out variants")
+    calibrate.add_argument("--config", default=None,
+                           help="measure this search config's own model instead: a per-layer "
+                           "latency table written to runs/<name>/latency-table.json")
     calibrate.add_argument("--base", default="x86-server-vnni",
                            help="profile whose structure and energy figures are kept")
     calibrate.add_argument("--architectures", nargs="+", default=list(DEFAULT_ARCHITECTURES),

@@ -271,6 +271,17 @@ class FinetuneConfig(Strict):
 
 class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default sqlite under runs/")
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, value):
+        if value is None or "://" not in value:
+            return value  # a local folder (MLflow's file store) or the default
+        scheme = value.split("://", 1)[0].split("+", 1)[0]
+        if scheme in ("http", "https", "file", "databricks"):
+            return value
+        check_database_url(value, "tracking.uri")
+        return value
     experiment: str | None = Field(None, description="defaults to the search name")
 
 
@@ -283,6 +294,28 @@ class ExportConfig(Strict):
                                        "export instead of the search's own")
 
 
+MEASURE = "measure"  # ``hardware: measure``: latency timed in onnxruntime, not predicted
+MEASURE_PROFILE = "x86-server-vnni"  # the analytic model that plans and screens by default
+
+
+class MeasureConfig(Strict):
+    """``hardware: measure``: each candidate's compressed model timed on this machine
+    (onnxruntime, 1 thread, batch 1) in interleaved rounds with the dense model."""
+
+    rounds: int = Field(21, ge=1, description="interleaved rounds (median over rounds)")
+    calls: int = Field(11, ge=1, description="individually timed calls per round (median)")
+    warmup: int = Field(10, ge=0, description="untimed calls per session first")
+    profile: str = Field(MEASURE_PROFILE, description="analytic profile (built-in name or YAML "
+                         "path) that the sensitivity planner and screening predict with; "
+                         "latency_ms itself is measured")
+
+    @field_validator("profile")
+    @classmethod
+    def _check_profile(cls, value):
+        load_profile(value)
+        return value
+
+
 _CONSTRAINT_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
 
 
@@ -290,6 +323,22 @@ class Constraint(Strict):
     metric: str
     op: Literal["<=", ">="]
     bound: float
+
+    @model_validator(mode="after")
+    def _possible(self) -> "Constraint":
+        """Refuse bounds no model can meet (the search would spend its whole budget)."""
+        impossible = None
+        if self.metric == "accuracy" and ((self.op == ">=" and self.bound > 100)
+                                          or (self.op == "<=" and self.bound < 0)):
+            impossible = "accuracy is a percentage from 0 to 100"
+        elif self.metric == "accuracy_drop" and ((self.op == "<=" and self.bound <= -100)
+                                                 or (self.op == ">=" and self.bound >= 100)):
+            impossible = "accuracy_drop is in points and lies between -100 and 100"
+        elif self.metric != "accuracy_drop" and self.op == "<=" and self.bound <= 0:
+            impossible = f"{self.metric} is always positive"
+        if impossible:
+            raise ValueError(f"constraint '{self}' can never be met: {impossible}")
+        return self
 
     def violation(self, value: float) -> float:
         """Optuna's convention: feasible when <= 0."""
@@ -313,18 +362,52 @@ class SearchConfig(Strict):
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
+
+    @field_validator("storage")
+    @classmethod
+    def _check_storage(cls, value):
+        if value is not None:
+            check_database_url(value, "storage")
+        return value
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     hardware: str | None = Field(
         None, description="target device: a built-in profile name or a profile YAML path; "
-        "needed for latency and energy")
+        f"needed for latency and energy; '{MEASURE}' times latency on this machine instead")
+    measure: MeasureConfig | None = Field(
+        None, description="with 'hardware: measure': rounds, calls, warmup, planning profile")
 
     @field_validator("hardware")
     @classmethod
     def _check_hardware(cls, value):
-        if value is not None:
+        if value is not None and value != MEASURE:
             load_profile(value)  # a bad profile is a config error now, not mid-search
         return value
+
+    @model_validator(mode="after")
+    def _measure_settings(self) -> "SearchConfig":
+        if self.hardware != MEASURE:
+            if self.measure is not None:
+                raise ValueError(f"'measure' settings need 'hardware: {MEASURE}' (hardware is "
+                                 f"{self.hardware!r})")
+            return self
+        if self.measure is None:
+            object.__setattr__(self, "measure", MeasureConfig())
+        wanted = {OBJECTIVES[o].metric for o in self.objectives}
+        wanted |= {c.metric for c in self.constraints}
+        if "energy_uj" in wanted:
+            raise ValueError(
+                f"energy_uj (objective 'energy' or a constraint) with 'hardware: {MEASURE}': "
+                "energy cannot be measured by timing a model (no power meter is read); set "
+                "'hardware' to a profile to predict energy, or drop it")
+        return self
+
+    def cost_profile(self) -> str | None:
+        """The profile the analytic cost model uses: ``hardware``, or with ``hardware:
+        measure`` the planning profile ``measure.profile``."""
+        if self.hardware == MEASURE:
+            return (self.measure or MeasureConfig()).profile
+        return self.hardware
 
     @model_validator(mode="after")
     def _hardware_when_needed(self) -> "SearchConfig":
@@ -335,7 +418,8 @@ class SearchConfig(Strict):
             if needing:
                 raise ValueError(
                     f"{', '.join(needing)} {'needs' if len(needing) == 1 else 'need'} a target device: set 'hardware' to a built-in "
-                    f"profile ({', '.join(builtin_profiles())}) or a profile YAML path")
+                    f"profile ({', '.join(builtin_profiles())}), a profile YAML path, or "
+                    f"'{MEASURE}' (latency timed on this machine)")
         return self
 
     @field_validator("objectives")
@@ -375,6 +459,28 @@ class SearchConfig(Strict):
         return [OBJECTIVES[name].direction for name in self.objectives]
 
 
+STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+
+
+def check_database_url(url: str, what: str) -> None:
+    """An SQLAlchemy URL of a known database: ``sqlite//x.db`` (a missing colon) would
+    otherwise create ``./sqlite/x.db`` silently; an unwritable SQLite folder fails later."""
+    scheme, sep, rest = url.partition("://")
+    base = scheme.split("+", 1)[0]
+    if not sep or base not in STORAGE_SCHEMES:
+        raise ValueError(f"{url!r} is not a database URL; allowed: "
+                         + ", ".join(f"{s}://..." for s in STORAGE_SCHEMES)
+                         + " (e.g. sqlite:///runs/my.db)")
+    if base == "sqlite" and rest.startswith("/"):
+        folder = Path(rest[1:]).expanduser().parent if rest != "/" else Path(".")
+        existing = next((p for p in [folder, *folder.parents] if p.exists()), Path("."))
+        if not existing.is_dir():
+            raise ValueError(f"{url!r}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK):
+            raise ValueError(f"{url!r}: cannot write SQLite file there ({existing} is not "
+                             "writable)")
+
+
 def parse_config(data: Any, source: str = "<dict>") -> SearchConfig:
     return validate(SearchConfig, data, "config", source)
 
@@ -382,10 +488,20 @@ def parse_config(data: Any, source: str = "<dict>") -> SearchConfig:
 def load_config(path: str | os.PathLike) -> SearchConfig:
     """Read and validate a YAML config; relative paths inside it stay relative to the CWD."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {path} is not a UTF-8 text file (a YAML config is text)") \
+            from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"config {path} is not valid YAML{at}: "
+                          f"{getattr(err, 'problem', None) or err}") from None
+    if data is None:
+        raise ConfigError(f"config {path} is empty; see search_spaces/quickstart.yaml")
     return parse_config(data, str(path))

@@ -8,6 +8,7 @@ dead dimensions. Fields with a single allowed value are not params at all.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import math
 import random
@@ -140,6 +141,20 @@ class GridSpace:
         return len(self.points)
 
 
+def _check_patterns_match(config: SpaceConfig, names: list[str]) -> None:
+    """A layer name or regex in include/exclude/rules that matches no layer is a typo, not a
+    no-op: the search would silently run without it."""
+    places = [("space.include", config.include or []), ("space.exclude", config.exclude)]
+    places += [(f"space.rules[{i}].layers", rule.layers) for i, rule in enumerate(config.rules)]
+    for where, patterns in places:
+        for pattern in patterns:
+            if not any(_matches([pattern], name) for name in names):
+                close = difflib.get_close_matches(pattern, names, n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ConfigError(f"{where}: {pattern!r} matches no layer{hint} (layers: "
+                                  f"{', '.join(names)})")
+
+
 def _why_not(layer: LayerInfo) -> str:
     if layer.kind not in NM_KINDS:
         return f"{layer.kind} weights are not stored (out, in)"
@@ -168,6 +183,7 @@ class SearchSpace:
     @classmethod
     def build(cls, config: SpaceConfig, table: LayerTable) -> "SearchSpace":
         """Apply include/exclude and the first matching rule to every discovered layer."""
+        _check_patterns_match(config, table.names)
         searched, excluded = [], []
         for name in table.names:
             included = config.include is None or _matches(config.include, name)

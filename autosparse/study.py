@@ -38,6 +38,15 @@ def storage_url(config: SearchConfig, runs_dir: Path) -> str:
     return f"sqlite:///{(runs_dir / config.name / 'study.db').resolve()}"
 
 
+def require_study(config: SearchConfig, runs_dir: Path) -> None:
+    """Refuse, before anything is built or written, a command that reads a study that was never
+    searched (opening SQLite would create an empty one)."""
+    url = storage_url(config, runs_dir)
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"no study {config.name!r} yet ({url} does not exist): run "
+                          "`autosparse search` first")
+
+
 def make_storage(url: str) -> optuna.storages.BaseStorage:
     """RDB storage (SQLite, PostgreSQL, MySQL) with a heartbeat, or a journal file by path."""
     if "://" not in url:
@@ -64,7 +73,9 @@ def _signature(config: SearchConfig) -> str:
     """
     signature: dict = {"objectives": config.objectives, "space": config.space.model_dump(mode="json")}
     if config.hardware is not None:  # absent for studies without one, which keep matching
-        profile = load_profile(config.hardware).model_dump(mode="json")
+        profile = load_profile(config.cost_profile()).model_dump(mode="json")
+        if config.measure is not None:  # measured latencies: the timing settings matter too
+            profile = {"profile": profile, "measure": config.measure.model_dump(mode="json")}
         signature["hardware"] = hashlib.sha256(
             json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
     return json.dumps(signature, sort_keys=True)

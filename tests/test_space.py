@@ -123,3 +123,19 @@ def test_every_distinct_choice_has_params(small_table, patterns, sparsity):
     for d in space.decisions:
         for choice in d.distinct_choices():
             assert d.decode(d.params_of(choice)) == choice
+
+
+def test_a_rule_that_matches_no_layer_is_an_error_with_a_close_match():
+    from autosparse.config import ConfigError, SpaceConfig
+    from autosparse.discovery import discover
+    from autosparse.models import DigitsCNN
+
+    table, _ = discover(DigitsCNN(1, 8, 8, 10).eval(), (1, 8, 8))
+    for space, where in [({"rules": [{"layers": ["convv1"], "bits": [8]}]}, "space.rules[0].layers"),
+                         ({"exclude": ["fc3"]}, "space.exclude"),
+                         ({"include": ["conv.*", "head"]}, "space.include")]:
+        with pytest.raises(ConfigError) as err:
+            SearchSpace.build(SpaceConfig.model_validate(space), table)
+        assert str(err.value).startswith(where) and "matches no layer" in str(err.value)
+    with pytest.raises(ConfigError, match="did you mean conv1"):
+        SearchSpace.build(SpaceConfig.model_validate({"rules": [{"layers": ["convv1"]}]}), table)

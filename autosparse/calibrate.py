@@ -25,6 +25,8 @@ import pandas as pd
 
 from .calibration.fit import (FREE_CONSTANTS, FitResult, Sample, fit_with_blocks, predict, prediction_stats,
                               split_samples)
+from .calibration.architectures import DEFAULT_CALIBRATION
+from .calibration.machine import CacheReport, Sweep, effective_caches, this_machine
 from .calibration.timing import time_variants
 from .calibration.variants import make_variants
 from .hardware import HardwareProfile, load_profile
@@ -32,7 +34,7 @@ from .plots import calibration_figure_png
 from .validation import ConfigError
 
 Printer = Callable[[str], None]
-DEFAULT_ARCHITECTURES = ("digits-cnn", "digits-mlp", "cifar-cnn")
+DEFAULT_ARCHITECTURES = DEFAULT_CALIBRATION  # calibration/architectures.py says why each
 CONTROL_MARK = "sparse"  # variant names of zeroed-weight variants contain it
 
 
@@ -46,6 +48,7 @@ class CalibrationSettings:
     calls: int = 21
     seed: int = 0
     name: str | None = None
+    cache_sweep: Sweep = Sweep()  # used only where sysfs's cache sizes are rejected (a VM)
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,30 @@ class CalibrationOutcome:
     seconds: dict[str, float]
 
 
-def default_profile_name() -> str:
+def default_profile_name(now: dt.datetime | None = None) -> str:
+    """measured-<host>-<UTC timestamp>: each calibration is a new file, never a silent
+    replacement (two calibrations on one machine differed 20-25 % in fitted constants)."""
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:40] or "local"
-    return f"measured-{host}"
+    stamp = (now or dt.datetime.now(dt.timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return f"measured-{host}-{stamp}"
+
+
+def profile_destination(out_dir: Path, name: str | None,
+                        printer: Printer = print) -> tuple[str, Path]:
+    """The profile's name and file: a fresh default name (suffixed if that second's file
+    exists), or the user's explicit name, saying so when that overwrites an earlier file."""
+    if name is not None:
+        path = out_dir / f"{name}.yaml"
+        if path.exists():
+            printer(f"overwriting {path} (an earlier calibration named {name!r}; omit --name "
+                    "for a new file each time)")
+        return name, path
+    base = default_profile_name()
+    chosen, count = base, 1
+    while (out_dir / f"{chosen}.yaml").exists():
+        count += 1
+        chosen = f"{base}-{count}"
+    return chosen, out_dir / f"{chosen}.yaml"
 
 
 def cpu_model() -> str:
@@ -139,9 +163,12 @@ def check_settings(settings: CalibrationSettings) -> None:
 def run_calibration(settings: CalibrationSettings, out_dir: Path,
                     printer: Printer = print) -> CalibrationOutcome:
     check_settings(settings)
-    base = with_local_caches(load_profile(settings.base), local_cache_sizes())
-    name = settings.name or default_profile_name()
+    caches = effective_caches(sweep=settings.cache_sweep)
+    if caches.source == "measured":
+        printer(cache_line(caches))
+    base = with_local_caches(load_profile(settings.base), caches.sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
+    name, profile_path = profile_destination(out_dir, settings.name, printer)
     seconds = {}
     with tempfile.TemporaryDirectory(prefix="autosparse-calibrate-") as workdir:
         start = time.perf_counter()
@@ -183,27 +210,48 @@ def run_calibration(settings: CalibrationSettings, out_dir: Path,
     fit_stats = prediction_stats(fitted["predicted_ms"].to_numpy(),
                                  fitted["measured_ms"].to_numpy())
     controls = negative_controls(frame)
-    profile = _with_provenance(result, settings, held_stats, controls, len(samples))
-    profile_path = out_dir / f"{name}.yaml"
+    profile = _with_provenance(result, settings, held_stats, controls, len(samples),
+                               [m.spread for m in measurements], caches)
     _write_outputs(out_dir, profile, profile_path, frame, held_stats, fit_stats, controls,
                    settings, seconds)
     return CalibrationOutcome(profile, profile_path, frame, held_stats, fit_stats, controls,
                               seconds)
 
 
+def cache_line(caches: CacheReport) -> str:
+    """What calibrate says when it distrusts sysfs's cache sizes."""
+    rejected = ", ".join(f"L{level} {size / 1024 ** 2:.0f} MiB"
+                         for level, size in caches.rejected.items())
+    return (f"cache: sysfs reports {rejected} for this core, above the "
+            f"{caches.limit / 1024 ** 2:.0f} MiB one core can plausibly have (a VM shows its "
+            f"host's whole cache); using the measured last-level capacity "
+            f"{caches.sizes[-1] / 1024 ** 2:.1f} MiB (copy-bandwidth knee)")
+
+
 def _with_provenance(result: FitResult, settings: CalibrationSettings,
                      held: dict[str, float], controls: dict[str, float],
-                     count: int) -> HardwareProfile:
+                     count: int, spreads: Sequence[float] = (),
+                     caches: CacheReport | None = None) -> HardwareProfile:
     ratios = list(controls.values())
+    machine = this_machine()
     fitted = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "cpu": cpu_model(),
+        "cpu": machine["cpu"],
         "onnxruntime": onnxruntime.__version__,
+        "machine": machine,
+        "caches": caches.to_dict() if caches is not None else None,
+        "timing": {"rounds": settings.rounds, "calls": settings.calls,
+                   # IQR / median of each variant's round medians, over all variants
+                   "spread_median": round(float(np.median(spreads)), 4) if spreads else None,
+                   "spread_max": round(float(np.max(spreads)), 4) if spreads else None},
         "base_profile": settings.base,
         "architectures": list(settings.architectures),
         "variants": count,
         "constants": {k: float(f"{v:.6g}") for k, v in result.constants.items()},
+        # train log RMSE per channel block tried (fit.fit_with_blocks): why each block won
+        "block_scan": {p: {int(b): round(r, 4) for b, r in scan.items()}
+                       for p, scan in result.block_scan.items()},
         "held_out": {k: round(v, 4) for k, v in held.items()},
         "unstructured_over_dense_median": round(float(np.median(ratios)), 4) if ratios else None,
     }
@@ -211,7 +259,9 @@ def _with_provenance(result: FitResult, settings: CalibrationSettings,
         f"Fitted by `autosparse calibrate` on {fitted['cpu']} with onnxruntime "
         f"{fitted['onnxruntime']}, one thread, batch 1. Latency constants are measured; energy "
         f"figures are the base profile's ({settings.base}): no power meter was read; cache "
-        "capacities are this CPU's where it reports them. Unstructured sparsity is not accelerated: zeroed-weight variants ran "
+        f"capacities are this core's ({caches.source if caches else 'none'}: sysfs where "
+        "plausible, else measured). Unstructured sparsity is not accelerated: zeroed-weight "
+        "variants ran "
         f"{fitted['unstructured_over_dense_median']}x the latency of their dense twins (median).")
     return result.profile.model_copy(update={
         "description": description,
@@ -231,6 +281,17 @@ def _stats_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _flags_text(fitted: dict) -> str:
+    return ", ".join(fitted["machine"]["flags"]) or "no kernel flags"
+
+
+def _caches_text(caches: dict | None) -> str:
+    if not caches or not caches["sizes_bytes"]:
+        return "from the base profile"
+    sizes = " / ".join(f"{s / 1024:.0f} KiB" for s in caches["sizes_bytes"])
+    return f"{sizes} ({caches['source']})"
+
+
 def _report_markdown(profile: HardwareProfile, frame: pd.DataFrame, held: dict, fit: dict,
                      controls: dict, settings: CalibrationSettings, seconds: dict) -> str:
     per_arch = {
@@ -247,7 +308,9 @@ def _report_markdown(profile: HardwareProfile, frame: pd.DataFrame, held: dict, 
     return f"""# Cost-model calibration: {profile.name}
 
 Command: `{command}` (with `--out` pointing here).
-Machine: {profile.fitted['cpu']}, onnxruntime {profile.fitted['onnxruntime']}, one thread,
+Machine: {profile.fitted['cpu']} ({_flags_text(profile.fitted)}),
+onnxruntime {profile.fitted['onnxruntime']}, caches {_caches_text(profile.fitted['caches'])},
+one thread,
 batch 1, {settings.rounds} interleaved rounds x {settings.calls} timed calls per variant,
 medians. {len(frame)} variants of {', '.join(settings.architectures)}; the fit used
 {int(fit['count'])} of them ({settings.fit_share:.0%} of each architecture, seeded), the rest are
@@ -325,4 +388,14 @@ def summary_lines(outcome: CalibrationOutcome) -> Sequence[str]:
         "unstructured zeros vs dense twin (measured): median "
         + (f"{np.median(ratios):.3f}x over {len(ratios)} pairs" if ratios else "no pairs"),
         f"measured profile: {outcome.profile_path} (use it as `hardware: {outcome.profile_path}`)",
+        _provenance_line(outcome.profile.fitted),
     ]
+
+
+def _provenance_line(fitted: dict) -> str:
+    timing = fitted.get("timing") or {}
+    spread = ("" if timing.get("spread_median") is None else
+              f"; timing spread (IQR / median over rounds) median {timing['spread_median']:.1%},"
+              f" max {timing['spread_max']:.1%}")
+    return (f"recorded machine: {fitted['cpu']} ({_flags_text(fitted)}); caches "
+            f"{_caches_text(fitted['caches'])}{spread}")

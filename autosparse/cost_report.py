@@ -11,6 +11,7 @@ from .candidate import Candidate
 from .cost import ModelCost, estimate_cost
 from .footprint import model_footprint
 from .hardware import HardwareProfile
+from .latency_table import ANALYTIC, LatencyTable, TableLatency, table_latency
 from .layers import LayerTable
 
 
@@ -18,8 +19,10 @@ def _accelerated_text(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
-def cost_table(table: LayerTable, candidate: Candidate, cost: ModelCost) -> pd.DataFrame:
-    """One row per layer: choice, MACs run, stored bits, predicted latency/energy, bound, notes."""
+def cost_table(table: LayerTable, candidate: Candidate, cost: ModelCost,
+               measured: TableLatency | None = None) -> pd.DataFrame:
+    """One row per layer: choice, MACs run, stored bits, predicted latency/energy, bound, notes;
+    ``source`` says whether the latency is the measured table's or the analytic model's."""
     footprint = {layer.name: layer for layer in model_footprint(table, candidate).layers}
     rows = []
     for layer, info in zip(cost.layers, table.layers):
@@ -30,7 +33,9 @@ def cost_table(table: LayerTable, candidate: Candidate, cost: ModelCost) -> pd.D
             "runs_on": layer.precision + ("" if layer.native else " (emulated)"),
             "macs": layer.macs,
             "stored_bits": footprint[layer.name].total_bits,
-            "latency_us": layer.latency_s * 1e6,
+            "latency_us": (measured.layer_us[layer.name] if measured is not None
+                           else layer.latency_s * 1e6),
+            "source": measured.source[layer.name] if measured is not None else ANALYTIC,
             "compute_us": layer.compute_s * 1e6,
             "memory_us": layer.memory_s * 1e6,
             "overhead_us": layer.overhead_s * 1e6,
@@ -42,10 +47,13 @@ def cost_table(table: LayerTable, candidate: Candidate, cost: ModelCost) -> pd.D
     return pd.DataFrame(rows)
 
 
-def format_cost_report(table: LayerTable, candidate: Candidate, profile: HardwareProfile) -> str:
+def format_cost_report(table: LayerTable, candidate: Candidate, profile: HardwareProfile,
+                       latency_table: LatencyTable | None = None) -> str:
     """The terminal report: per-layer table plus totals (latency, energy, stored size)."""
     cost = estimate_cost(table, candidate, profile)
-    frame = cost_table(table, candidate, cost)
+    measured = (table_latency(latency_table, table, candidate, profile)
+                if latency_table is not None else None)
+    frame = cost_table(table, candidate, cost, measured)
     shown = frame.drop(columns=["compute_us", "memory_us", "overhead_us"]).copy()
     shown["macs"] = shown["macs"].map(lambda v: f"{v:,.0f}")
     shown["stored_bits"] = shown["stored_bits"].map(lambda v: f"{v:,}")
@@ -57,7 +65,12 @@ def format_cost_report(table: LayerTable, candidate: Candidate, profile: Hardwar
         shown.to_string(index=False),
         "",
         f"fixed per inference (model overhead, conversions): {cost.fixed_s * 1e6:.3g} µs",
-        f"total: latency {cost.latency_ms:.4g} ms, energy {cost.energy_uj:.4g} µJ, "
-        f"stored size {size_kb:.4g} kB (batch 1)",
+        f"total: latency {measured.total_ms if measured else cost.latency_ms:.4g} ms, "
+        f"energy {cost.energy_uj:.4g} µJ, stored size {size_kb:.4g} kB (batch 1)",
     ]
+    if measured is not None:
+        counts = measured.counts()
+        lines.append(f"latency source: measured table for {counts['table']} layers, analytic "
+                     f"{profile.name} for {counts['analytic']} (dense measured "
+                     f"{latency_table.dense_us:.4g} µs on {latency_table.machine})")
     return "\n".join(lines)

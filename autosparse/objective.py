@@ -26,7 +26,9 @@ from .finetune import FinetuneSession, resolve_steps
 from .cost import estimate_cost
 from .footprint import StoredZeros, footprint_metrics
 from .hardware import HardwareProfile
+from .latency_table import LatencyTable, table_latency
 from .layers import LayerTable
+from .measured_latency import CandidateTimer
 from .objectives import metric_of
 from .storage import model_zeros
 from .graph import ChannelGraph
@@ -37,7 +39,7 @@ from .trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (r
 FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
-TIMING_METRICS = ("finetune_seconds", "eval_seconds")
+TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
 
 
@@ -68,6 +70,8 @@ class CandidateEvaluator:
     dense_accuracy: float
     profile: HardwareProfile | None = None
     graph: ChannelGraph | None = None
+    latency_table: LatencyTable | None = None  # measured deltas of this model on this machine
+    timer: CandidateTimer | None = None  # hardware: measure: latency_ms timed, not predicted
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -121,6 +125,7 @@ class StagedRun:
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
         self._seconds = 0.0
+        self._measure_seconds = 0.0  # timing this candidate (a short and a full score: once)
 
     def __enter__(self) -> "StagedRun":
         return self
@@ -137,23 +142,36 @@ class StagedRun:
         accuracy = evaluate(self.student, ev.data.loader("validation", 512))
         self._seconds += tuned - start
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
-        return {
+        metrics = {
             "accuracy": accuracy,
             "accuracy_drop": ev.dense_accuracy - accuracy,
-            **cost_metrics(ev.table, self.candidate, ev.profile, zeros),
+            **cost_metrics(ev.table, self.candidate, ev.profile, zeros,
+                           latency_table=ev.latency_table),
             "finetune_loss": result.final_loss,
             "finetune_steps": float(result.steps),
             "finetune_seconds": self._seconds,
             "eval_seconds": time.perf_counter() - tuned,
         }
+        if ev.timer is not None:  # measured on the tuned student; the prediction is kept beside
+            measured = ev.timer.measure(self.candidate, self.student, ev._scores(self.candidate))
+            self._measure_seconds += measured.seconds
+            metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
+            metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
+        return metrics
 
 
 def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile | None,
-                 zeros: Mapping[str, StoredZeros] | None = None) -> dict[str, float]:
+                 zeros: Mapping[str, StoredZeros] | None = None,
+                 latency_table: LatencyTable | None = None) -> dict[str, float]:
     """Footprint metrics, plus predicted latency/energy in total and per layer with a profile.
 
     ``zeros`` (measured on the fine-tuned model) make ``size_kb`` what the packed file stores:
     quantizer zeros free, the cheapest index; without them the pattern's prediction.
+
+    With a ``latency_table`` (measured by ``calibrate --config``), ``latency_ms`` and the
+    per-layer latencies come from it where it has entries and from the profile elsewhere;
+    ``latency_source.table`` / ``latency_source.analytic`` count the layers of each source.
+    Energy stays the profile's.
 
     Per-layer figures are named ``layer_latency_us.<layer>`` / ``layer_energy_uj.<layer>`` so
     they land in the trial's metrics, in trials.csv and in the trial's MLflow run.
@@ -165,6 +183,13 @@ def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfi
         for layer in cost.layers:
             metrics[f"layer_latency_us.{layer.name}"] = layer.latency_s * 1e6
             metrics[f"layer_energy_uj.{layer.name}"] = layer.energy_j * 1e6
+        if latency_table is not None:
+            measured = table_latency(latency_table, table, candidate, profile)
+            metrics["latency_ms"] = measured.total_ms
+            for name, value in measured.layer_us.items():
+                metrics[f"layer_latency_us.{name}"] = value
+            for source, count in measured.counts().items():
+                metrics[f"latency_source.{source}"] = float(count)
     return metrics
 
 

@@ -21,16 +21,20 @@ import pandas as pd
 import torch
 
 from .candidate import Candidate
-from .config import ConfigError, SearchConfig, load_config
+from .config import MEASURE, ConfigError, SearchConfig, load_config
 from .cost import estimate_cost
 from .cost_report import cost_table
 from .data import DataSplits, load_data
-from .dense import prepare_dense
+from .dense import cache_path, prepare_dense
+from .models import build_model
 from .discovery import discover, find_layers, global_magnitude_allocation
 from .graph import ChannelGraph
 from .front import HypervolumeSpec, final, trial_metrics, trials_frame
+from .calibration.machine import warn_if_other_machine
 from .hardware import HardwareProfile, load_profile
+from .latency_table import LatencyTable, find_latency_table
 from .layers import LayerTable
+from .measured_latency import CandidateTimer
 from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, CandidateEvaluator,
                         SearchObjective, cost_metrics)
 from .plots import front_table
@@ -67,6 +71,9 @@ class SearchContext:
     sensitivity: SensitivityTable | None = None  # set by open_study where the strategy uses it
     planner: BudgetPlanner | None = None
     graph: ChannelGraph | None = None  # channel groups' row/column indices (masks, export)
+    latency_table: LatencyTable | None = None  # measured on this machine (calibrate --config)
+    latency_table_note: str | None = None  # whether runs/<name>/latency-table.json is used
+    timer: CandidateTimer | None = None  # hardware: measure: times each candidate's ONNX
 
     @property
     def storage_url(self) -> str:
@@ -79,7 +86,8 @@ class SearchContext:
 
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
-                                       self.dense_metrics["accuracy"], self.profile, self.graph)
+                                       self.dense_metrics["accuracy"], self.profile, self.graph,
+                                       latency_table=self.latency_table, timer=self.timer)
         fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)
@@ -127,16 +135,58 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
     config = load_config(config_path)
     torch.manual_seed(config.seed)
     data = load_data(config.data)
+    profile = load_profile(config.cost_profile()) if config.hardware else None
+    if profile is not None:  # a measured profile from another CPU: say so before minutes of work
+        warn_if_other_machine(profile, config.cost_profile())
+    _check_space_before_training(config, data, runs_dir / "dense")
     dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed)
     table, graph = discover(dense, data.input_shape)
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
         table, graph = discover(dense, data.input_shape, searchable=space.layer_names)
-    profile = load_profile(config.hardware) if config.hardware else None
-    dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile)}
+    latency_table, table_note = find_latency_table(runs_dir / config.name, table, profile)
+    dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile,
+                                                     latency_table=latency_table)}
+    timer = _candidate_timer(config, dense, table, graph, data)
+    if timer is not None:  # the latency axis is normalised by the dense model, measured alike
+        dense_metrics["latency_ms"] = timer.dense_ms()
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
-                         dense_metrics, table, space, profile, grid, graph=graph)
+                         dense_metrics, table, space, profile, grid, graph=graph,
+                         latency_table=latency_table, latency_table_note=table_note,
+                         timer=timer)
+
+
+MEASURE_CALIBRATION_BATCHES = 4  # train batches for the int8 ranges of measured candidates
+
+
+def _candidate_timer(config: SearchConfig, dense: torch.nn.Module, table: LayerTable,
+                     graph: ChannelGraph, data: DataSplits) -> CandidateTimer | None:
+    """With ``hardware: measure``, the timer every trial's latency comes from (else None)."""
+    if config.hardware != MEASURE or config.measure is None:
+        return None
+    batches = []
+    for x, _ in data.loader("train", config.data.batch_size):
+        batches.append(x.numpy())
+        if len(batches) == MEASURE_CALIBRATION_BATCHES:
+            break
+    settings = config.measure
+    return CandidateTimer(dense, table, graph, data.input_shape, rounds=settings.rounds,
+                          calls=settings.calls, warmup=settings.warmup, calibration=batches,
+                          seed=config.seed)
+
+
+def _check_space_before_training(config: SearchConfig, data: DataSplits, cache_dir: Path) -> None:
+    """Rules, include/exclude and patterns need only the layers, not trained weights: check them
+    on an untrained copy before minutes of dense training, so a typo costs a second."""
+    model_cfg = config.model
+    if model_cfg.builtin is None or model_cfg.checkpoint or \
+            cache_path(model_cfg, data, cache_dir, config.seed).is_file():
+        return  # the model is ready at once: the normal check comes right away
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as without it
+        untrained = build_model(model_cfg, data.input_shape, data.num_classes).eval()
+        table, _ = discover(untrained, data.input_shape)
+    SearchSpace.build(config.space, table)
 
 
 def _global_grid(dense: torch.nn.Module, space: SearchSpace) -> GridSpace:
@@ -383,6 +433,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     printer(f"dense model: validation accuracy {context.dense_metrics['accuracy']:.2f}%, "
             f"{context.dense_metrics['size_kb']:.1f} kB; {len(context.space.layer_names)} layers searched, "
             f"space of {context.space.size():.3g} candidates; strategy {config.strategy.name}")
+    if context.latency_table_note:
+        printer(context.latency_table_note)
     study = context.open_study(printer)
     if interrupted := fail_interrupted_trials(study):
         printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")

@@ -8,10 +8,11 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
 
 PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost",
+        "latency_table",
         "structure"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
 MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate",
-              "sensitivity", "graph", "storage"}
+              "sensitivity", "graph", "storage", "measured_latency"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},

@@ -1,0 +1,158 @@
+"""The measured latency table: lookup, interpolation, fallback, refusal, and one real measurement."""
+
+import math
+from pathlib import Path
+
+import pytest
+
+from autosparse.candidate import Candidate, LayerChoice
+from autosparse.cost import estimate_cost
+from autosparse.hardware import load_profile
+from autosparse.latency_table import (ANALYTIC, TABLE, LatencyTable, LayerEntry, Point,
+                                      analytic_delta_us, cpu_model, find_latency_table,
+                                      interpolate, model_digest, table_latency)
+from autosparse.layers import LayerInfo, LayerTable
+from autosparse.validation import ConfigError
+
+PROFILE = load_profile("x86-server-vnni")
+LAYERS = LayerTable((
+    LayerInfo("a", "Linear", (8, 16), True, 128, 16, 8),
+    LayerInfo("b", "Linear", (4, 8), True, 32, 8, 4),
+))
+
+
+def hand_table(**overrides) -> LatencyTable:
+    entries = {"a": LayerEntry(channels=(Point(2, -6.0), Point(4, -4.0), Point(8, 0.0)),
+                               int8=Point(0, 3.0), int8_context=Point(0, -1.0)),
+               "b": LayerEntry(patterns={"unstructured": (Point(0.9, 0.5),)})}
+    fields = dict(model_digest=model_digest(LAYERS), layers=tuple(LAYERS.names), machine="cpu X",
+                  onnxruntime="1.0", profile=PROFILE.name, dense_us=100.0, dense_spread=0.01,
+                  entries=entries)
+    return LatencyTable(**{**fields, **overrides})
+
+
+def channel(sparsity, bits=32):
+    return LayerChoice.make("channel", sparsity, bits)
+
+
+def test_dense_candidate_is_the_measured_dense_total():
+    result = table_latency(hand_table(), LAYERS, Candidate({}), PROFILE)
+    assert result.total_ms == pytest.approx(0.1)
+    assert set(result.source.values()) == {TABLE}
+    assert sum(result.layer_us.values()) < 100.0  # the rest is the model's fixed share
+
+
+def test_exact_at_measured_channel_counts():
+    lt = hand_table()
+    for sparsity, kept_delta in ((0.5, -4.0), (0.75, -6.0)):  # 4 and 2 of 8 channels kept
+        result = table_latency(lt, LAYERS, Candidate({"a": channel(sparsity)}), PROFILE)
+        assert result.total_ms * 1e3 == pytest.approx(100.0 + kept_delta)
+        assert result.source["a"] == TABLE
+
+
+def test_linear_between_measured_counts_and_clamped_outside():
+    points = (Point(2, -6.0), Point(4, -4.0), Point(8, 0.0))
+    assert interpolate(points, 3) == pytest.approx(-5.0)
+    assert interpolate(points, 6) == pytest.approx(-2.0)
+    assert interpolate(points, 1) == -6.0 and interpolate(points, 12) == 0.0
+    # 3 of 8 kept (sparsity 0.625 -> 5 pruned) lies halfway between the measured 2 and 4
+    result = table_latency(hand_table(), LAYERS, Candidate({"a": channel(0.625)}), PROFILE)
+    assert result.total_ms * 1e3 == pytest.approx(95.0)
+
+
+def test_int8_isolated_or_in_context_by_neighbours():
+    lt = hand_table()
+    alone = table_latency(lt, LAYERS, Candidate({"a": LayerChoice.make("dense", 0, 8)}), PROFILE)
+    assert alone.total_ms * 1e3 == pytest.approx(103.0)  # neighbour b in fp32: isolated entry
+    # 4 bits run on onnxruntime's int8 kernels too
+    four = table_latency(lt, LAYERS, Candidate({"a": LayerChoice.make("dense", 0, 4)}), PROFILE)
+    assert four.total_ms == alone.total_ms
+
+
+def test_missing_entry_falls_back_to_the_analytic_delta():
+    lt = hand_table()
+    candidate = Candidate({"b": LayerChoice.make("dense", 0, 8)})  # b has no int8 entry
+    result = table_latency(lt, LAYERS, candidate, PROFILE)
+    assert result.source == {"a": TABLE, "b": ANALYTIC}
+    expected = analytic_delta_us(LAYERS, candidate, "b", PROFILE)
+    assert expected != 0
+    assert result.total_ms * 1e3 == pytest.approx(100.0 + expected)
+    assert result.counts() == {TABLE: 1, ANALYTIC: 1}
+
+
+def test_pattern_entries_interpolate_from_zero():
+    lt = hand_table()
+    half = Candidate({"b": LayerChoice.make("unstructured", 0.45, 32)})
+    assert table_latency(lt, LAYERS, half, PROFILE).total_ms * 1e3 == pytest.approx(100.25)
+
+
+def test_another_model_is_refused_with_a_clear_error():
+    other = LayerTable((LayerInfo("a", "Linear", (8, 32), True, 256, 32, 8),
+                        LayerInfo("b", "Linear", (4, 8), True, 32, 8, 4)))
+    with pytest.raises(ConfigError, match="measured on another model.*different kinds or weight"):
+        table_latency(hand_table(), other, Candidate({}), PROFILE)
+    renamed = LayerTable((LAYERS.layers[0],))
+    with pytest.raises(ConfigError, match=r"only in the table: \['b'\]"):
+        hand_table().check_model(renamed)
+
+
+def test_json_round_trip_and_loading_rules(tmp_path: Path):
+    lt = hand_table(machine=cpu_model())
+    again = LatencyTable.from_json(lt.to_json())
+    assert again == lt
+    assert find_latency_table(tmp_path, LAYERS, PROFILE) == (None, None)
+    lt.save(tmp_path / "latency-table.json")
+    found, note = find_latency_table(tmp_path, LAYERS, PROFILE)
+    assert found == lt and "measured table" in note
+    other, note = find_latency_table(tmp_path, LAYERS, load_profile("edge-arm-a76"))
+    assert other is None and "built beside profile 'x86-server-vnni'" in note
+    elsewhere, note = find_latency_table(tmp_path, LAYERS, PROFILE, machine="another CPU")
+    assert elsewhere is None and "this machine is 'another CPU'" in note
+
+
+def test_cpu_model_from_a_cpuinfo_file(tmp_path: Path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Fancy CPU @ 3 GHz\nflags\t: avx2\n")
+    assert cpu_model(info) == "Fancy CPU @ 3 GHz"
+
+
+def test_objective_metrics_take_latency_from_the_table():
+    from autosparse.objective import cost_metrics
+
+    candidate = Candidate({"a": channel(0.5), "b": LayerChoice.make("dense", 0, 8)})
+    metrics = cost_metrics(LAYERS, candidate, PROFILE, latency_table=hand_table())
+    analytic = estimate_cost(LAYERS, candidate, PROFILE)
+    assert metrics["latency_ms"] != pytest.approx(analytic.latency_ms)
+    assert metrics["latency_source.table"] == 1 and metrics["latency_source.analytic"] == 1
+    assert metrics["energy_uj"] == pytest.approx(analytic.energy_uj)
+
+
+def test_real_measurement_on_digits_cnn(tmp_path: Path):
+    """One small real table of DigitsCNN (untrained weights: timing does not need training)."""
+    from types import SimpleNamespace
+
+    from autosparse.calibration.model_table import build_latency_table
+    from autosparse.config import SpaceConfig
+    from autosparse.discovery import discover
+    from autosparse.models import DigitsCNN
+    from autosparse.space import SearchSpace
+
+    model = DigitsCNN(1, 8, 8, 10).eval()
+    table, graph = discover(model, (1, 8, 8))
+    space = SearchSpace.build(SpaceConfig.model_validate(
+        {"default": {"sparsity": [0.0, 0.5], "patterns": ["channel", "2:4"], "bits": [8, 32]}}),
+        table)
+    context = SimpleNamespace(dense=model, table=table, graph=graph, space=space,
+                              data=SimpleNamespace(input_shape=(1, 8, 8)),
+                              config=SimpleNamespace(name="digits-cnn-test"))
+    lt = build_latency_table(context, PROFILE, rounds=2, calls=3, warmup=1, int8_context=False,
+                             levels=(0.5,), workdir=tmp_path, printer=lambda _: None)
+    assert lt.dense_us > 0 and math.isfinite(lt.dense_us)
+    lt.check_model(table)
+    leaders = [g.producers[0] for g in table.channel_groups if g.blocked is None]
+    for name in leaders:
+        assert len(lt.entries[name].channels) == 2  # half the channels, and the full width
+    assert all(math.isfinite(e.int8.delta_us) for e in lt.entries.values())
+    assert any(e.patterns for e in lt.entries.values())
+    result = table_latency(lt, table, Candidate({leaders[0]: channel(0.5, 8)}), PROFILE)
+    assert math.isfinite(result.total_ms) and result.source[leaders[0]] == TABLE

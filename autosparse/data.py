@@ -47,6 +47,7 @@ class DataSplits:
     std: tuple[float, ...] | None = None
     classes: tuple[str, ...] | None = None
     fingerprint: str = ""
+    batch_size: int = 256  # data.batch_size: evaluation batches (training: finetune.batch_size)
 
     def split(self, name: str) -> Dataset:
         if name not in SPLITS:
@@ -216,6 +217,7 @@ def _make_splits(
         mean=tuple(float(v) for v in mean),
         std=tuple(float(v) for v in std),
         classes=classes,
+        batch_size=cfg.batch_size,
     )
 
 

@@ -37,7 +37,6 @@ LR = 1e-3
 # did not help.
 LABEL_SMOOTHING = 0.1
 BATCH_SIZE = 64
-EVAL_BATCH_SIZE = 512
 
 
 def _splits_fingerprint(data: DataSplits) -> str:
@@ -134,8 +133,8 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
 
 def _metrics(model: nn.Module, data: DataSplits) -> dict[str, float]:
     return {
-        "accuracy": evaluate(model, data.loader("validation", EVAL_BATCH_SIZE)),
-        "test_accuracy": evaluate(model, data.loader("test", EVAL_BATCH_SIZE)),
+        "accuracy": evaluate(model, data.loader("validation", data.batch_size)),
+        "test_accuracy": evaluate(model, data.loader("test", data.batch_size)),
     }
 
 

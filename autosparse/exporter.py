@@ -127,7 +127,7 @@ def _load_study(context: SearchContext) -> optuna.Study:
 
 
 def _batches(context: SearchContext, split: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    for x, y in context.data.loader(split, 256):
+    for x, y in context.data.loader(split, context.data.batch_size):
         yield x.numpy().astype(np.float32), np.asarray(y)
 
 
@@ -137,7 +137,7 @@ def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
     with torch.no_grad():
         if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
             model.eval()  # a loaded torch.export program is already in eval form
-        for x, _ in context.data.loader("test", 256):
+        for x, _ in context.data.loader("test", context.data.batch_size):
             out.append(model(x).numpy())
     return np.concatenate(out)
 
@@ -307,7 +307,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
             f"{tune_steps} fine-tune steps ...")
     student, _ = evaluator.compress_and_tune(candidate, tune_cfg)
-    validation = evaluate(student, context.data.loader("validation", 512))
+    validation = evaluate(student, context.data.loader("validation", context.data.batch_size))
     # the rebuild repeats the trial's own fine-tune (its seed), so it must match the trial's own
     # score, not the mean over a re-evaluated front point's extra seeds
     own = searched.get("accuracy_single", searched.get("accuracy"))

@@ -139,7 +139,7 @@ class StagedRun:
         start = time.perf_counter()
         result = self.session.run_until(steps)
         tuned = time.perf_counter()
-        accuracy = evaluate(self.student, ev.data.loader("validation", 512))
+        accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size))
         self._seconds += tuned - start
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         metrics = {

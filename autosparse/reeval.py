@@ -35,7 +35,6 @@ if TYPE_CHECKING:
     from .runner import SearchContext
 
 Printer = Callable[[str], None]
-EVAL_BATCH_SIZE = 512
 
 
 def wanted_seeds(base_seed: int, extra: int) -> list[int]:
@@ -116,10 +115,10 @@ def _reevaluate(context: "SearchContext", study: optuna.Study, evaluator: Candid
             study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
             continue
         record["seeds"].append(seed)
-        record["accuracy"].append(evaluate(model, context.data.loader("validation",
-                                                                      EVAL_BATCH_SIZE)))
-        record["test_accuracy"].append(evaluate(model, context.data.loader("test",
-                                                                           EVAL_BATCH_SIZE)))
+        record["accuracy"].append(evaluate(model, context.data.loader(
+            "validation", context.data.batch_size)))
+        record["test_accuracy"].append(evaluate(model, context.data.loader(
+            "test", context.data.batch_size)))
         study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
     return runs
 

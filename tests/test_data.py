@@ -308,3 +308,15 @@ def test_fingerprint_ignores_batch_size_but_not_split_seed():
     base = DataConfig()
     assert data_fingerprint(base) == data_fingerprint(DataConfig(batch_size=7))
     assert data_fingerprint(base) != data_fingerprint(DataConfig(split_seed=1))
+
+
+def test_data_batch_size_is_the_evaluation_batch():
+    """``data.batch_size`` is read: validation, test and export score in batches of it."""
+    from autosparse.evaluate import evaluate
+
+    splits = load_data(DataConfig(batch_size=7))
+    assert splits.batch_size == 7
+    first, _ = next(iter(splits.loader("validation", splits.batch_size)))
+    assert first.shape[0] == 7
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert 0 <= evaluate(model, splits.loader("validation", splits.batch_size)) <= 100

@@ -292,7 +292,8 @@ def table_latency(lt: LatencyTable, table: LayerTable, candidate: Candidate,
         if delta is None:
             delta = analytic_delta_us(table, candidate, layer.name, fallback, dense_total_us)
         layer_us[layer.name] = layer.latency_s * 1e6 * scale + delta
-    total_us = sum(layer_us.values()) + dense_cost.fixed_s * 1e6 * scale
+    shared_us = (dense_cost.fixed_s + dense_cost.ops_s) * 1e6 * scale  # ops between layers too
+    total_us = sum(layer_us.values()) + shared_us
     return TableLatency(total_us / 1e3, layer_us, source)
 
 

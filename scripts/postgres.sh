@@ -19,7 +19,7 @@ set -euo pipefail
 PORT=${AUTOSPARSE_PG_PORT:-55432}
 DIR=${AUTOSPARSE_PG_DIR:-/tmp/autosparse-pg-$PORT}
 DB=autosparse_test
-URL="postgresql+psycopg2://postgres@127.0.0.1:$PORT/$DB"
+URL="postgresql://postgres@127.0.0.1:$PORT/$DB"  # the README form: SQLAlchemy picks psycopg 3
 DATA=$DIR/data
 LOG=$DIR/server.log
 MARKER=$DIR/.autosparse-pg   # only a directory carrying this marker is ever removed

@@ -156,3 +156,7 @@ def test_real_measurement_on_digits_cnn(tmp_path: Path):
     assert any(e.patterns for e in lt.entries.values())
     result = table_latency(lt, table, Candidate({leaders[0]: channel(0.5, 8)}), PROFILE)
     assert math.isfinite(result.total_ms) and result.source[leaders[0]] == TABLE
+    # a real table holds the ops between layers (the pool): dense is the measured dense total
+    assert table.ops
+    assert table_latency(lt, table, Candidate({}), PROFILE).total_ms == \
+        pytest.approx(lt.dense_us / 1e3)

@@ -7,11 +7,14 @@ candidates for free and a test can check every number by hand. Per layer (README
     macs       = layer MACs x kept output channels x kept input channels (channel groups shrink
                  the dense layer and what it reads) x compute fraction of the pattern (1 unless the device accelerates it here)
     compute    = macs x (channels rounded up to the precision's channel block) / channels
-                 / (peak MACs/s of the precision x kind efficiency)
+                 [x (a dense conv's input channels rounded up to the input block) / inputs]
+                 / (peak MACs/s of the precision x efficiency of the kind at the precision)
     memory     = weight bytes / bandwidth(weights' level) + activation bytes (kept input and
                  output channels) / bandwidth(act level)
     latency    = max(compute, memory) + layer overhead [+ precision switch]      (roofline)
     switch     = conversion overhead + input elements x conversion time per element
+    op between = op overhead(activation precision) + max(activation matmul MACs / peak,
+    layers       elements x kept share x activation bytes / bandwidth(level holding them))
     energy     = macs x pJ/MAC(precision) + bytes x pJ/byte(level) + static power x latency
 
 The kernel reads what it computes on: weights at the precision's width, compressed (values +
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 from .candidate import CHANNEL, DENSE, Candidate, LayerChoice
 from .footprint import layer_footprint
 from .hardware import HardwareProfile, MemoryLevel, Precision, SparseAcceleration
-from .layers import LayerInfo, LayerTable
+from .layers import LayerInfo, LayerTable, OpInfo
 from .structure import LayerStructure, layer_structures
 
 INPUT_ACTIVATION_BITS = 32  # the model's input and output are float32 tensors
@@ -74,19 +77,42 @@ class LayerCost:
 
 
 @dataclass(frozen=True)
+class OpCost:
+    """One op between weight layers (``OpInfo``): its activations, time and energy."""
+
+    kind: str
+    after_layer: str | None
+    precision: str  # of the activations around it (the layer before it)
+    elements: float  # read + written, after channel pruning
+    activation_bytes: float
+    level: str
+    compute_s: float
+    memory_s: float
+    overhead_s: float
+    latency_s: float
+    energy_j: float
+
+
+@dataclass(frozen=True)
 class ModelCost:
     profile: str
     layers: tuple[LayerCost, ...]
     fixed_s: float  # model overhead + conversion back to the float output
     fixed_energy_j: float
+    ops: tuple[OpCost, ...] = ()  # ops between weight layers (adds, pooling, transposes...)
+
+    @property
+    def ops_s(self) -> float:
+        return sum(op.latency_s for op in self.ops)
 
     @property
     def latency_s(self) -> float:
-        return sum(layer.latency_s for layer in self.layers) + self.fixed_s
+        return sum(layer.latency_s for layer in self.layers) + self.fixed_s + self.ops_s
 
     @property
     def energy_j(self) -> float:
-        return sum(layer.energy_j for layer in self.layers) + self.fixed_energy_j
+        return (sum(layer.energy_j for layer in self.layers) + self.fixed_energy_j
+                + sum(op.energy_j for op in self.ops))
 
     @property
     def latency_ms(self) -> float:
@@ -167,7 +193,12 @@ def _layer_cost(layer: LayerInfo, choice: LayerChoice, plan: _Plan, profile: Har
     blocked_rows = math.ceil(round(rows, 6) / block) * block
     macs = layer.macs * plan.keep_rows * plan.keep_columns * plan.fraction  # arithmetic to do
     run_macs = macs * blocked_rows / rows  # what the hardware spends time on
-    compute_s = run_macs / (plan.precision.macs_per_second * profile.efficiency(layer.kind))
+    if layer.cost_kind in ("Conv1d", "Conv2d") and plan.precision.input_channel_block > 1:
+        columns = layer.in_columns * plan.keep_columns
+        in_block = plan.precision.input_channel_block
+        run_macs *= math.ceil(round(columns, 6) / in_block) * in_block / columns
+    compute_s = run_macs / (plan.precision.macs_per_second
+                            * profile.efficiency(layer.cost_kind, plan.precision))
     weight_bytes = plan.weight_bits / 8
     activation_bytes = ((layer.input_elements * plan.keep_columns
                          + layer.output_elements * plan.keep_rows)
@@ -201,6 +232,29 @@ def _layer_cost(layer: LayerInfo, choice: LayerChoice, plan: _Plan, profile: Har
     )
 
 
+def _op_cost(op: OpInfo, precision: Precision, keep: float,
+             profile: HardwareProfile) -> OpCost:
+    """An op between layers at the precision of the activations around it.
+
+    ``keep`` is the kept output-channel share of the layer before it: exact for an add or a
+    pooling on that layer's channels (a residual add sums one channel group), approximate for a
+    concat (its other inputs may keep another share) and attention (softmax and the score
+    matmul scale with tokens, not channels: they shrink less than charged here).
+    """
+    elements = op.elements * keep
+    activation_bytes = elements * precision.act_bits / 8
+    level = profile.level_holding(activation_bytes)
+    memory_s = activation_bytes / level.bandwidth_bytes_per_second
+    macs = op.macs * keep
+    compute_s = macs / (precision.macs_per_second * profile.efficiency("Linear", precision))
+    overhead_s = precision.op_overhead_us * US
+    latency_s = max(compute_s, memory_s) + overhead_s
+    energy_j = (macs * profile.mac_energy_pj(precision) + activation_bytes
+                * level.energy_pj_per_byte) * PJ + profile.static_power_watts * latency_s
+    return OpCost(op.kind, op.after_layer, precision.label, elements, activation_bytes,
+                  level.name, compute_s, memory_s, overhead_s, latency_s, energy_j)
+
+
 def estimate_cost(table: LayerTable, candidate: Candidate, profile: HardwareProfile) -> ModelCost:
     """Latency and energy of one inference (batch 1) of the candidate on the profile's device.
 
@@ -229,8 +283,15 @@ def estimate_cost(table: LayerTable, candidate: Candidate, profile: HardwareProf
     if previous_bits != INPUT_ACTIVATION_BITS and layers:
         last = table.layers[-1]
         fixed_s += conversion_s(profile, last.output_elements)
+    by_name = {layer.name: plan for layer, plan in zip(table.layers, plans)}
+    input_precision = profile.precision_for(INPUT_ACTIVATION_BITS)[0]
+    ops = tuple(
+        _op_cost(op, by_name[op.after_layer].precision, by_name[op.after_layer].keep_rows,
+                 profile) if op.after_layer in by_name
+        else _op_cost(op, input_precision, 1.0, profile)
+        for op in table.ops)
     return ModelCost(profile=profile.name, layers=tuple(layers), fixed_s=fixed_s,
-                     fixed_energy_j=profile.static_power_watts * fixed_s)
+                     fixed_energy_j=profile.static_power_watts * fixed_s, ops=ops)
 
 
 def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile) -> dict[str, float]:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Sequence
 
+import operator
+
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
 from .evaluate import eval_mode
 from .graph import ChannelGraph, trace_channel_groups
-from .layers import LayerInfo, LayerTable
+from .layers import LayerInfo, LayerTable, OpInfo
 
 SEARCHABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Linear, nn.Embedding)
 DEFAULT_TARGETS = (0.25, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -99,6 +103,105 @@ def measure(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _op_kinds() -> dict:
+    """Torch functions and tensor methods recorded as ops between weight layers, by kind.
+
+    Element-wise ops count only between two tensors of the activation's size (a residual add,
+    a gate), not a tensor and a scalar or a broadcast bias (fused or negligible). ReLU-like
+    activations are left out: runtimes fuse them into the layer before.
+    """
+    kinds = {}
+    for kind, functions in {
+        "add": (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__,
+                torch.Tensor.add_, torch.Tensor.__iadd__, operator.add, torch.sub,
+                torch.Tensor.__sub__),
+        "mul": (torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__),
+        "pool": (F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
+                 F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
+                 torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
+                 torch._C._nn.avg_pool2d, torch._C._nn.adaptive_avg_pool2d,
+                 torch.Tensor.mean),
+        "concat": (torch.cat, torch.concat, torch.stack),
+        "transpose": (torch.transpose, torch.Tensor.transpose, torch.Tensor.permute,
+                      torch.permute),
+        "softmax": (F.softmax, torch.softmax, torch.Tensor.softmax),
+        "norm": (F.layer_norm, torch.layer_norm, F.group_norm),
+        "activation": (F.gelu, F.silu, torch.tanh, torch.sigmoid, F.hardswish),
+        "matmul": (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.bmm),
+    }.items():
+        for function in functions:
+            kinds[function] = kind
+    return kinds
+
+
+class _OpRecorder(TorchFunctionMode):
+    """Records the ops between weight layers of one forward pass (see ``OpInfo``).
+
+    Calls made inside a weight layer's own forward (its conv, linear, bias add) are skipped:
+    the layer's cost already covers them.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        super().__init__()
+        self.kinds = _op_kinds()
+        self.ops: list[OpInfo] = []
+        self.last: str | None = None
+        self.inside = 0
+        self.handles = []
+        for name, module in layers.items():
+            self.handles.append(module.register_forward_pre_hook(self._enter))
+            self.handles.append(module.register_forward_hook(self._leave(name)))
+
+    def _enter(self, module, inputs) -> None:
+        self.inside += 1
+
+    def _leave(self, name: str):
+        def hook(module, inputs, output) -> None:
+            self.inside -= 1
+            self.last = name
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        kind = self.kinds.get(func)
+        if kind is None or self.inside or not isinstance(result, torch.Tensor):
+            return result
+        if not result.is_floating_point():
+            return result
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        tensors += [t for a in args if isinstance(a, (list, tuple)) for t in a
+                    if isinstance(t, torch.Tensor)]
+        if kind in ("add", "mul") and (len(tensors) < 2
+                                       or min(t.numel() for t in tensors) < result.numel()):
+            return result
+        if kind == "transpose" and result.numel() <= 1:
+            return result
+        elements = sum(t.numel() for t in tensors) + result.numel()
+        macs = 0
+        if kind == "matmul" and len(tensors) == 2:
+            macs = result.numel() * tensors[0].shape[-1]
+        self.ops.append(OpInfo(kind, int(elements), self.last, int(macs)))
+        return result
+
+
+def measure_ops(model: nn.Module, layers: dict[str, nn.Module],
+                input_shape: tuple[int, ...]) -> tuple[OpInfo, ...]:
+    """The ops between weight layers of one batch-1 forward pass, in forward order."""
+    recorder = _OpRecorder(layers)
+    x = example_input(model, input_shape)
+    try:
+        with eval_mode(model), torch.no_grad(), recorder:
+            model(x)
+    finally:
+        recorder.remove()
+    return tuple(recorder.ops)
 
 
 def count_other_params(model: nn.Module, layers: dict[str, nn.Module]) -> int:
@@ -217,6 +320,7 @@ def discover(
         global_magnitude=global_magnitude_allocation(weights, global_targets),
         channel_groups=graph.groups,
         graph_error=graph.error,
+        ops=measure_ops(model, layers, input_shape),
     )
     return table, graph
 

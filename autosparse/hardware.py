@@ -21,7 +21,9 @@ from pydantic import Field, field_validator, model_validator
 from .candidate import CHANNEL, DENSE, FLOAT_BITS, is_valid_pattern
 from .validation import ConfigError, Strict, validate
 
-LAYER_KINDS = ("Conv1d", "Conv2d", "Linear")
+# DepthwiseConv2d: a Conv2d with groups == channels (LayerInfo.cost_kind); its efficiency
+# falls back to Conv2d's where a profile gives none
+LAYER_KINDS = ("Conv1d", "Conv2d", "DepthwiseConv2d", "Linear")
 
 # Horowitz, ISSCC 2014, 45 nm (pJ): the default MAC energy when a precision gives none.
 HOROWITZ_INT8_MULT_PJ = 0.2
@@ -57,6 +59,21 @@ class Precision(Strict):
                                      "dispatch, packing) at this precision")
     channel_block: int = Field(1, ge=1, description="output channels are computed in blocks of "
                                "this many (SIMD width, tile): a partial block costs a full one")
+    input_channel_block: int = Field(1, ge=1, description="input channels of a dense conv "
+                                     "are read in blocks of this many (NCHWc layouts pad "
+                                     "them): a partial block costs a full one")
+    op_overhead_us: float = Field(0.0, ge=0, description="fixed cost of one op between weight "
+                                  "layers (residual add, pooling, transpose, softmax) whose "
+                                  "activations are at this precision")
+    kind_efficiency: dict[str, float] = Field(
+        default_factory=dict, description="share of this precision's peak each layer kind "
+        "reaches, where it differs from the profile-wide kind_efficiency (an int8 Conv1d "
+        "kernel is not as far from the int8 Conv2d one as the fp32 kernels are)")
+
+    @field_validator("kind_efficiency")
+    @classmethod
+    def _check_kind_efficiency(cls, value: dict[str, float]) -> dict[str, float]:
+        return _checked_efficiencies(value)
 
     @property
     def act_bits(self) -> int:
@@ -67,6 +84,17 @@ class Precision(Strict):
     @property
     def label(self) -> str:
         return f"{'fp' if self.kind == 'float' else 'int'}{self.bits}"
+
+
+def _checked_efficiencies(value: dict[str, float]) -> dict[str, float]:
+    bad = [k for k in value if k not in LAYER_KINDS]
+    if bad:
+        raise ValueError(f"kind_efficiency keys {bad} not allowed; allowed: "
+                         f"{', '.join(LAYER_KINDS)}")
+    wrong = {k: v for k, v in value.items() if not 0 < v <= 1}
+    if wrong:
+        raise ValueError(f"kind_efficiency values {wrong} must be in (0, 1]")
+    return value
 
 
 class SparseAcceleration(Strict):
@@ -213,8 +241,15 @@ class HardwareProfile(Strict):
             return precision.energy_pj_per_mac
         return horowitz_mac_pj(precision.bits, precision.kind) * self.technology_scale
 
-    def efficiency(self, kind: str) -> float:
-        return self.kind_efficiency.get(kind, 1.0)
+    def efficiency(self, kind: str, precision: Precision | None = None) -> float:
+        """Share of peak a layer kind reaches: the precision's own figure where it gives one,
+        else the profile-wide one; a depthwise conv without a figure counts as a Conv2d."""
+        for table in ((precision.kind_efficiency if precision else {}), self.kind_efficiency):
+            if kind in table:
+                return table[kind]
+        if kind == "DepthwiseConv2d":
+            return self.efficiency("Conv2d", precision)  # profiles from before depthwise
+        return 1.0
 
     def level(self, name: str) -> MemoryLevel:
         return next(level for level in self.memory if level.name == name)

@@ -36,6 +36,17 @@ class LayerInfo:
         return self.weight_shape[0]
 
     @property
+    def cost_kind(self) -> str:
+        """The kind the cost model's efficiencies are keyed by: a depthwise conv (one input
+        channel per output, groups == channels) runs a different kernel from a dense Conv2d,
+        and transformers' Conv1D is a Linear."""
+        if self.kind == "Conv2d" and self.groups > 1 and self.groups == self.out_channels:
+            return "DepthwiseConv2d"
+        if self.kind == "Conv1D":
+            return "Linear"
+        return self.kind
+
+    @property
     def in_columns(self) -> int:
         """Input channels (conv, per group) or features (Linear) one output row reads."""
         return self.weight_shape[1] if len(self.weight_shape) > 1 else 1
@@ -130,6 +141,32 @@ class ChannelGroup:
                       "through": tuple(data.get("through", ()))})
 
 
+OP_KINDS = ("add", "mul", "pool", "concat", "transpose", "softmax", "norm", "activation",
+            "matmul")
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """An op between weight layers that costs time but has no weights to search: a residual
+    add, a pooling, a concat or transpose, attention's softmax and activation-by-activation
+    matmul, a layer norm, a non-fused activation (GELU).
+
+    ``elements`` are the activation elements it reads and writes per sample (all tensor inputs
+    plus the output); ``after_layer`` is the weight layer that ran last before it (None: before
+    the first), whose precision and kept channels the op's activations follow; ``macs`` are
+    multiply-accumulates an activation matmul does (0 for the others).
+    """
+
+    kind: str
+    elements: int
+    after_layer: str | None = None
+    macs: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in OP_KINDS:
+            raise ValueError(f"op kind {self.kind!r} not allowed; allowed: {', '.join(OP_KINDS)}")
+
+
 @dataclass(frozen=True)
 class LayerTable:
     """All searchable layers of a model plus what the search needs to know about the rest.
@@ -146,6 +183,7 @@ class LayerTable:
     global_magnitude: dict[float, dict[str, float]] = field(default_factory=dict)
     channel_groups: tuple[ChannelGroup, ...] = ()
     graph_error: str | None = None  # why no dependency graph could be built (no channel pruning)
+    ops: tuple[OpInfo, ...] = ()  # ops between weight layers, in forward order (cost model)
 
     def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
@@ -170,6 +208,7 @@ class LayerTable:
             "global_magnitude": {str(k): v for k, v in self.global_magnitude.items()},
             "channel_groups": [g.to_dict() for g in self.channel_groups],
             "graph_error": self.graph_error,
+            "ops": [asdict(op) for op in self.ops],
         }
 
     @classmethod
@@ -188,4 +227,5 @@ class LayerTable:
             },
             channel_groups=tuple(ChannelGroup.from_dict(g) for g in data.get("channel_groups", ())),
             graph_error=data.get("graph_error"),
+            ops=tuple(OpInfo(**op) for op in data.get("ops", ())),  # absent in older tables
         )

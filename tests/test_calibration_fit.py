@@ -14,6 +14,7 @@ import yaml
 
 from autosparse.calibration.fit import (
     FREE_CONSTANTS,
+    OPTIONAL_CONSTANTS,
     Sample,
     apply_constants,
     fit_profile,
@@ -118,7 +119,7 @@ def test_fit_with_the_true_blocks_recovers_held_out_latencies(samples):
     assert result.train_log_rmse < 0.01
     errors = _relative_errors(result.profile, held)
     assert np.abs(errors).max() < 0.01, f"held-out errors {errors}"
-    assert set(result.constants) == set(FREE_CONSTANTS)
+    assert set(result.constants) == {*FREE_CONSTANTS, *OPTIONAL_CONSTANTS}
 
 
 def test_fit_with_blocks_picks_the_true_blocks_or_equally_good_ones(samples):
@@ -251,3 +252,64 @@ def test_local_cache_sizes_read_from_sysfs_and_replace_the_bounded_levels(tmp_pa
         [level.bandwidth_bytes_per_second for level in base.memory]
     assert with_local_caches(base, sizes[:2]) is base  # levels do not match: keep the base's
     assert local_cache_sizes(tmp_path / "missing") == []
+
+
+# --- depthwise, Conv1d, per-precision efficiency and ops between layers ------------------------
+
+from autosparse.calibration.fit import informed_constants  # noqa: E402
+from autosparse.layers import OpInfo  # noqa: E402
+
+
+def dw_table(c: int, side: int = 8) -> LayerTable:
+    """pointwise c -> depthwise c -> pointwise c, a residual add after the last one."""
+    pixels = side * side
+    return LayerTable(layers=(
+        LayerInfo("pw1", "Conv2d", (c, 3, 1, 1), True, macs=c * 3 * pixels,
+                  input_elements=3 * pixels, output_elements=c * pixels),
+        LayerInfo("dw", "Conv2d", (c, 1, 3, 3), True, macs=c * 9 * pixels, groups=c,
+                  input_elements=c * pixels, output_elements=c * pixels),
+        LayerInfo("pw2", "Conv2d", (c, c, 1, 1), True, macs=c * c * pixels,
+                  input_elements=c * pixels, output_elements=c * pixels),
+    ), ops=(OpInfo("add", 3 * c * pixels, "pw2"),), input_shape=(3, side, side))
+
+
+def test_informed_constants_follow_what_the_samples_contain(samples):
+    plain = informed_constants(samples)  # mlp + cnn, no ops, no depthwise
+    assert set(plain) == set(FREE_CONSTANTS) | {"int8_linear_efficiency"}
+    table = dw_table(16)
+    fp32 = Sample("dw", "dw", table, Candidate({}), 1e-4)
+    assert {"depthwise_efficiency", "fp32_op_overhead_us"} <= set(informed_constants([fp32]))
+    assert "int8_op_overhead_us" not in informed_constants([fp32])
+    int8 = Sample("dw8", "dw", table, Candidate(
+        {n: LayerChoice.make("dense", 0.0, 8) for n in table.names}), 1e-4)
+    got = set(informed_constants([int8]))
+    assert {"int8_op_overhead_us", "int8_depthwise_efficiency"} <= got
+    assert "conv1d_efficiency" not in got
+
+
+def test_fit_recovers_depthwise_efficiency_and_op_overhead():
+    values = {**TRUE_VALUES, "depthwise_efficiency": 0.2, "int8_depthwise_efficiency": 0.6,
+              "fp32_op_overhead_us": 4.0, "int8_op_overhead_us": 1.5}
+    truth = apply_constants(BASE, values, "truth", blocks=TRUE_BLOCKS)
+    rng = np.random.default_rng(3)
+    data = synthetic_samples(8, seed=3, truth=truth)
+    for i in range(24):
+        table = dw_table(int(rng.integers(8, 200)), side=int(rng.choice([8, 16, 32])))
+        candidate = _candidate(table, rng)
+        data.append(Sample(f"dw-{i}", "dw", table, candidate,
+                           estimate_cost(table, candidate, truth).latency_s))
+    result = fit_profile(BASE, data, "fitted", starts=2, seed=0, blocks=TRUE_BLOCKS)
+    assert result.train_log_rmse < 0.02
+    for key in ("depthwise_efficiency", "int8_depthwise_efficiency", "fp32_op_overhead_us"):
+        assert result.constants[key] == pytest.approx(values[key], rel=0.15), key
+    int8 = next(p for p in result.profile.precisions if p.kind == "int")
+    assert int8.kind_efficiency["DepthwiseConv2d"] == pytest.approx(0.6, rel=0.15)
+
+
+def test_block_scan_reports_every_block_tried(samples):
+    fit_set, _ = split_samples(samples, 0.35, seed=1)
+    result = fit_with_blocks(BASE, fit_set, "fitted", seed=0, choices=(1, 8, 16), starts=1)
+    assert set(result.block_scan) == {"fp32", "int8", "fp32_input", "int8_input"}
+    assert all(set(scan) == {1, 8, 16} for scan in result.block_scan.values())
+    chosen = result.constants["int8_channel_block"]
+    assert result.block_scan["int8"][chosen] == min(result.block_scan["int8"].values())

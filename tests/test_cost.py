@@ -490,3 +490,81 @@ def test_mcu_reads_weights_from_flash():
     assert all(layer.activation_level != "flash" for layer in m.layers)
     int8 = estimate_cost(DIGITS, Candidate({n: LayerChoice.make("dense", 0, 8) for n in DIGITS.names}), mcu)
     assert int8.latency_s < m.latency_s and int8.energy_j < m.energy_j
+
+
+# --- ops between weight layers, depthwise kind, per-precision efficiency -----------------------
+
+from autosparse.layers import OpInfo  # noqa: E402
+
+OPS_TABLE = LayerTable(layers=HAND_TABLE.layers, ops=(
+    OpInfo("add", 600, after_layer="conv"),  # a residual add on conv's 300 outputs: 2 reads + 1 write
+    OpInfo("pool", 50, after_layer=None),    # before any layer: at the float input's precision
+))
+
+
+def test_ops_between_layers_are_charged_overhead_plus_bytes_over_bandwidth():
+    profile = _hand(precisions=[{**HAND["precisions"][0], "op_overhead_us": 0.5},
+                                {**HAND["precisions"][1], "op_overhead_us": 0.25}])
+    plain = estimate_cost(HAND_TABLE, Candidate({}), profile)
+    m = estimate_cost(OPS_TABLE, Candidate({}), profile)
+    add, pool = m.ops
+    # add: 600 elements x 4 B = 2400 B > 1500 B of sram -> dram at 1e8 B/s: 24 us, + 0.5 us
+    assert (add.precision, add.level, add.activation_bytes) == ("fp32", "dram", 2400)
+    assert add.latency_s == pytest.approx(24.5 * US)
+    # pool: 50 x 4 B = 200 B in sram at 1e9 B/s: 0.2 us, + 0.5 us
+    assert pool.latency_s == pytest.approx(0.7 * US)
+    assert m.latency_s == pytest.approx(plain.latency_s + 25.2 * US)
+    assert m.energy_j > plain.energy_j
+    # int8 conv: the add follows it at 8-bit activations and the int8 op overhead
+    int8 = estimate_cost(OPS_TABLE, _cand(conv=("dense", 0.0, 8)), profile)
+    assert (int8.ops[0].precision, int8.ops[0].activation_bytes) == ("int8", 600)
+    assert int8.ops[0].latency_s == pytest.approx((0.6 + 0.25) * US)  # 600 B in sram
+    # channel pruning of the layer before it shrinks the op's elements by its kept share
+    pruned = estimate_cost(OPS_TABLE, _cand(conv=("channel", 0.5, 32)), profile)
+    assert pruned.ops[0].elements == pytest.approx(300)
+    assert pruned.ops[1].elements == 50  # nothing before it was pruned
+
+
+def test_a_table_without_ops_costs_what_it_did():
+    for name in builtin_profiles():
+        profile = load_profile(name)
+        m = estimate_cost(HAND_TABLE, Candidate({}), profile)
+        assert m.ops == () and m.ops_s == 0
+        assert m.latency_s == pytest.approx(sum(c.latency_s for c in m.layers) + m.fixed_s)
+
+
+def test_ops_survive_the_table_round_trip_and_old_tables_load():
+    data = OPS_TABLE.to_dict()
+    assert LayerTable.from_dict(data) == OPS_TABLE
+    del data["ops"]
+    assert LayerTable.from_dict(data).ops == ()
+    with pytest.raises(ValueError, match="op kind 'gemm' not allowed"):
+        OpInfo("gemm", 1)
+
+
+DW = LayerInfo("dw", "Conv2d", (16, 1, 3, 3), False, macs=16 * 9 * 64, input_elements=1024,
+               output_elements=1024, groups=16)
+
+
+def test_a_depthwise_conv_has_its_own_efficiency_and_falls_back_to_conv2d():
+    table = LayerTable(layers=(DW,))
+    assert DW.cost_kind == "DepthwiseConv2d" and DW.kind == "Conv2d"
+    assert LayerInfo("g", "Conv2d", (16, 4, 3, 3), False, macs=1, groups=4).cost_kind == "Conv2d"
+    compute = {}
+    for label, efficiency in (("fallback", {"Conv2d": 0.5}),
+                              ("own", {"Conv2d": 0.5, "DepthwiseConv2d": 0.1})):
+        cost = estimate_cost(table, Candidate({}), _hand(kind_efficiency=efficiency)).layers[0]
+        compute[label] = cost.compute_s
+    assert compute["fallback"] == pytest.approx(16 * 9 * 64 / (1e9 * 0.5))
+    assert compute["own"] == pytest.approx(5 * compute["fallback"])
+
+
+def test_a_precision_can_override_a_kind_efficiency():
+    profile = _hand(precisions=[HAND["precisions"][0],
+                                {**HAND["precisions"][1], "kind_efficiency": {"Conv2d": 1.0}}])
+    fp32 = estimate_cost(HAND_TABLE, Candidate({}), profile).layers[0]
+    int8 = estimate_cost(HAND_TABLE, _cand(conv=("dense", 0.0, 8)), profile).layers[0]
+    assert fp32.compute_s == pytest.approx(1e5 / (1e9 * 0.5))  # profile-wide Conv2d 0.5
+    assert int8.compute_s == pytest.approx(1e5 / (4e9 * 1.0))  # int8's own Conv2d 1.0
+    with pytest.raises(Exception, match="DepthwiseConv2d"):
+        _hand(precisions=[{**HAND["precisions"][0], "kind_efficiency": {"Conv3d": 0.5}}])

@@ -34,11 +34,19 @@ class Architecture:
     classifier: str
     num_classes: int
     builder: Builder
+    # every weight layer in module order, where some follow others' widths (a depthwise conv
+    # takes its input's, a layer after a residual add its partner's); default: widths + classifier
+    weight_layers: tuple[str, ...] = ()
+    # share of ``per_architecture`` variants drawn for it: a model that takes milliseconds a
+    # call gets fewer, so calibrate's timing stays about as long as with small models only
+    variant_share: float = 1.0
+    # whether the fine channel-step anchors apply (see variants.CHANNEL_STEPS)
+    fine_steps: bool = True
 
     @property
     def layers(self) -> list[str]:
         """Every weight layer in forward order, the classifier last."""
-        return [*self.base_widths, self.classifier]
+        return list(self.weight_layers) or [*self.base_widths, self.classifier]
 
     def resolve(self, widths: Mapping[str, int] | None = None) -> dict[str, int]:
         """Base widths overridden by ``widths``; unknown names and widths < 1 are errors."""
@@ -98,6 +106,67 @@ class CifarCNN(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class DepthwiseNet(nn.Module):
+    """A depthwise-separable CNN for 3x32x32 (MobileNet-v1 style, one residual add), so the
+    calibration sees depthwise convs (groups == channels) and an add between layers."""
+
+    def __init__(self, widths: Mapping[str, int], num_classes: int = 10):
+        super().__init__()
+        s, p1, p2 = widths["stem"], widths["pw1"], widths["pw2"]
+        self.stem = nn.Conv2d(3, s, 3, stride=2, padding=1)
+        self.dw1 = nn.Conv2d(s, s, 3, padding=1, groups=s)
+        self.pw1 = nn.Conv2d(s, p1, 1)
+        self.dw2 = nn.Conv2d(p1, p1, 3, padding=1, groups=p1)
+        self.pw2 = nn.Conv2d(p1, p2, 1)
+        self.dw3 = nn.Conv2d(p2, p2, 3, padding=1, groups=p2)
+        self.pw3 = nn.Conv2d(p2, p2, 1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(p2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.pw1(F.relu(self.dw1(x))))
+        x = self.pool(x)
+        x = F.relu(self.pw2(F.relu(self.dw2(x))))
+        x = F.relu(self.pw3(F.relu(self.dw3(x)))) + x
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class Conv1dNet(nn.Module):
+    """Three Conv1d layers over a 16-channel sequence of 64 steps, max pooling, linear head."""
+
+    def __init__(self, widths: Mapping[str, int], num_classes: int = 10):
+        super().__init__()
+        c1, c2, c3 = widths["conv1"], widths["conv2"], widths["conv3"]
+        self.conv1 = nn.Conv1d(16, c1, 5, padding=2)
+        self.conv2 = nn.Conv1d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv1d(c2, c3, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv1(x))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = F.relu(self.conv3(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool1d(x, 1), 1))
+
+
+class WideMLP(nn.Module):
+    """1024 -> 2048 -> 2048 -> 10 (6.3 M weights, 25 MB at fp32): weights far beyond L2, so the
+    fit sees where a model's weights stream from memory instead of cache."""
+
+    def __init__(self, widths: Mapping[str, int], num_classes: int = 10):
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(1024, widths["fc1"])
+        self.fc2 = nn.Linear(widths["fc1"], widths["fc2"])
+        self.fc3 = nn.Linear(widths["fc2"], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(self.flatten(x)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
 ARCHITECTURES: dict[str, Architecture] = {
     arch.name: arch
     for arch in (
@@ -125,5 +194,34 @@ ARCHITECTURES: dict[str, Architecture] = {
             num_classes=10,
             builder=CifarCNN,
         ),
+        Architecture(
+            name="depthwise-cnn",
+            input_shape=(3, 32, 32),
+            base_widths={"stem": 32, "pw1": 64, "pw2": 128},
+            classifier="fc",
+            num_classes=10,
+            builder=DepthwiseNet,
+            weight_layers=("stem", "dw1", "pw1", "dw2", "pw2", "dw3", "pw3", "fc"),
+        ),
+        Architecture(
+            name="conv1d-net",
+            input_shape=(16, 64),
+            base_widths={"conv1": 64, "conv2": 96, "conv3": 128},
+            classifier="fc",
+            num_classes=10,
+            builder=Conv1dNet,
+        ),
+        Architecture(
+            name="wide-mlp",
+            input_shape=(1, 32, 32),
+            base_widths={"fc1": 2048, "fc2": 2048},
+            classifier="fc3",
+            num_classes=10,
+            builder=WideMLP,
+            variant_share=0.4,
+            fine_steps=False,
+        ),
     )
 }
+DEFAULT_CALIBRATION = ("digits-cnn", "digits-mlp", "cifar-cnn", "depthwise-cnn", "conv1d-net",
+                       "wide-mlp")

@@ -124,13 +124,16 @@ def _quiet_quantizer() -> Iterator[None]:
 
 def quantize_layers(
     fp32_path: Path, out_path: Path, layers: Collection[str], input_shape: tuple[int, ...],
-    seed: int = 0,
+    seed: int = 0, whole_model: bool = False,
 ) -> Path:
     """Write a QDQ model in which exactly ``layers`` (torch names) run in int8.
 
     uint8 activations with int8 per-channel weights (U8S8) is MLAS's native x86 AVX2 kernel
     and ORT's documented choice for x86; int8 activations timed the same here. Each chosen layer
-    is quantized together with the Relu that follows it.
+    is quantized together with the Relu that follows it. ``whole_model`` (every layer int8)
+    quantizes every op the quantizer can (adds, pooling, ...) as export's
+    ``quantize_onnx_int8`` does, so the ops between layers are timed as a deployed int8
+    model runs them.
     """
     graph = onnx.load(str(fp32_path)).graph
     nodes = layer_nodes(graph)
@@ -150,7 +153,7 @@ def quantize_layers(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
-            nodes_to_quantize=chosen,
+            nodes_to_quantize=None if whole_model else chosen,
         )
     return out_path
 

@@ -22,6 +22,9 @@ from .export import export_onnx, quantize_layers, quantized_layers, zero_smalles
 
 INT8 = 8
 KEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+# every prunable layer at most this wide: the fine steps at which a channel block shows (a
+# kernel that computes 16 channels at once runs 4, 8, 12 and 16 kept alike)
+CHANNEL_STEPS = (4, 8, 12, 16, 24, 32, 48)
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 CONTROL_SPARSITY = 0.9
 PRECISIONS = ("fp32", "int8", "mixed")
@@ -96,11 +99,30 @@ def _spec_name(arch: str, index: int, pruned: bool, int8: frozenset[str], layers
     return "-".join(parts)
 
 
+def _fine_anchors(arch: Architecture, everything: frozenset[str]) -> list[tuple]:
+    """Every prunable layer capped at each of ``CHANNEL_STEPS`` (distinct widths only), fp32
+    and int8 alternating, starting with int8 on every other architecture, so that over the
+    architectures each step is timed at both precisions."""
+    base = dict(arch.base_widths)
+    out, seen = [], set()
+    flip = sorted(ARCHITECTURES).index(arch.name) % 2 if arch.name in ARCHITECTURES else 0
+    for step in CHANNEL_STEPS:
+        widths = {name: min(width, step) for name, width in base.items()}
+        key = tuple(sorted(widths.items()))
+        if widths == base or key in seen:
+            continue
+        seen.add(key)
+        out.append((widths, everything if (len(out) + flip) % 2 else frozenset(), {}))
+    return out
+
+
 def draw_specs(arch: Architecture, count: int, seed: int) -> list[VariantSpec]:
     """``count`` distinct specs for one architecture, the same for the same seed.
 
     The first four are fixed anchors: dense fp32 base, full int8 base, and the unstructured
     negative control (base widths, 90 % zeros in every layer, dense kernels) in fp32 and int8.
+    Then, where the architecture asks for them and ``count`` leaves room for random draws
+    too, the fine channel-step anchors (``_fine_anchors``).
     The rest draw widths and zeroed layers independently; precision (fp32 / int8 / mixed) is
     dealt from shuffled blocks of the three, so every kind gets its share even in short lists.
     """
@@ -111,6 +133,9 @@ def draw_specs(arch: Architecture, count: int, seed: int) -> list[VariantSpec]:
     control = {name: CONTROL_SPARSITY for name in layers}
     anchors = [(base, frozenset(), {}), (base, everything, {}), (base, frozenset(), control),
                (base, everything, control)]
+    fine = _fine_anchors(arch, everything) if arch.fine_steps else []
+    if count >= 2 * (len(anchors) + len(fine)):
+        anchors += fine
     specs: list[VariantSpec] = []
     seen: set[tuple] = set()
     attempts = 0
@@ -162,7 +187,8 @@ def build_variant(spec: VariantSpec, workdir: Path, seed: int = 0) -> Variant:
     path = workdir / f"{spec.name}.onnx"
     if spec.int8_layers:
         fp32_path = export_onnx(model, arch.input_shape, workdir / f"{spec.name}.fp32.onnx")
-        quantize_layers(fp32_path, path, spec.int8_layers, arch.input_shape, seed=seed)
+        quantize_layers(fp32_path, path, spec.int8_layers, arch.input_shape, seed=seed,
+                        whole_model=set(spec.int8_layers) == set(arch.layers))
         fp32_path.unlink()
         got = quantized_layers(onnx.load(str(path)))
         if got != set(spec.int8_layers):
@@ -179,13 +205,16 @@ def make_variants(
     architectures: Iterable[str | Architecture], per_architecture: int, seed: int,
     workdir: str | Path,
 ) -> list[Variant]:
-    """``per_architecture`` variants of each architecture, exported under ``workdir``."""
+    """``per_architecture`` variants of each architecture (times its ``variant_share``, at
+    least 6), exported under ``workdir``."""
     workdir = Path(workdir)
     variants = []
     for arch in architectures:
         arch = ARCHITECTURES[arch] if isinstance(arch, str) else arch
         if arch.name not in ARCHITECTURES or ARCHITECTURES[arch.name] is not arch:
             raise ValueError(f"architecture {arch.name!r} is not registered in ARCHITECTURES")
-        for spec in draw_specs(arch, per_architecture, seed):
+        count = per_architecture if arch.variant_share >= 1 else max(
+            6, round(per_architecture * arch.variant_share))
+        for spec in draw_specs(arch, count, seed):
             variants.append(build_variant(spec, workdir, seed=seed))
     return variants

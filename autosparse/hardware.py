@@ -177,14 +177,7 @@ class HardwareProfile(Strict):
     @field_validator("kind_efficiency")
     @classmethod
     def _check_kinds(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = [k for k in value if k not in LAYER_KINDS]
-        if bad:
-            raise ValueError(f"kind_efficiency keys {bad} not allowed; allowed: "
-                             f"{', '.join(LAYER_KINDS)}")
-        wrong = {k: v for k, v in value.items() if not 0 < v <= 1}
-        if wrong:
-            raise ValueError(f"kind_efficiency values {wrong} must be in (0, 1]")
-        return value
+        return _checked_efficiencies(value)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "HardwareProfile":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +125,7 @@ def _quiet_quantizer() -> Iterator[None]:
 def quantize_layers(
     fp32_path: Path, out_path: Path, layers: Collection[str], input_shape: tuple[int, ...],
     seed: int = 0, whole_model: bool = False,
+    find_nodes: Callable[[onnx.GraphProto], Mapping[str, onnx.NodeProto]] | None = None,
 ) -> Path:
     """Write a QDQ model in which exactly ``layers`` (torch names) run in int8.
 
@@ -136,7 +137,7 @@ def quantize_layers(
     model runs them.
     """
     graph = onnx.load(str(fp32_path)).graph
-    nodes = layer_nodes(graph)
+    nodes = (find_nodes or layer_nodes)(graph)
     missing = sorted(set(layers) - set(nodes))
     if missing:
         raise ValueError(f"{fp32_path.name}: no ONNX weight node for layers {missing}")

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
 from ..candidate import CHANNEL, DENSE, FLOAT_BITS, Candidate, LayerChoice, parse_nm
 from ..compress import bake, compress_model, structural_keep
@@ -31,7 +30,7 @@ from ..discovery import example_input
 from ..export.shrink import shrink_model
 from ..hardware import HardwareProfile
 from ..latency_table import INT8_BITS, LatencyTable, LayerEntry, Point, cpu_model, model_digest
-from .export import WEIGHT_OPS, _folded_activation, _quiet_quantizer, _RandomInputs, export_onnx
+from .export import WEIGHT_OPS, export_onnx, quantize_layers
 from .timing import time_variants
 
 if TYPE_CHECKING:  # the runner imports optuna: only its type is needed here
@@ -88,23 +87,9 @@ def weight_nodes(graph: onnx.GraphProto, layers: Collection[str]) -> dict[str, o
 def quantize_nodes(fp32_path: Path, out_path: Path, layers: Collection[str],
                    input_shape: tuple[int, ...], seed: int = 0) -> Path:
     """QDQ int8 (U8S8, per-channel weights) on exactly ``layers``' nodes and the Relu each one
-    feeds alone (folded into its output range, as a deployed int8 model runs)."""
-    graph = onnx.load(str(fp32_path)).graph
-    nodes = weight_nodes(graph, layers)
-    missing = sorted(set(layers) - set(nodes))
-    if missing:
-        raise ValueError(f"{fp32_path.name}: no ONNX weight node found for layers {missing}")
-    chosen = []
-    for name in layers:
-        chosen.append(nodes[name].name)
-        activation = _folded_activation(graph, nodes[name])
-        if activation is not None:
-            chosen.append(activation.name)
-    with _quiet_quantizer():
-        quantize_static(str(fp32_path), str(out_path), _RandomInputs(input_shape, seed),
-                        quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=chosen)
-    return out_path
+    feeds alone, found by weight name or scope path (batch-norm folding renames weights)."""
+    return quantize_layers(fp32_path, out_path, layers, input_shape, seed,
+                           find_nodes=lambda graph: weight_nodes(graph, layers))
 
 
 def _decisions(context: "SearchContext") -> dict[str, tuple[tuple[str, ...], tuple[float, ...],

@@ -35,6 +35,7 @@ from .config import FinetuneConfig
 from .cost import estimate_cost
 from .discovery import example_input
 from .evaluate import evaluate
+from .export.input_spec import input_markdown, input_spec, sizes_markdown
 from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
 from .export.packed import load_packed, save_packed
 from .export.shrink import ShrinkError, ShrinkReport, shrink_model
@@ -370,6 +371,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         files["onnx_int8"] = out / "model.int8.onnx"
     measured = time_onnx_files(files, context.data.input_shape, request.timing_rounds,
                                request.timing_calls)
+    dense_onnx_bytes = dense_onnx.stat().st_size
     dense_onnx.unlink()
     predicted = predicted_latencies(context.table, candidate,
                                     _profiles(context, runs_dir, request.hardware), quantized)
@@ -400,6 +402,10 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                     "packed_file": files["model.packed"] / 1000,
                     "packed_header": packed_info.header_bytes / 1000},
         "files_bytes": files,
+        "dense_onnx_bytes": dense_onnx_bytes,
+        "input": input_spec(config.data, context.data.input_shape, context.data.mean or (),
+                            context.data.std or (), context.data.classes,
+                            context.data.num_classes),
         "shrink": shrink_report.to_dict(),
         "parameters": {"predicted": shrink_report.parameters_predicted,
                        "shrunk": shrink_report.parameters_after,
@@ -472,6 +478,8 @@ def report_markdown(report: dict) -> str:
     acc, size = report["test_accuracy"], report["size_kb"]
     lines = [f"# Export of {report['search']} trial {report['trial']}", "",
              f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
+    if "input" in report:
+        lines += input_markdown(report["input"])
     lines += [f"- warning: {w}" for w in report["warnings"]]
     reevaluated, validation = report.get("reevaluation") or {}, report["validation_accuracy"]
     if "accuracy_std" in reevaluated:
@@ -496,6 +504,8 @@ def report_markdown(report: dict) -> str:
     lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
               f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "
               f"{size['dense_predicted']:.2f} kB dense.", ""]
+    lines += sizes_markdown(report["files_bytes"], report.get("dense_onnx_bytes"),
+                            report["latency_ms_measured"])
     lines += latency_markdown(report["latency_ms_measured"], report["predicted"])
     return "\n".join(lines) + "\n"
 

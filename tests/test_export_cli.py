@@ -462,3 +462,29 @@ def test_failed_trials_are_refused(searched, capsys, monkeypatch):
     assert export(runs_dir, config, "--knee") == 2
     assert "front is empty" in capsys.readouterr().err
     assert not (runs_dir / "diverged" / "export").exists()
+
+
+@pytest.mark.integration
+def test_export_folder_alone_is_enough_to_predict(exported):
+    """Only the folder and its documented input spec: raw digits, normalised as report.json
+    says, fed to model.onnx, predict as well as the export measured (the whole data set
+    includes train images, so at least the test accuracy less a margin)."""
+    from sklearn.datasets import load_digits
+
+    import onnxruntime as ort
+
+    _, out, report = exported
+    spec = report["input"]
+    assert spec["shape"] == ["batch", 1, 8, 8] and spec["dtype"] == "float32"
+    assert spec["classes"] == list(range(10)) and "load_digits" in spec["raw"]
+    digits = load_digits()
+    raw = (digits.images / 16.0)[:, None].astype(np.float32)
+    mean = np.array(spec["mean"], np.float32).reshape(1, -1, 1, 1)
+    std = np.array(spec["std"], np.float32).reshape(1, -1, 1, 1)
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    logits = session.run(None, {session.get_inputs()[0].name: (raw - mean) / std})[0]
+    accuracy = float((logits.argmax(axis=1) == digits.target).mean() * 100)
+    assert accuracy >= report["test_accuracy"]["onnx"] - 5
+    markdown = (out / "report.md").read_text()
+    assert "## Input: what to feed the model" in markdown and "ort.InferenceSession" in markdown
+    assert "`model.packed` stores exactly what the size objective counted" in markdown

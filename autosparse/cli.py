@@ -7,7 +7,10 @@ anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -218,17 +221,38 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import resolve_tracking_uri, ui_command, ui_environment
+    from .tracking import experiment_ids, resolve_tracking_uri, ui_command, ui_environment
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be a TCP port from 1 to 65535")
     uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
-    command = ui_command(uri, args.runs_dir, args.port)
-    print(f"MLflow UI on http://127.0.0.1:{args.port} (tracking store {uri}); Ctrl-C to stop")
     try:
-        return subprocess.call(command, env=ui_environment())
+        command = ui_command(uri, args.runs_dir, args.port)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    with socket.socket() as probe:  # a busy port would make MLflow exit after a slow start
+        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
+            raise ConfigError(f"--port {args.port}: already in use on 127.0.0.1; pick another")
+    base = f"http://127.0.0.1:{args.port}"
+    print(f"MLflow UI on {base} (tracking store {uri}); Ctrl-C to stop")
+    for name, experiment_id in experiment_ids(uri).items():
+        print(f"  {name}: {base}/#/experiments/{experiment_id}/runs")
+    # its own session, so that stopping this command (Ctrl-C, SIGTERM) stops every server process
+    server = subprocess.Popen(command, env=ui_environment(), start_new_session=True)
+
+    def stop(*_: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, lambda *_: (stop(), sys.exit(143)))
+    try:
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:
+        stop()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            server.wait(timeout=10)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import contextlib
 import io
 import json
 import logging
@@ -152,6 +153,20 @@ def ui_command(tracking_uri: str, runs_dir: Path, port: int = 5000, *, workers: 
         command += ["--default-artifact-root", root.as_uri()]
     command += ["--host", "127.0.0.1", "--port", str(int(port)), "--workers", str(int(workers))]
     return command
+
+
+def experiment_ids(tracking_uri: str) -> dict[str, str]:
+    """Experiment name -> id in the store (for the runs-table URLs ``autosparse ui`` prints:
+    MLflow 3 opens an experiment on its GenAI page, where no runs show); {} if unreadable."""
+    try:
+        from mlflow import MlflowClient  # lazy, as everywhere here: a slow import
+
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow's "Registry store URI" note
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            experiments = client.search_experiments()
+        return {e.name: e.experiment_id for e in experiments if e.name != "Default"}
+    except Exception:  # noqa: BLE001 - the URLs are a convenience; the UI still starts
+        return {}
 
 
 def ui_environment(base: dict[str, str] | None = None) -> dict[str, str]:

@@ -498,3 +498,42 @@ def test_an_unreadable_candidate_does_not_stop_the_front(tracker, client, small_
     assert sorted(children) == [0, 1]
     assert children[0].data.params == {} and children[0].data.metrics["accuracy"] == 98.0
     assert children[1].data.params["conv2.pattern"] == "2:4"
+
+
+@pytest.mark.integration
+def test_autosparse_ui_prints_the_runs_url_and_stops_its_server_on_sigterm(tracker, small_table,
+                                                                          runs_dir):
+    import psutil
+
+    parent = _start(tracker, small_table)
+    tracker.end_search(parent)
+    port = _free_port()
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "autosparse.cli", "--runs-dir", str(runs_dir), "ui", "--port",
+         str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        lines = [process.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith(f"MLflow UI on http://127.0.0.1:{port}"), lines
+        assert f"http://127.0.0.1:{port}/#/experiments/" in lines[1], lines
+        assert lines[1].rstrip().endswith("/runs")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if _get(f"http://127.0.0.1:{port}/health").strip() == b"OK":
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, "UI did not start"
+            time.sleep(0.5)
+        servers = psutil.Process(process.pid).children(recursive=True)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) != 0
+        _, alive = psutil.wait_procs(servers, timeout=20)
+        assert not alive, "the MLflow server outlived autosparse ui"
+        with socket.socket() as probe:
+            assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port still serves"
+    finally:
+        for child in psutil.Process().children(recursive=True):
+            child.kill()

@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning: with several workers, or other jobs on few
     # cores, spinning threads slowed fine-tuning 8x here. Set before torch starts its pool.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a terminal
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -23,6 +23,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from .config import ConfigError, SearchConfig
+from .objectives import OBJECTIVES
 from .hardware import load_profile
 from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
@@ -109,6 +110,8 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
     if stored is None:
         study.set_user_attr(_SIGNATURE_ATTR, signature)
         study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
+    if study.metric_names is None:  # optuna-dashboard then labels axes, not "Objective 0/1"
+        study.set_metric_names([OBJECTIVES[name].metric for name in config.objectives])
     elif stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives, another "

@@ -59,3 +59,14 @@ def test_enqueued_seed_cut_before_its_first_suggest_is_requeued_with_its_params(
     # the cut-short one is INTERRUPTED (neither a failure nor budget), the re-run counts
     assert list(frame["state"]) == ["INTERRUPTED", "COMPLETE"]
     assert counted_trials(study) == 1
+
+
+def test_a_new_study_names_its_metrics_for_optuna_dashboard(tmp_path):
+    from autosparse.config import parse_config
+    from autosparse.study import open_study
+
+    config = parse_config({"name": "named", "model": {"builtin": "digits-cnn"},
+                           "objectives": ["accuracy", "size"]})
+    study = open_study(config, f"sqlite:///{tmp_path / 'named.db'}",
+                       optuna.samplers.RandomSampler(seed=0))
+    assert study.metric_names == ["accuracy", "size_kb"]

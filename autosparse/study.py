@@ -111,7 +111,9 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
         study.set_user_attr(_SIGNATURE_ATTR, signature)
         study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
     if study.metric_names is None:  # optuna-dashboard then labels axes, not "Objective 0/1"
-        study.set_metric_names([OBJECTIVES[name].metric for name in config.objectives])
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2: noise for a user
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVES[name].metric for name in config.objectives])
     elif stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives, another "

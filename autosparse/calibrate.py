@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import platform
 import re
 import socket
 import tempfile
@@ -86,16 +85,6 @@ def profile_destination(out_dir: Path, name: str | None,
         count += 1
         chosen = f"{base}-{count}"
     return chosen, out_dir / f"{chosen}.yaml"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def local_cache_sizes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> list[int]:

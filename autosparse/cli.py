@@ -123,11 +123,12 @@ def _profile(args: argparse.Namespace) -> int:
     unknown = sorted(set(candidate) - set(context.table.names))
     if unknown:
         raise ConfigError(f"the candidate names layers the model does not have: {unknown}")
+    from .calibration.machine import this_machine
     from .latency_table import find_latency_table
 
     profile = load_profile(hardware)
     latency_table, note = find_latency_table(args.runs_dir / context.config.name, context.table,
-                                             profile)
+                                             profile, this_machine()["cpu"])
     with pd.option_context("display.width", 220, "display.max_colwidth", 60):
         print(format_cost_report(context.table, candidate, profile, latency_table))
     print(note or f"latency: analytic {profile.name} for every layer (no measured table; "

@@ -395,17 +395,19 @@ def compress_model(
     candidate: Candidate | Mapping[str, LayerChoice],
     scores: Mapping[str, Tensor] | None = None,
     graph: ChannelGraph | None = None,
+    keep: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> nn.Module:
     """A deep copy of ``dense`` with the candidate's masks and fake-quant as parametrizations.
 
     Masks come from the dense weights (magnitude) or, for layers whose criterion is ``taylor``,
     from ``scores[name]`` (see :func:`taylor_scores`). Channel choices prune their whole group
-    (``graph``, from ``trace_channel_groups``), including layers the candidate does not list.
+    (``graph``, from ``trace_channel_groups``), including layers the candidate does not list;
+    ``keep`` is :func:`structural_keep`'s (rows, columns) for a caller that needs them too.
     Layers left dense fp32 are untouched. ``dense`` itself is not modified.
     """
     model = copy.deepcopy(dense)
     modules = dict(model.named_modules())
-    rows, cols, _ = structural_keep(model, candidate, graph, scores)
+    rows, cols = keep if keep is not None else structural_keep(model, candidate, graph, scores)[:2]
     names = list(dict.fromkeys([*candidate, *rows, *cols]))
     for name in names:
         choice = candidate.get(name, DENSE_CHOICE)

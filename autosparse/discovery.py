@@ -6,6 +6,7 @@ or a Linear is applied to (MACs), and the activation sizes the cost model charge
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Collection, Sequence
 
@@ -275,6 +276,27 @@ def discover_layers(
     return discover(model, input_shape, global_targets, searchable)[0]
 
 
+def _allocation(layers: dict[str, nn.Module], searchable: Collection[str] | None,
+                targets: Sequence[float]) -> dict[float, dict[str, float]]:
+    """Global magnitude allocation over the searchable layers (all when None)."""
+    if searchable is not None:
+        unknown = sorted(set(searchable) - set(layers))
+        if unknown:
+            raise ValueError(
+                f"searchable names {unknown} are not discovered layers ({', '.join(layers)})"
+            )
+    allocated = [n for n in layers if searchable is None or n in searchable]
+    return global_magnitude_allocation({n: layers[n].weight for n in allocated}, targets)
+
+
+def with_searchable(table: LayerTable, model: nn.Module, searchable: Collection[str],
+                    global_targets: Sequence[float] = DEFAULT_TARGETS) -> LayerTable:
+    """``table`` with its global magnitude allocation over ``searchable`` only: what
+    ``discover(..., searchable=)`` gives, without tracing the model again."""
+    return dataclasses.replace(
+        table, global_magnitude=_allocation(find_layers(model), searchable, global_targets))
+
+
 def discover(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -288,12 +310,6 @@ def discover(
     """
     input_shape = tuple(int(d) for d in input_shape)
     layers = find_layers(model)
-    if searchable is not None:
-        unknown = sorted(set(searchable) - set(layers))
-        if unknown:
-            raise ValueError(
-                f"searchable names {unknown} are not discovered layers ({', '.join(layers)})"
-            )
     stats = measure(model, layers, input_shape)
     infos = tuple(
         LayerInfo(
@@ -310,14 +326,12 @@ def discover(
         )
         for name, module in layers.items()
     )
-    allocated = [n for n in layers if searchable is None or n in searchable]
-    weights = {n: layers[n].weight for n in allocated}
     graph = trace_channel_groups(model, layers, example_input(model, input_shape))
     table = LayerTable(
         layers=infos,
         other_params=count_other_params(model, layers),
         input_shape=input_shape,
-        global_magnitude=global_magnitude_allocation(weights, global_targets),
+        global_magnitude=_allocation(layers, searchable, global_targets),
         channel_groups=graph.groups,
         graph_error=graph.error,
         ops=measure_ops(model, layers, input_shape),

@@ -30,15 +30,14 @@ import torch
 
 from .calibration.machine import fingerprint_mismatch, recorded_fingerprint, this_machine
 from .candidate import FLOAT_BITS, Candidate, LayerChoice
-from .compress import bake, structural_keep
+from .compress import bake
 from .config import FinetuneConfig
 from .cost import estimate_cost
-from .discovery import example_input
 from .evaluate import evaluate
 from .export.input_spec import input_markdown, input_spec, sizes_markdown
 from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
 from .export.packed import load_packed, save_packed
-from .export.shrink import ShrinkError, ShrinkReport, shrink_model
+from .export.shrink import ShrinkError, ShrinkReport, shrink_as_compressed
 from .footprint import footprint_metrics
 from .storage import model_zeros
 from .front import trials_frame
@@ -425,17 +424,11 @@ def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Ca
     channels per group (the same ones compression chose: computed on the dense model with the
     same scores). A group that cannot be removed, or a shrunk model whose parameters are not
     the footprint's, fails the export: it would not be what the search scored."""
-    _, _, kept = structural_keep(context.dense, candidate, context.graph,
-                                 evaluator._scores(candidate))
-    example = example_input(baked, context.data.input_shape)
     try:
-        shrunk, report = shrink_model(baked, candidate, context.table, context.graph, kept,
-                                      example)
-    except ShrinkError as err:
+        shrunk, report, kept = shrink_as_compressed(baked, context.dense, candidate, context.table,
+                                                    context.graph, evaluator._scores(candidate))
+    except ShrinkError as err:  # also a parameter count other than the footprint's
         raise ExportCheckFailed(f"shrinking failed: {err}") from err
-    if report.parameters_after != report.parameters_predicted:
-        raise ExportCheckFailed(f"the shrunk model has {report.parameters_after} parameters, the "
-                                f"footprint predicts {report.parameters_predicted}")
     return shrunk, report, kept
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -44,18 +43,6 @@ def model_digest(table: LayerTable) -> str:
     layers = [[layer.name, layer.kind, list(layer.weight_shape), layer.groups]
               for layer in table.layers]
     return hashlib.sha1(json.dumps(layers).encode()).hexdigest()[:16]
-
-
-def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware") and value.strip():
-                return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 @dataclass(frozen=True)
@@ -169,8 +156,9 @@ class LatencyTable:
                               "`autosparse calibrate --config CONFIG` again")
 
     def mismatch(self, table: LayerTable, profile: HardwareProfile | None,
-                 machine: str | None = None) -> str | None:
-        """Why this table must not be used for (model, profile) on this machine, or None."""
+                 machine: str) -> str | None:
+        """Why this table must not be used for (model, profile) on ``machine`` (the CPU model,
+        ``calibration.machine.this_machine()["cpu"]``), or None."""
         try:
             self.check_model(table)
         except ConfigError as err:
@@ -180,9 +168,8 @@ class LatencyTable:
         if profile.name != self.profile:
             return (f"it was built beside profile {self.profile!r}, the config uses "
                     f"{profile.name!r}")
-        here = machine if machine is not None else cpu_model()
-        if here != self.machine:
-            return f"it was measured on {self.machine!r}, this machine is {here!r}"
+        if machine != self.machine:
+            return f"it was measured on {self.machine!r}, this machine is {machine!r}"
         return None
 
 
@@ -298,7 +285,7 @@ def table_latency(lt: LatencyTable, table: LayerTable, candidate: Candidate,
 
 
 def find_latency_table(folder: str | Path, table: LayerTable, profile: HardwareProfile | None,
-                       machine: str | None = None) -> tuple[LatencyTable | None, str | None]:
+                       machine: str) -> tuple[LatencyTable | None, str | None]:
     """The table in ``folder`` if it fits this model, profile and machine, and a line saying
     whether it is used and why (None when there is no table at all)."""
     path = Path(folder) / TABLE_FILE

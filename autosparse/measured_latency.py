@@ -37,10 +37,9 @@ import torch
 from torch import nn
 
 from .candidate import Candidate
-from .compress import bake, structural_keep
-from .discovery import example_input
+from .compress import bake
 from .export.onnx_export import export_onnx, quantize_onnx_int8, time_onnx_files
-from .export.shrink import shrink_model
+from .export.shrink import shrink_as_compressed
 from .graph import ChannelGraph
 from .layers import LayerTable
 
@@ -192,10 +191,8 @@ class CandidateTimer:
                 scores: Mapping[str, torch.Tensor] | None, folder: Path) -> Path:
         """The deployable ONNX file of the candidate (what ``autosparse export`` writes)."""
         baked = bake(copy.deepcopy(student).cpu())
-        _, _, kept = structural_keep(self.dense, candidate, self.graph, scores)
-        kept = {name: mask.cpu() for name, mask in kept.items()}
-        shrunk, _ = shrink_model(baked, candidate, self.table, self.graph, kept,
-                                 example_input(baked, self.input_shape))
+        shrunk, _, _ = shrink_as_compressed(baked, self.dense, candidate, self.table, self.graph,
+                                            scores)
         fp32 = export_onnx(shrunk, self.input_shape, folder / "model.onnx")
         if deployable_format(candidate, self.table) == FP32:
             return fp32

@@ -118,10 +118,12 @@ class StagedRun:
     def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
         self.evaluator, self.candidate = evaluator, candidate
         scores = evaluator._scores(candidate)
-        self.student = compress_model(evaluator.dense, candidate, scores, evaluator.graph)
-        # which rows/columns the stored layers keep: the size objective reads the student there
+        # which rows/columns the stored layers keep: the masks, and where the size objective
+        # reads the student
         self._rows, self._cols, _ = structural_keep(evaluator.dense, candidate, evaluator.graph,
                                                     scores)
+        self.student = compress_model(evaluator.dense, candidate, scores, evaluator.graph,
+                                      keep=(self._rows, self._cols))
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
         self._seconds = 0.0

@@ -27,10 +27,10 @@ from .cost_report import cost_table
 from .data import DataSplits, load_data
 from .dense import cache_path, prepare_dense
 from .models import build_model
-from .discovery import discover, find_layers, global_magnitude_allocation
+from .discovery import discover, find_layers, global_magnitude_allocation, with_searchable
 from .graph import ChannelGraph
 from .front import HypervolumeSpec, final, trial_metrics, trials_frame
-from .calibration.machine import warn_if_other_machine
+from .calibration.machine import this_machine, warn_if_other_machine
 from .hardware import HardwareProfile, load_profile
 from .latency_table import LatencyTable, find_latency_table
 from .layers import LayerTable
@@ -143,8 +143,9 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
     table, graph = discover(dense, data.input_shape)
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
-        table, graph = discover(dense, data.input_shape, searchable=space.layer_names)
-    latency_table, table_note = find_latency_table(runs_dir / config.name, table, profile)
+        table = with_searchable(table, dense, space.layer_names)
+    latency_table, table_note = find_latency_table(runs_dir / config.name, table, profile,
+                                                   this_machine()["cpu"])
     dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile,
                                                      latency_table=latency_table)}
     timer = _candidate_timer(config, dense, table, graph, data)

@@ -169,3 +169,15 @@ def test_searchable_limits_the_allocation():
 def test_bad_targets():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         global_magnitude_allocation({"a": torch.ones(3)}, (1.0,))
+
+
+def test_with_searchable_equals_discovering_again_with_searchable():
+    """prepare() narrows the global allocation without tracing the model a second time."""
+    from autosparse.discovery import discover, with_searchable
+    from autosparse.models import DigitsCNN
+
+    model = DigitsCNN(1, 8, 8, 10).eval()
+    table, _ = discover(model, (1, 8, 8))
+    again, _ = discover(model, (1, 8, 8), searchable=["conv2", "fc1"])
+    assert with_searchable(table, model, ["conv2", "fc1"]) == again
+    assert with_searchable(table, model, ["conv2", "fc1"]).global_magnitude != table.global_magnitude

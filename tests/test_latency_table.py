@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
+from autosparse.calibration.machine import fingerprint, this_machine
 from autosparse.candidate import Candidate, LayerChoice
 from autosparse.cost import estimate_cost
 from autosparse.hardware import load_profile
 from autosparse.latency_table import (ANALYTIC, TABLE, LatencyTable, LayerEntry, Point,
-                                      analytic_delta_us, cpu_model, find_latency_table,
+                                      analytic_delta_us, find_latency_table,
                                       interpolate, model_digest, table_latency)
 from autosparse.layers import LayerInfo, LayerTable
 from autosparse.validation import ConfigError
@@ -97,23 +98,24 @@ def test_another_model_is_refused_with_a_clear_error():
 
 
 def test_json_round_trip_and_loading_rules(tmp_path: Path):
-    lt = hand_table(machine=cpu_model())
+    here = this_machine()["cpu"]
+    lt = hand_table(machine=here)
     again = LatencyTable.from_json(lt.to_json())
     assert again == lt
-    assert find_latency_table(tmp_path, LAYERS, PROFILE) == (None, None)
+    assert find_latency_table(tmp_path, LAYERS, PROFILE, here) == (None, None)
     lt.save(tmp_path / "latency-table.json")
-    found, note = find_latency_table(tmp_path, LAYERS, PROFILE)
+    found, note = find_latency_table(tmp_path, LAYERS, PROFILE, here)
     assert found == lt and "measured table" in note
-    other, note = find_latency_table(tmp_path, LAYERS, load_profile("edge-arm-a76"))
+    other, note = find_latency_table(tmp_path, LAYERS, load_profile("edge-arm-a76"), here)
     assert other is None and "built beside profile 'x86-server-vnni'" in note
     elsewhere, note = find_latency_table(tmp_path, LAYERS, PROFILE, machine="another CPU")
     assert elsewhere is None and "this machine is 'another CPU'" in note
 
 
-def test_cpu_model_from_a_cpuinfo_file(tmp_path: Path):
+def test_table_machine_is_the_fingerprint_cpu_from_a_cpuinfo_file(tmp_path: Path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: Fancy CPU @ 3 GHz\nflags\t: avx2\n")
-    assert cpu_model(info) == "Fancy CPU @ 3 GHz"
+    assert fingerprint(info)["cpu"] == "Fancy CPU @ 3 GHz"
 
 
 def test_objective_metrics_take_latency_from_the_table():

@@ -25,13 +25,13 @@ import onnxruntime as ort
 import torch
 
 from ..candidate import CHANNEL, DENSE, FLOAT_BITS, Candidate, LayerChoice, parse_nm
-from ..compress import bake, compress_model, structural_keep
-from ..discovery import example_input
-from ..export.shrink import shrink_model
+from ..compress import bake, compress_model
+from ..export.shrink import shrink_as_compressed
 from ..hardware import HardwareProfile
-from ..latency_table import INT8_BITS, LatencyTable, LayerEntry, Point, cpu_model, model_digest
+from ..latency_table import INT8_BITS, LatencyTable, LayerEntry, Point, model_digest
+from .machine import this_machine
 from .export import WEIGHT_OPS, export_onnx, quantize_layers
-from .timing import time_variants
+from .timing import DEFAULT_CALLS, DEFAULT_ROUNDS, time_variants
 
 if TYPE_CHECKING:  # the runner imports optuna: only its type is needed here
     from ..runner import SearchContext
@@ -40,9 +40,7 @@ KEEP_LEVELS = (0.75, 0.5, 0.25)  # kept share of each group's channels (plus 1.0
 # measured by default besides the space's own channel sparsities, so that a search point is
 # exact and anything between measured counts is interpolated
 PATTERN_LAYERS = 2  # sparse patterns are measured on this many of the largest layers only
-DEFAULT_ROUNDS = 61
-DEFAULT_CALLS = 21
-DEFAULT_WARMUP = 10
+DEFAULT_WARMUP = 10  # fewer than calibrate's 20: a table times ~100 variants
 
 
 @dataclass(frozen=True)
@@ -99,12 +97,10 @@ def _decisions(context: "SearchContext") -> dict[str, tuple[tuple[str, ...], tup
             for d in context.space.decisions for name in d.layers}
 
 
-def _shrunk(context: "SearchContext", candidate: Candidate, example: torch.Tensor
-            ) -> torch.nn.Module:
+def _shrunk(context: "SearchContext", candidate: Candidate) -> torch.nn.Module:
+    """The candidate compressed, baked and its channel groups physically removed."""
     baked = bake(compress_model(context.dense, candidate, graph=context.graph))
-    _, _, kept = structural_keep(context.dense, candidate, context.graph)
-    shrunk, _ = shrink_model(baked, candidate, context.table, context.graph, kept, example)
-    return shrunk
+    return shrink_as_compressed(baked, context.dense, candidate, context.table, context.graph)[0]
 
 
 def plan_variants(context: "SearchContext", folder: Path, levels: Sequence[float] = KEEP_LEVELS,
@@ -113,7 +109,6 @@ def plan_variants(context: "SearchContext", folder: Path, levels: Sequence[float
     """Export every single-layer change the space makes latency-relevant; the dense model first."""
     shape = tuple(context.data.input_shape)
     dense = context.dense.eval()
-    example = example_input(dense, shape)
     table, allowed = context.table, _decisions(context)
     groups = {g.producers[0]: g for g in table.channel_groups if g.blocked is None}
     dense_path = export_onnx(dense, shape, folder / "dense.onnx")
@@ -130,7 +125,7 @@ def plan_variants(context: "SearchContext", folder: Path, levels: Sequence[float
                 continue
             seen.add(kept)
             candidate = Candidate({name: LayerChoice.make(CHANNEL, 1.0 - keep, FLOAT_BITS)})
-            path = export_onnx(_shrunk(context, candidate, example).eval(), shape,
+            path = export_onnx(_shrunk(context, candidate).eval(), shape,
                                folder / f"channel-{name}-{kept}.onnx")
             variants.append(_Variant(f"channel:{name}:{kept}", path, shape, name, "channel", kept))
     printer(f"  {len(variants) - 1} channel variants exported")
@@ -224,7 +219,7 @@ def build_latency_table(context: "SearchContext", profile: HardwareProfile, *,
             patterns={k: tuple(sorted(v, key=lambda p: p.x)) for k, v in part["patterns"].items()})
     return LatencyTable(
         model_digest=model_digest(context.table), layers=tuple(context.table.names),
-        machine=cpu_model(), onnxruntime=ort.__version__, profile=profile.name,
+        machine=this_machine()["cpu"], onnxruntime=ort.__version__, profile=profile.name,
         dense_us=dense_us, dense_spread=dense.spread, entries=entries, all_int8_us=all_int8_us,
         settings={"rounds": rounds, "calls": calls, "warmup": warmup, "levels": list(levels),
                   "variants": len(variants), "export_seconds": round(exported, 1),
@@ -239,12 +234,7 @@ def candidate_onnx(context: "SearchContext", candidate: Candidate, path: Path) -
     """The candidate as it deploys for timing: channel groups physically removed, layers of
     <= 8 bits in int8 QDQ (their weights zeroed by other patterns stay dense tensors)."""
     shape = tuple(context.data.input_shape)
-    example = example_input(context.dense, shape)
-    model = bake(compress_model(context.dense, candidate, graph=context.graph))
-    _, _, kept = structural_keep(context.dense, candidate, context.graph)
-    if kept:
-        model, _ = shrink_model(model, candidate, context.table, context.graph, kept, example)
-    fp32 = export_onnx(model.eval(), shape, path.with_suffix(".fp32.onnx"))
+    fp32 = export_onnx(_shrunk(context, candidate).eval(), shape, path.with_suffix(".fp32.onnx"))
     int8 = [n for n, c in candidate.items() if c.bits <= INT8_BITS]
     return quantize_nodes(fp32, path, int8, shape) if int8 else fp32
 

@@ -26,14 +26,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from ..candidate import Candidate
+from ..compress import structural_keep
+from ..discovery import example_input
 from ..evaluate import eval_mode
 from ..graph import CHECK_TOLERANCE, ChannelGraph, remove_channels, removed_channels
 from ..layers import LayerTable
-from ..structure import (channel_groups, layer_structures, other_params_removed, parameter_count,
-                         pruned_by_group)
+from ..structure import channel_groups, layer_structures, parameter_count, pruned_by_group
 
 __all__ = ["GroupShrink", "ShrinkError", "ShrinkReport", "expected_shapes",
-           "predicted_parameters", "remove_groups", "shrink_model", "OUTPUT_TOLERANCE"]
+           "predicted_parameters", "remove_groups", "shrink_as_compressed", "shrink_model",
+           "OUTPUT_TOLERANCE"]
 
 OUTPUT_TOLERANCE = CHECK_TOLERANCE  # max |shrunk - baked| / max |baked|: float32 reordering
 
@@ -246,3 +248,16 @@ def shrink_model(baked: nn.Module, candidate: Candidate, table: LayerTable,
                     groups[name].channels, groups[name].channels - len(idxs), groups[name].unit)
         for name, idxs in removed.items())
     return shrunk, ShrinkReport(report, _count(baked), after, predicted)
+
+
+def shrink_as_compressed(baked: nn.Module, dense: nn.Module, candidate: Candidate,
+                         table: LayerTable, graph: ChannelGraph | None,
+                         scores: Mapping[str, Tensor] | None = None
+                         ) -> tuple[nn.Module, ShrinkReport, dict[str, Tensor]]:
+    """:func:`shrink_model` removing exactly the channels compression chose: the kept masks are
+    recomputed on the dense model with the same scores. Returns (shrunk, report, kept)."""
+    _, _, kept = structural_keep(dense, candidate, graph, scores)
+    kept = {name: mask.cpu() for name, mask in kept.items()}
+    shrunk, report = shrink_model(baked, candidate, table, graph, kept,
+                                  example_input(baked, table.input_shape))
+    return shrunk, report, kept

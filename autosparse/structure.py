@@ -28,10 +28,6 @@ class LayerStructure:
         return self.kept_rows * self.kept_columns * layer.kernel_elements
 
 
-def full_structure(layer: LayerInfo) -> LayerStructure:
-    return LayerStructure(layer.out_channels, layer.in_columns)
-
-
 def channel_groups(table: LayerTable) -> tuple[ChannelGroup, ...]:
     """The table's groups. A table built by hand (no graph traced, no error) treats each layer
     as its own group with no consumers: channel pruning then only counts the layer's own rows."""
@@ -161,7 +157,7 @@ def describe_group(group: ChannelGroup) -> str:
 
 
 __all__ = [
-    "LayerStructure", "channel_groups", "full_structure", "leaders", "pruned_by_group", "layer_structures",
+    "LayerStructure", "channel_groups", "leaders", "pruned_by_group", "layer_structures",
     "check_pattern_fits", "other_params_removed", "parameter_count", "producer_group", "channel_blocker",
     "describe_group",
 ]

@@ -8,43 +8,58 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from .config import ConfigError, load_config
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# Heavy packages (torch, optuna, mlflow, pandas) are imported inside the commands, after the
+# config file has been read and checked: a typo then costs a fraction of a second, not seconds.
 
 RUNS_DIR = Path("runs")
 
 
 def _print_front(front: pd.DataFrame) -> None:
+    """The front as a table no wider than the terminal (whole in a pipe or a file)."""
+    from .progress import fit_table, terminal_width
+
     if front.empty:
         print("no feasible finished trial yet: the front is empty")
         return
-    with pd.option_context("display.max_colwidth", 120, "display.width", 200,
-                           "display.float_format", "{:.4g}".format):
-        print(front.rename(columns=_SHORT_NAMES).to_string(index=False))
+    text, left_out = fit_table(front.rename(columns=_SHORT_NAMES), terminal_width(),
+                               drop_order=_DROP_FIRST)
+    print(text)
+    if left_out:
+        print(f"(left out to fit the terminal: {', '.join(left_out)}; all in pareto.csv)")
 
 
 # Short headers for a re-evaluated front's columns (accuracy is then the mean over the seeds).
 _SHORT_NAMES = {"accuracy_std": "± std", "accuracy_seeds": "seeds", "test_accuracy": "test acc",
                 "accuracy_single": "acc (1 seed)"}
+# What a narrow terminal loses first (all of it stays in pareto.csv): never the trial, the
+# accuracy or a cost objective; the per-layer summary is cut, and left out last.
+_DROP_FIRST = ("acc (1 seed)", "seeds", "compression", "accuracy_drop", "test acc", "± std")
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .runner import run_search
-
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: must be at least 1")
     if args.extend < 0:
         raise ConfigError(f"--extend {args.extend}: must be 0 or more (trials to add)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
+    load_config(args.config)  # file-only checks before the heavy imports
+    from .runner import run_search
+
     outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
                          extend=args.extend, threads=args.threads)
     print(f"\nPareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
@@ -56,6 +71,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _sensitivity(args: argparse.Namespace) -> int:
+    load_config(args.config)  # file-only checks before the heavy imports
     from .runner import run_sensitivity
 
     run_sensitivity(args.config, args.runs_dir, print)
@@ -63,10 +79,11 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 
 def _front(args: argparse.Namespace) -> int:
+    config = load_config(args.config)  # file-only checks before the heavy imports
     from .runner import report_front
     from .study import require_study
 
-    require_study(load_config(args.config), args.runs_dir)
+    require_study(config, args.runs_dir)
     outcome = report_front(args.config, runs_dir=args.runs_dir)
     print(f"Pareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
           f"hypervolume {outcome.hypervolume['hypervolume']:.4f}); logged to MLflow")
@@ -75,6 +92,9 @@ def _front(args: argparse.Namespace) -> int:
 
 
 def _space(args: argparse.Namespace) -> int:
+    load_config(args.config)  # file-only checks before the heavy imports
+    import pandas as pd
+
     from .runner import prepare
     from .structure import describe_group
 
@@ -110,14 +130,17 @@ def _space(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from .cost_report import format_cost_report
     from .hardware import builtin_profiles, load_profile
-    from .runner import candidate_from_reference, prepare
 
     hardware = args.hardware or load_config(args.config).cost_profile()  # measure: planning
     if hardware is None:
         raise ConfigError("no target device: give --hardware or set 'hardware' in the config "
                           f"(built-in profiles: {', '.join(builtin_profiles())})")
+    import pandas as pd
+
+    from .cost_report import format_cost_report
+    from .runner import candidate_from_reference, prepare
+
     context = prepare(args.config, args.runs_dir)
     candidate = candidate_from_reference(context, args.candidate)
     unknown = sorted(set(candidate) - set(context.table.names))
@@ -137,21 +160,21 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export.onnx_export import ExportError
-    from .exporter import ExportCheckFailed, ExportRequest, run_export
-
-    from .study import require_study
-
     chosen = sum(x is not None and x is not False for x in (args.trial, args.max_drop, args.knee or None))
     if chosen > 1:
         raise ConfigError("give one of --trial, --max-drop (with --minimize) or --knee")
     if args.finetune_steps is not None and args.finetune_steps < 1:
         raise ConfigError(f"--finetune-steps {args.finetune_steps}: must be at least 1")
-    require_study(load_config(args.config), args.runs_dir)
+    config = load_config(args.config)  # file-only checks before the heavy imports
+    from .export.onnx_export import ExportError
+    from .exporter import ExportCheckFailed, ExportRequest, run_export
+    from .study import require_study
+
+    require_study(config, args.runs_dir)
     request = ExportRequest(trial=args.trial, max_drop=args.max_drop, minimize=args.minimize,
                             knee=args.knee, finetune_steps=args.finetune_steps, out=args.out,
                             registered_name=args.registered_name, mlflow=not args.no_mlflow,
-                            hardware=args.hardware)
+                            hardware=args.hardware, force=args.force)
     try:
         outcome = run_export(args.config, request, runs_dir=args.runs_dir)
     except ExportError as err:  # the model has an operator ONNX cannot express: user-fixable
@@ -160,21 +183,33 @@ def _export(args: argparse.Namespace) -> int:
         print(f"export failed its checks (nothing written): {err}", file=sys.stderr)
         return 1
     report = outcome.report
-    print(f"\nexported trial {report['trial']} to {outcome.out_dir}/")
+    print(f"\n{'already exported' if outcome.reused else 'exported'} trial {report['trial']} "
+          f"to {outcome.out_dir}/")
     for name, value in report["test_accuracy"].items():
         if isinstance(value, (int, float)):
             print(f"  test accuracy {name}: {value:.2f} %")
     size = report["size_kb"]
     print(f"  packed checkpoint {size['packed_file']:.2f} kB (predicted {size['predicted']:.2f} kB "
           f"+ {size['packed_header']:.2f} kB header), dense {size['dense_predicted']:.2f} kB")
-    for name, value in report["latency_ms_measured"].items():
+    files, dense_onnx = report.get("files_bytes", {}), report.get("dense_onnx_bytes")
+    if files:  # which file is the small one: the ONNX and pt2 files hold dense float32 weights
+        shown = ", ".join(f"{name} {size / 1000:.1f} kB" for name, size in files.items()
+                          if name.startswith("model."))
+        print(f"  files: {shown}" + (f" (dense fp32 ONNX {dense_onnx / 1000:.1f} kB); "
+                                     "model.packed is the compact one" if dense_onnx else ""))
+    latency = report["latency_ms_measured"]
+    for name, value in latency.items():
         print(f"  measured latency {name}: {value:.4f} ms")
+    if latency.get("onnx_int8", 0) > latency.get("onnx", float("inf")):
+        print("  int8 is slower than fp32 on this CPU (onnxruntime runs QDQ convs in float; "
+              "report.md says more): prefer model.onnx for speed here")
     print(f"  report: {outcome.out_dir / 'report.md'}")
     return 0
 
 
 def _calibrate_model(args: argparse.Namespace) -> int:
     """``calibrate --config``: the per-layer latency table of the config's own model."""
+    load_config(args.config)  # file-only checks before the heavy imports
     from .calibration.model_table import build_latency_table
     from .hardware import load_profile
     from .latency_table import TABLE_FILE
@@ -193,6 +228,9 @@ def _calibrate_model(args: argparse.Namespace) -> int:
           f"onnxruntime {table.onnxruntime}; {len(table.entries)} layers: {channel} kept-channel "
           f"levels, int8 on {int8}"
           + (f", all int8 {table.all_int8_us:.1f} µs" if table.all_int8_us else "")
+          + (f", {len(table.uniform)} uniform shrinks" if table.uniform else "")
+          + (f", whole-model int8 {table.dense_us + table.whole_int8[-1].delta_us:.1f} µs"
+             if table.whole_int8 else "")
           + f"; {table.settings.get('seconds')} s")
     print(f"{'overwrote' if existed else 'wrote'} {path}; the search and `autosparse profile` "
           f"use it with profile {profile.name} (analytic where it has no entry)")
@@ -200,11 +238,19 @@ def _calibrate_model(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import CalibrationSettings, log_calibration, run_calibration, summary_lines
-    from .tracking import resolve_tracking_uri
-
     if args.config is not None:
         return _calibrate_model(args)
+    from .calibrate import (DEFAULT_ARCHITECTURES, CalibrationSettings, log_calibration,
+                            run_calibration, summary_lines)
+    from .calibration.architectures import ARCHITECTURES
+    from .tracking import resolve_tracking_uri
+    from .validation import did_you_mean
+
+    args.architectures = args.architectures or list(DEFAULT_ARCHITECTURES)
+    for name in args.architectures:  # checked here, not by argparse: its list imports torch
+        if name not in ARCHITECTURES:
+            raise ConfigError(f"--architectures {name!r}: not one of {', '.join(ARCHITECTURES)}"
+                              f"{did_you_mean(name, list(ARCHITECTURES))}")
     settings = CalibrationSettings(
         base=args.base, architectures=tuple(args.architectures),
         per_architecture=args.per_architecture, fit_share=args.fit_share, rounds=args.rounds,
@@ -222,7 +268,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import experiment_ids, resolve_tracking_uri, ui_command, ui_environment
+    from .tracking import resolve_tracking_uri, runs_table_urls, ui_command, ui_environment
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be a TCP port from 1 to 65535")
@@ -236,8 +282,8 @@ def _ui(args: argparse.Namespace) -> int:
             raise ConfigError(f"--port {args.port}: already in use on 127.0.0.1; pick another")
     base = f"http://127.0.0.1:{args.port}"
     print(f"MLflow UI on {base} (tracking store {uri}); Ctrl-C to stop")
-    for name, experiment_id in experiment_ids(uri).items():
-        print(f"  {name}: {base}/#/experiments/{experiment_id}/runs")
+    for name, url in runs_table_urls(uri, base).items():
+        print(f"  {name}: {url}")
     # its own session, so that stopping this command (Ctrl-C, SIGTERM) stops every server process
     server = subprocess.Popen(command, env=ui_environment(), start_new_session=True)
 
@@ -314,10 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="profile for the predicted latency (default: the config's; the newest "
                         "runs/calibration/ profile is added when present)")
     export.add_argument("--no-mlflow", action="store_true")
+    export.add_argument("--force", action="store_true",
+                        help="export again even when the folder already holds this export "
+                        "(same trial and settings); the folder is replaced as a whole")
     export.set_defaults(run=_export)
-
-    from .calibrate import DEFAULT_ARCHITECTURES
-    from .calibration.architectures import ARCHITECTURES
 
     calibrate = commands.add_parser(
         "calibrate", help="time real variants here with onnxruntime, fit a measured profile, "
@@ -327,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "latency table written to runs/<name>/latency-table.json")
     calibrate.add_argument("--base", default="x86-server-vnni",
                            help="profile whose structure and energy figures are kept")
-    calibrate.add_argument("--architectures", nargs="+", default=list(DEFAULT_ARCHITECTURES),
-                           choices=sorted(ARCHITECTURES))
+    calibrate.add_argument("--architectures", nargs="+", default=None,
+                           help="built-in calibration architectures (default: the calibration "
+                           "set; calibration/architectures.py lists them)")
     calibrate.add_argument("--per-architecture", type=int, default=30)
     calibrate.add_argument("--fit-share", type=float, default=0.5,
                            help="share of each architecture's variants to fit on (rest: held out)")
@@ -355,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     # MLflow's INFO lines ("Creating initial MLflow database tables...") are noise in a terminal
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # The variable is read when mlflow is imported; a caller that imported it already (a
+    # notebook, a test session) gets the same level set on the logger itself.
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -24,7 +24,7 @@ Layer rule: torch only, never optuna or mlflow.
 from __future__ import annotations
 
 import copy
-from typing import Collection, Iterable, Mapping
+from typing import Any, Callable, Collection, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -257,10 +257,12 @@ def taylor_scores(
     batches: Iterable[tuple[Tensor, Tensor]],
     layer_names: Collection[str],
     max_batches: int,
+    loss: Callable[[Any, Tensor], Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """First-order Taylor importance ``sum_batches |w * dL/dw|`` for the named layers.
 
-    ``L`` is cross-entropy on the labels, the model runs in eval mode (batch-norm statistics are
+    ``L`` is cross-entropy on the labels (or ``loss(outputs, y)``, a task's own: MSE, token
+    cross-entropy), the model runs in eval mode (batch-norm statistics are
     not touched). Gradients are taken with ``torch.autograd.grad``, so no ``.grad`` is left on
     the model and its weights, train/eval mode and ``requires_grad`` flags are as before.
     """
@@ -285,8 +287,8 @@ def taylor_scores(
                 break
             x, y = x.to(device), y.to(device)
             with torch.enable_grad():
-                loss = F.cross_entropy(model(x), y)
-                grads = torch.autograd.grad(loss, weights, allow_unused=True)
+                value = F.cross_entropy(model(x), y) if loss is None else loss(model(x), y)
+                grads = torch.autograd.grad(value, weights, allow_unused=True)
             for acc, w, g in zip(scores, weights, grads):
                 if g is not None:
                     acc.add_((w.detach() * g).abs().float())

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from .candidate import CRITERIA, is_valid_bits, is_valid_pattern
 from .hardware import builtin_profiles, load_profile
@@ -21,15 +21,19 @@ from .validation import ConfigError, Strict, validate
 
 STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
-                  "digits-mobilenet", "digits-vit", "digits-conv1d")
-DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder")
+                  "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp", "tiny-lm")
+DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
+                "synthetic-tokens")
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
 
 class ModelConfig(Strict):
     """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
 
     builtin: Literal["digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
-                     "digits-mobilenet", "digits-vit", "digits-conv1d"] | None = None
+                     "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp",
+                     "tiny-lm"] | None = None
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
@@ -48,24 +52,53 @@ class ModelConfig(Strict):
 
 
 class SplitConfig(Strict):
-    """Fractions of the data for train/validation/test (used when the source has no fixed split)."""
+    """Train/validation/test of a source without a fixed split: three fractions (a stratified
+    split), or three index ranges ``[start, end)`` into the one array (``train: [0, 7000]``),
+    for data whose order matters (time series, a split made elsewhere)."""
 
-    train: float = Field(0.6, gt=0, lt=1)
-    validation: float = Field(0.2, gt=0, lt=1)
-    test: float = Field(0.2, gt=0, lt=1)
+    train: float | tuple[int, int] = 0.6
+    validation: float | tuple[int, int] = 0.2
+    test: float | tuple[int, int] = 0.2
 
     @model_validator(mode="after")
-    def _sum_to_one(self) -> "SplitConfig":
+    def _fractions_or_ranges(self) -> "SplitConfig":
+        values = {"train": self.train, "validation": self.validation, "test": self.test}
+        ranges = {k: v for k, v in values.items() if isinstance(v, tuple)}
+        if ranges and len(ranges) != 3:
+            raise ValueError(f"give all three splits as fractions or all three as index ranges "
+                             f"[start, end), got {values}")
+        if ranges:
+            for name, (start, end) in ranges.items():
+                if not 0 <= start < end:
+                    raise ValueError(f"{name}: index range [{start}, {end}) must have "
+                                     "0 <= start < end")
+            ordered = sorted(ranges.items(), key=lambda item: item[1])
+            for (a, (_, end)), (b, (start, _)) in zip(ordered, ordered[1:]):
+                if start < end:
+                    raise ValueError(f"index ranges {a} {list(ranges[a])} and {b} "
+                                     f"{list(ranges[b])} overlap")
+            return self
+        for name, value in values.items():
+            if not 0 < value < 1:
+                raise ValueError(f"{name}: fraction {value:g} must be between 0 and 1")
         total = self.train + self.validation + self.test
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train + validation + test must sum to 1, got {total:g}")
         return self
 
+    def ranges(self) -> dict[str, tuple[int, int]] | None:
+        """The index ranges per split, or None when the split is given as fractions."""
+        if isinstance(self.train, tuple):
+            return {"train": self.train, "validation": self.validation,  # type: ignore[dict-item]
+                    "test": self.test}
+        return None
+
 
 class DataConfig(Strict):
     """Where the data comes from. Search scores on ``validation``; ``test`` is for final reports."""
 
-    source: Literal["sklearn-digits", "npz", "torchvision", "image-folder"] = "sklearn-digits"
+    source: Literal["sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
+                    "synthetic-tokens"] = "sklearn-digits"
     path: str | None = Field(None, description="npz file, torchvision root, or image folder")
     name: str | None = Field(None, description="torchvision dataset class, e.g. MNIST")
     x_key: str = "x"
@@ -78,6 +111,25 @@ class DataConfig(Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     batch_size: int = Field(64, ge=1)
     split_seed: int = 0
+    factory: str | None = Field(None, description="'pkg.module:make_loaders' returning (train, "
+                                "validation, test) iterables of (x, y) batches, or a dict with "
+                                "those keys; replaces 'source'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of "
+                                   "the factory")
+
+    @model_validator(mode="after")
+    def _factory_alone(self) -> "DataConfig":
+        if self.factory is None:
+            if self.kwargs:
+                raise ValueError("'kwargs' are the arguments of 'factory'; give 'factory' too")
+            return self
+        if not re.match(r"^[\w.]+:[\w.]+$", self.factory):
+            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        extra = sorted(self.model_fields_set - {"factory", "kwargs"})
+        if extra:
+            raise ValueError(f"'factory' brings its own loaders (batching, splits, "
+                             f"normalisation); remove {', '.join(extra)}")
+        return self
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
@@ -224,7 +276,8 @@ class FidelityConfig(Strict):
     promote_rank: int = Field(0, ge=0, description="promote when the short result's non-dominated "
                               "rank among all short results is at most this (0 = first front)")
     tolerance: float = Field(0.5, ge=0, description="accuracy points added to a short result "
-                             "before ranking it (short fine-tunes are noisy and pessimistic)")
+                             "before ranking it (short fine-tunes are noisy and pessimistic); "
+                             "for another task metric, its units, in its better direction")
 
 
 class BudgetConfig(Strict):
@@ -261,6 +314,9 @@ class FinetuneConfig(Strict):
                                  "train split instead of 'steps'")
     reeval_seeds: int = Field(2, ge=0, description="extra fine-tune seeds for the final front's "
                               "points; the front and export use the mean")
+    amp: bool = Field(False, description="mixed precision for the fine-tune's forward and "
+                      "backward: bfloat16 autocast (float16 with loss scaling on GPUs without "
+                      "bfloat16); evaluation stays float32")
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "FinetuneConfig":
@@ -316,7 +372,82 @@ class MeasureConfig(Strict):
         return value
 
 
-_CONSTRAINT_RE = re.compile(r"^\s*([a-z_]+)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
+TASK_KINDS = ("classification", "regression", "language-model")
+# Built-in metrics of each task kind: name -> (direction, percent). ``topK`` is any top-k.
+TASK_METRICS: dict[str, dict[str, tuple[str, bool]]] = {
+    "classification": {"accuracy": ("maximize", True)},
+    "regression": {"mse": ("minimize", False), "mae": ("minimize", False)},
+    "language-model": {"perplexity": ("minimize", False)},
+}
+_TOPK_RE = re.compile(r"^top[1-9][0-9]*$")
+_IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")
+
+
+class TaskConfig(Strict):
+    """What the model is for: its loss, its quality metric and which way the metric is better
+    (``autosparse.task``). Default: classification, cross-entropy, top-1 accuracy."""
+
+    kind: Literal["classification", "regression", "language-model"] = "classification"
+    loss: str | None = Field(None, description="'package.module:function' (outputs, targets) -> "
+                             "scalar tensor; default the kind's built-in loss")
+    loss_kwargs: dict[str, Any] = Field(default_factory=dict)
+    metric: str | None = Field(None, description="a built-in metric of the kind (accuracy, topK, "
+                               "mse, mae, perplexity) or 'package.module:function' (model, "
+                               "loader) -> float")
+    metric_kwargs: dict[str, Any] = Field(default_factory=dict)
+    metric_name: str | None = Field(None, pattern=r"^[a-z][a-z0-9_]*$",
+                                    description="name shown for the metric (default: its own)")
+    direction: Literal["maximize", "minimize"] | None = Field(
+        None, description="needed for a user metric; a built-in's is known")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskConfig":
+        for field in ("loss", "metric"):
+            value = getattr(self, field)
+            if value is not None and ":" in value and not _IMPORT_RE.match(value):
+                raise ValueError(f"task.{field} {value!r} must look like 'package.module:function'")
+        if self.loss is not None and ":" not in self.loss:
+            raise ValueError(f"task.loss {self.loss!r} must be 'package.module:function' (the "
+                             f"built-in loss of {self.kind!r} is used when it is not given)")
+        metric = self.metric_spec()  # raises on an unknown built-in or a missing direction
+        reserved = (set(CONSTRAINT_METRICS) | set(OBJECTIVES)) - {"accuracy"}
+        if metric[0] == "accuracy" and (self.kind != "classification"
+                                        or self.metric not in (None, "accuracy")):
+            reserved.add("accuracy")  # top-1 accuracy's name: another metric must not take it
+        if metric[0] in reserved or metric[0] == "metric_drop":
+            raise ValueError(f"task.metric_name {metric[0]!r} is taken by another metric "
+                             f"({', '.join(sorted(reserved))}); choose another")
+        return self
+
+    def metric_spec(self) -> tuple[str, str, bool]:
+        """(shown name, direction, is a percentage 0..100) of the task's metric."""
+        metric = self.metric or next(iter(TASK_METRICS[self.kind]))
+        if ":" in metric:
+            if self.direction is None:
+                raise ValueError(f"task.metric {metric!r} is your own function: give "
+                                 "task.direction (maximize or minimize)")
+            default_name = metric.rsplit(":", 1)[1].rsplit(".", 1)[-1].lower()
+            return self.metric_name or default_name, self.direction, False
+        builtin = TASK_METRICS[self.kind].get(metric)
+        if builtin is None and self.kind == "classification" and _TOPK_RE.match(metric):
+            builtin = ("maximize", True)
+        if builtin is None:
+            allowed = ", ".join(TASK_METRICS[self.kind]) + (
+                ", topK (e.g. top5)" if self.kind == "classification" else "")
+            raise ValueError(f"task.metric {metric!r} is not a built-in metric of kind "
+                             f"{self.kind!r} (allowed: {allowed}) nor 'package.module:function'")
+        if self.direction is not None and self.direction != builtin[0]:
+            raise ValueError(f"task.direction {self.direction!r} contradicts the built-in metric "
+                             f"{metric!r}, which is {builtin[0]}d")
+        return self.metric_name or metric, builtin[0], builtin[1]
+
+    @property
+    def is_default(self) -> bool:
+        return self == TaskConfig()
+
+
+QUALITY_METRICS = ("accuracy", "accuracy_drop")  # the task metric's slots (any task's name)
+_CONSTRAINT_RE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|>=)\s*(-?[0-9.]+(?:e-?\d+)?)\s*$")
 
 
 class Constraint(Strict):
@@ -327,18 +458,24 @@ class Constraint(Strict):
     @model_validator(mode="after")
     def _possible(self) -> "Constraint":
         """Refuse bounds no model can meet (the search would spend its whole budget)."""
-        impossible = None
+        # the task metric's own bounds (a percentage or not) are checked by SearchConfig
+        if self.metric not in QUALITY_METRICS and self.op == "<=" and self.bound <= 0:
+            raise ValueError(f"constraint '{self}' can never be met: {self.metric} is always "
+                             "positive")
+        return self
+
+    def impossible_for(self, percent: bool, name: str = "accuracy") -> str | None:
+        """Why a bound on the task metric (shown as ``name``) can never be met, else None."""
+        if not percent:
+            return None
         if self.metric == "accuracy" and ((self.op == ">=" and self.bound > 100)
                                           or (self.op == "<=" and self.bound < 0)):
-            impossible = "accuracy is a percentage from 0 to 100"
-        elif self.metric == "accuracy_drop" and ((self.op == "<=" and self.bound <= -100)
-                                                 or (self.op == ">=" and self.bound >= 100)):
-            impossible = "accuracy_drop is in points and lies between -100 and 100"
-        elif self.metric != "accuracy_drop" and self.op == "<=" and self.bound <= 0:
-            impossible = f"{self.metric} is always positive"
-        if impossible:
-            raise ValueError(f"constraint '{self}' can never be met: {impossible}")
-        return self
+            return f"{name} is a percentage from 0 to 100"
+        if self.metric == "accuracy_drop" and ((self.op == "<=" and self.bound <= -100)
+                                               or (self.op == ">=" and self.bound >= 100)):
+            return f"{'accuracy_drop' if name == 'accuracy' else 'metric_drop'} is in points " \
+                "and lies between -100 and 100"
+        return None
 
     def violation(self, value: float) -> float:
         """Optuna's convention: feasible when <= 0."""
@@ -348,11 +485,28 @@ class Constraint(Strict):
         return f"{self.metric} {self.op} {self.bound:g}"
 
 
+class HeartbeatConfig(Strict):
+    """Optuna's heartbeat on database storages: a trial whose worker stopped beating (a machine
+    that died or lost the network) is marked interrupted after ``grace`` seconds and re-run."""
+
+    interval: int = Field(30, ge=1, description="seconds between a running trial's heartbeats")
+    grace: int = Field(120, ge=2, description="seconds without a heartbeat before a trial is "
+                       "taken as cut short and re-run; more than 'interval'")
+
+    @model_validator(mode="after")
+    def _grace_above_interval(self) -> "HeartbeatConfig":
+        if self.grace <= self.interval:
+            raise ValueError(f"grace ({self.grace}) must be more than interval ({self.interval}):"
+                             " otherwise a live trial is taken for a dead one between two beats")
+        return self
+
+
 class SearchConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
     space: SpaceConfig = Field(default_factory=SpaceConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -362,6 +516,27 @@ class SearchConfig(Strict):
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
+    storage_heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
+    device: str = Field("auto", description="where dense training, fine-tunes, sensitivity and "
+                        "evaluation run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N, mps; "
+                        "export and latency measurement stay on the CPU")
+    devices: list[int] | None = Field(None, description="GPU indices for the workers, one per "
+                                      "worker in order (list one twice to share it); default "
+                                      "all visible GPUs")
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value):
+        if not re.fullmatch(DEVICE_PATTERN, value):
+            raise ValueError(f"device {value!r} not allowed; allowed: {', '.join(DEVICE_NAMES)}")
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value):
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError(f"devices {value} must be a non-empty list of GPU indices (0, 1, ...)")
+        return value
 
     @field_validator("storage")
     @classmethod
@@ -422,21 +597,40 @@ class SearchConfig(Strict):
                     f"'{MEASURE}' (latency timed on this machine)")
         return self
 
+    @field_validator("objectives", mode="before")
+    @classmethod
+    def _task_objective(cls, value, info: ValidationInfo):
+        """The task metric may be named by the task's name (``mse``, ``perplexity``) or
+        ``metric``; inside, its slot is called ``accuracy`` whatever the task."""
+        if not isinstance(value, list):
+            return value
+        names = _quality_names(info.data.get("task"), "accuracy")
+        _refuse_accuracy(info.data.get("task"), value)
+        return ["accuracy" if o in names else o for o in value]
+
     @field_validator("objectives")
     @classmethod
-    def _check_objectives(cls, value):
+    def _check_objectives(cls, value, info: ValidationInfo):
+        task = info.data.get("task")
+        shown = task.metric_spec()[0] if isinstance(task, TaskConfig) else "accuracy"
         bad = [o for o in value if o not in OBJECTIVES]
         if bad:
             raise ValueError(f"objectives {bad} not allowed; allowed: {', '.join(OBJECTIVES)}")
         if len(set(value)) != len(value) or len(value) < 2:
             raise ValueError(f"objectives {value} must be at least two distinct names")
         if "accuracy" not in value:
-            raise ValueError("objectives must include 'accuracy'")
+            raise ValueError(f"objectives must include {shown!r}"
+                             + (" (the task metric; or 'metric')" if shown != "accuracy" else ""))
         return value
 
     @field_validator("constraints", mode="before")
     @classmethod
-    def _parse_constraints(cls, value):
+    def _parse_constraints(cls, value, info: ValidationInfo):
+        quality = _quality_names(info.data.get("task"), "accuracy")
+        drops = _quality_names(info.data.get("task"), "accuracy_drop")
+        if isinstance(value, (str, dict)):  # iterating a string would judge it letter by letter
+            raise ValueError(f"must be a list of constraints, e.g. ['accuracy_drop <= 1.0'], "
+                             f"got a {type(value).__name__}: {value!r}")
         parsed = []
         for item in value or []:
             if isinstance(item, str):
@@ -447,6 +641,11 @@ class SearchConfig(Strict):
                         f"e.g. 'accuracy_drop <= 1.0'"
                     )
                 item = {"metric": match[1], "op": match[2], "bound": float(match[3])}
+            if isinstance(item, dict):
+                _refuse_accuracy(info.data.get("task"), [item.get("metric")])
+            if isinstance(item, dict) and item.get("metric") in quality | drops:
+                item = {**item, "metric": "accuracy" if item["metric"] in quality
+                        else "accuracy_drop"}
             if isinstance(item, dict) and item.get("metric") not in CONSTRAINT_METRICS:
                 raise ValueError(
                     f"constraint metric {item.get('metric')!r} not allowed; "
@@ -455,8 +654,48 @@ class SearchConfig(Strict):
             parsed.append(item)
         return parsed
 
+    @model_validator(mode="after")
+    def _possible_for_task(self) -> "SearchConfig":
+        name, _, percent = self.task.metric_spec()
+        for constraint in self.constraints:
+            why = constraint.impossible_for(percent, name)
+            if why:
+                raise ValueError(f"constraint '{self.shown(constraint)}' can never be met: {why}")
+        return self
+
     def objective_directions(self) -> list[str]:
-        return [OBJECTIVES[name].direction for name in self.objectives]
+        """Optuna's directions: the task metric's own, the costs' minimize."""
+        direction = self.task.metric_spec()[1]
+        return [direction if name == "accuracy" else OBJECTIVES[name].direction
+                for name in self.objectives]
+
+    def shown(self, constraint: "Constraint") -> str:
+        """A constraint as the user names it (``mse <= 30``, ``metric_drop <= 2``)."""
+        name = self.task.metric_spec()[0]
+        if name == "accuracy" or constraint.metric not in QUALITY_METRICS:
+            return str(constraint)
+        metric = name if constraint.metric == "accuracy" else "metric_drop"
+        return f"{metric} {constraint.op} {constraint.bound:g}"
+
+
+def _refuse_accuracy(task: Any, names: list) -> None:
+    """``accuracy`` names top-1 accuracy only, ``accuracy_drop`` the drop of a classifier's."""
+    shown = task.metric_spec()[0] if isinstance(task, TaskConfig) else "accuracy"
+    kind = task.kind if isinstance(task, TaskConfig) else "classification"
+    used = [n for n in names if n == "accuracy" or (n == "accuracy_drop"
+                                                    and kind != "classification")]
+    if shown != "accuracy" and used:
+        raise ValueError(f"{used[0]!r} names the classification metric; this task's metric is "
+                         f"{shown!r}: write {shown!r} (or 'metric'), and 'metric_drop' for its "
+                         "drop")
+
+
+def _quality_names(task: Any, slot: str) -> set[str]:
+    """Names a config may use for the task metric's ``slot`` (``accuracy``/``accuracy_drop``)."""
+    shown = task.metric_spec()[0] if isinstance(task, TaskConfig) else "accuracy"
+    if slot == "accuracy":
+        return {"accuracy", "metric", shown} if shown == "accuracy" else {"metric", shown}
+    return {"accuracy_drop", "metric_drop"}
 
 
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")

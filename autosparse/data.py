@@ -48,11 +48,24 @@ class DataSplits:
     classes: tuple[str, ...] | None = None
     fingerprint: str = ""
     batch_size: int = 256  # data.batch_size: evaluation batches (training: finetune.batch_size)
+    # data.factory: train/validation/test are the user's own iterables of (x, y) batches, used
+    # as given (their batching, shuffling and workers); ``loader`` hands them out unchanged
+    user_loaders: bool = False
+    sample_counts: dict[str, int] | None = None  # samples per split, where known without a pass
+    pin_memory: bool = False  # set when the search runs on CUDA (faster host-to-GPU copies)
 
     def split(self, name: str) -> Dataset:
         if name not in SPLITS:
             raise ValueError(f"split {name!r} is not one of {', '.join(SPLITS)}")
         return getattr(self, name)
+
+    def samples(self, name: str) -> int:
+        """Samples in a split (a user's loader: counted once on load)."""
+        if self.sample_counts is not None and name in self.sample_counts:
+            return self.sample_counts[name]
+        if self.user_loaders:
+            raise ValueError(f"the {name} loader of data.factory has no known sample count")
+        return len(self.split(name))
 
     def loader(
         self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0
@@ -64,23 +77,43 @@ class DataSplits:
         caller's global torch RNG.
         """
         dataset = self.split(split)
+        if self.user_loaders:  # the user's loader decides batching and shuffling
+            return dataset  # type: ignore[return-value]
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0
+            dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0,
+            pin_memory=self.pin_memory,
         )
 
 
 def load_data(cfg: DataConfig) -> DataSplits:
     """Load, split and normalise the data the config names."""
+    if cfg.factory is not None:
+        from .data_factory import load_factory
+
+        splits = load_factory(cfg)
+        splits.fingerprint = data_fingerprint(cfg)
+        return splits
     loaders: dict[str, Callable[[DataConfig], DataSplits]] = {
         "sklearn-digits": _load_digits,
         "npz": _load_npz,
         "image-folder": _load_image_folder,
         "torchvision": _load_torchvision,
+        "sklearn-diabetes": _task_source("load_diabetes_splits"),  # regression (task.kind)
+        "synthetic-tokens": _task_source("load_token_splits"),  # language model (task.kind)
     }
     splits = loaders[cfg.source](cfg)
     splits.fingerprint = data_fingerprint(cfg)
     return splits
+
+
+def _task_source(name: str) -> Callable[[DataConfig], DataSplits]:
+    """A built-in source of ``task_builtins`` (imported on use: it imports this module)."""
+    def load(cfg: DataConfig) -> DataSplits:
+        from . import task_builtins
+
+        return getattr(task_builtins, name)(cfg)
+    return load
 
 
 def data_fingerprint(cfg: DataConfig) -> str:
@@ -90,7 +123,11 @@ def data_fingerprint(cfg: DataConfig) -> str:
     invalidates caches keyed on the data.
     """
     payload = cfg.model_dump(mode="json", exclude={"batch_size"})
-    if cfg.source == "npz" and cfg.path and os.path.isfile(cfg.path):
+    if cfg.factory is not None:
+        from .data_factory import factory_stamp
+
+        payload["file"] = factory_stamp(cfg.factory)
+    elif cfg.source == "npz" and cfg.path and os.path.isfile(cfg.path):
         stat = os.stat(cfg.path)
         payload["file"] = [stat.st_size, stat.st_mtime_ns]
     text = json.dumps(payload, sort_keys=True)
@@ -126,6 +163,15 @@ def stratified_split(
         )
     bounds = np.cumsum([0, *sizes])
     return [np.sort(ordered[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
+
+
+def index_range(bounds: tuple[int, int], n: int, name: str) -> np.ndarray:
+    """The indices ``[start, end)`` of one split, refused when they run past the array."""
+    start, end = bounds
+    if end > n:
+        raise ConfigError(f"data.split.{name}: index range [{start}, {end}) runs past the data, "
+                          f"which has {n} samples (indices 0..{n - 1})")
+    return np.arange(start, end)
 
 
 def _fractions(split: SplitConfig) -> tuple[float, float, float]:
@@ -224,7 +270,11 @@ def _make_splits(
 def _split_by_fractions(
     cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: tuple[str, ...] | None = None
 ) -> DataSplits:
-    train, val, test = stratified_split(y, _fractions(cfg.split), cfg.split_seed)
+    ranges = cfg.split.ranges()
+    if ranges is not None:
+        train, val, test = (index_range(ranges[name], len(y), name) for name in SPLITS)
+    else:
+        train, val, test = stratified_split(y, _fractions(cfg.split), cfg.split_seed)
     parts = {
         "train": (x[train], y[train]),
         "validation": (x[val], y[val]),
@@ -237,6 +287,10 @@ def _carve_validation(
     cfg: DataConfig, x: np.ndarray, y: np.ndarray
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Split a fixed train set into train/validation by validation / (train + validation)."""
+    if cfg.split.ranges() is not None:
+        raise ConfigError("data.split: index ranges split one array; this source has a fixed "
+                          "train/test split already (give data.split as fractions: "
+                          "validation is carved from its train part)")
     ratio = cfg.split.validation / (cfg.split.train + cfg.split.validation)
     train, val = stratified_split(y, (1.0 - ratio, ratio), cfg.split_seed)
     return (x[train], y[train]), (x[val], y[val])
@@ -284,6 +338,16 @@ def to_channels_first(x: np.ndarray, layout: str, where: str = "data") -> np.nda
     return np.ascontiguousarray(x)
 
 
+def _npz_array(arrays, key: str, path: str) -> np.ndarray:
+    try:
+        return arrays[key]
+    except ValueError:  # numpy refuses object arrays (allow_pickle=False): never load those
+        raise ConfigError(f"data ({path}:{key}): an object array (dtype=object), not numbers; "
+                          "save numeric arrays (e.g. np.asarray(x, dtype=np.float32))") from None
+    except (OSError, EOFError) as err:
+        raise ConfigError(f"data ({path}:{key}): cannot read the array ({err})") from None
+
+
 def _npz_pair(arrays, x_key: str, y_key: str, cfg: DataConfig, path: str):
     missing = [k for k in (x_key, y_key) if k not in arrays.files]
     if missing:
@@ -291,8 +355,9 @@ def _npz_pair(arrays, x_key: str, y_key: str, cfg: DataConfig, path: str):
             f"data: {path} has no array {', '.join(repr(k) for k in missing)} "
             f"(it has: {', '.join(arrays.files) or 'nothing'}); set data.x_key / data.y_key"
         )
-    x = to_channels_first(_to_float(arrays[x_key]), cfg.layout, f"data ({path}:{x_key})")
-    y = _check_labels(arrays[y_key], f"data ({path}:{y_key})")
+    x = to_channels_first(_to_float(_npz_array(arrays, x_key, path)), cfg.layout,
+                          f"data ({path}:{x_key})")
+    y = _check_labels(_npz_array(arrays, y_key, path), f"data ({path}:{y_key})")
     if len(x) != len(y) or len(x) == 0:
         raise ConfigError(
             f"data ({path}): {x_key} has {len(x)} samples and {y_key} has {len(y)} "
@@ -309,6 +374,11 @@ def _load_npz(cfg: DataConfig) -> DataSplits:
     path = str(cfg.path)
     if not os.path.isfile(path):
         raise ConfigError(f"data.path: npz file not found: {path}")
+    with open(path, "rb") as handle:  # np.load takes anything else for a pickle and says so
+        magic = handle.read(4)
+    if magic != b"PK\x03\x04":
+        raise ConfigError(f"data.path {path}: not an npz file (an npz is a zip archive written "
+                          f"by numpy.savez; this file starts with {magic!r})")
     try:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:

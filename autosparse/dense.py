@@ -8,13 +8,14 @@ loaded by ``build_model``) and is only evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .config import ModelConfig
 from .data import SPLITS, DataSplits
 from .evaluate import evaluate
 from .models import build_model, model_name
+from .progress import dense_training
+from .task import Task
 
 log = logging.getLogger(__name__)
 
@@ -86,21 +89,35 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def train_dense(model: nn.Module, data: DataSplits, epochs: int, seed: int) -> None:
+def train_dense(model: nn.Module, data: DataSplits, epochs: int, seed: int,
+                task: Task | None = None, on_epoch: Callable[[int], None] | None = None) -> None:
     """Adam (lr 1e-3) with per-step cosine decay, batch 64, label-smoothed cross-entropy.
 
     Shuffling uses a generator seeded from ``seed``; the caller seeds the initialisation.
+    Runs on the model's device (batches are moved there).
     """
     loader = data.loader("train", BATCH_SIZE, shuffle=True, seed=seed)
+    device = next(model.parameters()).device
+    try:
+        batches = len(loader)
+    except TypeError:  # a user's loader without a length: count one epoch
+        batches = sum(1 for _ in loader)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * batches)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for x, y in loader:
+            x = x.to(device, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y, label_smoothing=LABEL_SMOOTHING).backward()
+            if task is None or (task.kind == "classification" and task.loss_fn is None):
+                F.cross_entropy(model(x), y, label_smoothing=LABEL_SMOOTHING).backward()
+            else:  # the task's own loss (regression MSE, token cross-entropy, the user's)
+                task.loss(model(x), y).backward()
             optimizer.step()
             scheduler.step()
+        if on_epoch is not None:  # the terminal's epoch bar (progress.dense_training)
+            on_epoch(epoch + 1)
     model.eval()
 
 
@@ -126,30 +143,36 @@ def _load_cached(model: nn.Module, path: Path) -> bool:
     try:
         model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
     except Exception as err:  # truncated file, other architecture, ...
-        log.warning("ignoring unusable dense cache %s (%s); training again", path, err)
+        # torch's own text may advise weights_only=False: name the kind of failure only
+        log.warning("ignoring unusable dense cache %s (%s: truncated, corrupt or another "
+                    "architecture); training again", path, type(err).__name__)
         return False
     return True
 
 
-def _metrics(model: nn.Module, data: DataSplits) -> dict[str, float]:
-    return {
-        "accuracy": evaluate(model, data.loader("validation", data.batch_size)),
-        "test_accuracy": evaluate(model, data.loader("test", data.batch_size)),
+def _metrics(model: nn.Module, data: DataSplits, task: Task | None = None) -> dict[str, float]:
+    return {  # "accuracy": the task metric's slot (its name is the task's)
+        "accuracy": evaluate(model, data.loader("validation", data.batch_size), task),
+        "test_accuracy": evaluate(model, data.loader("test", data.batch_size), task),
     }
 
 
 def prepare_dense(
-    model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int
+    model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int,
+    device: str = "cpu", task: Task | None = None,
 ) -> tuple[nn.Module, dict]:
-    """The dense model in eval mode and its accuracy in percent on validation and test.
+    """The dense model (on the CPU, in eval mode) and its accuracy in percent on validation
+    and test, evaluated on ``device``.
 
-    A built-in without a checkpoint is trained (or loaded from ``cache_dir``); anything with a
-    checkpoint or from a factory is used as built.
+    A built-in without a checkpoint is trained on ``device`` (or loaded from ``cache_dir``);
+    anything with a checkpoint or from a factory is used as built. The cache key does not
+    name the device: a model trained on a GPU is reused on the CPU and back, so a study
+    resumed on another device keeps its dense reference.
     """
     if model_cfg.builtin is None or model_cfg.checkpoint:
         model = build_model(model_cfg, data.input_shape, data.num_classes)
         model.eval()
-        return model, _metrics(model, data)
+        return model, _on_device_metrics(model, data, device, task)
 
     path = cache_path(model_cfg, data, cache_dir, seed)
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
@@ -159,12 +182,24 @@ def prepare_dense(
             log.info("dense %s loaded from %s", model_cfg.builtin, path)
         else:
             start = time.perf_counter()
-            with single_thread():
-                train_dense(model, data, model_cfg.train_epochs, seed)
+            model.to(device)
+            with single_thread() if device == "cpu" else contextlib.nullcontext(), \
+                    dense_training(model_name(model_cfg), model_cfg.train_epochs, path) as on_epoch:
+                train_dense(model, data, model_cfg.train_epochs, seed, task, on_epoch)
+            model.cpu()
             _save_atomically(model.state_dict(), path)
             log.info(
                 "dense %s trained for %d epochs in %.1f s, cached at %s",
                 model_cfg.builtin, model_cfg.train_epochs, time.perf_counter() - start, path,
             )
     model.eval()
-    return model, _metrics(model, data)
+    return model, _on_device_metrics(model, data, device, task)
+
+
+def _on_device_metrics(model: nn.Module, data: DataSplits, device: str,
+                       task: Task | None = None) -> dict[str, float]:
+    """``_metrics`` evaluated on ``device``; the model is handed back on the CPU."""
+    try:
+        return _metrics(model.to(device), data, task)
+    finally:
+        model.cpu()

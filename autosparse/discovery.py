@@ -73,7 +73,20 @@ def example_input(model: nn.Module, input_shape: tuple[int, ...]) -> torch.Tenso
     dtype = parameter.dtype if floating else torch.float32
     device = parameter.device if parameter is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)  # a private generator: global RNG untouched
+    embedding = token_embedding(model)
+    if embedding is not None:  # a language model: token ids, not floats
+        return torch.randint(0, embedding.num_embeddings, (1, *input_shape),
+                             generator=generator).to(device)
     return torch.randn((1, *input_shape), generator=generator).to(device=device, dtype=dtype)
+
+
+def token_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The model's first module with a ``weight`` when it is an ``nn.Embedding`` (its input is
+    then token ids, as for a language model), else None."""
+    for module in model.modules():
+        if isinstance(module._parameters.get("weight"), torch.Tensor):
+            return module if isinstance(module, nn.Embedding) else None
+    return None
 
 
 def measure(

@@ -7,9 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+from .task import model_outputs
+
+if TYPE_CHECKING:
+    from .task import Task
 
 
 @contextmanager
@@ -33,13 +39,18 @@ def _device_of(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def evaluate(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy in percent (0-100) over ``(x, y)`` batches; eval mode, no gradients."""
+def evaluate(model: nn.Module, loader: Iterable, task: "Task | None" = None) -> float:
+    """Top-1 accuracy in percent (0-100) over ``(x, y)`` batches; eval mode, no gradients.
+
+    With a ``task`` (``autosparse.task``), the task's metric instead (MSE, perplexity, ...).
+    """
+    if task is not None and not task.is_default:
+        return task.evaluate(model, loader)
     device = _device_of(model)
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for x, y in loader:
-            logits = model(x.to(device))
+            logits = model_outputs(model(x.to(device)))  # a tensor, or transformers' .logits
             y = torch.as_tensor(y, device=logits.device)
             correct += int((logits.argmax(dim=1) == y).sum())
             total += int(y.numel())

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,11 +30,13 @@ import torch
 from .calibration.machine import fingerprint_mismatch, recorded_fingerprint, this_machine
 from .candidate import FLOAT_BITS, Candidate, LayerChoice
 from .compress import bake
-from .config import FinetuneConfig
+from .config import FinetuneConfig, SearchConfig, load_config
 from .cost import estimate_cost
 from .evaluate import evaluate
 from .export.input_spec import input_markdown, input_spec, sizes_markdown
 from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
+from .export.folder import (DIGEST_KEY, export_digest, folder_state, publish, read_report,
+                            staging_folder, update_report)
 from .export.packed import load_packed, save_packed
 from .export.shrink import ShrinkError, ShrinkReport, shrink_as_compressed
 from .footprint import footprint_metrics
@@ -83,6 +84,7 @@ class ExportRequest:
     hardware: str | None = None
     timing_rounds: int = 21
     timing_calls: int = 21
+    force: bool = False  # export again even when the folder already holds this export
 
 
 @dataclass
@@ -90,6 +92,7 @@ class ExportOutcome:
     out_dir: Path
     report: dict
     warnings: list[str] = field(default_factory=list)
+    reused: bool = False  # the folder already held this very export: nothing was redone
 
 
 def _select(context: SearchContext, study: optuna.Study, request: ExportRequest) -> Selection:
@@ -257,9 +260,22 @@ def predicted_latencies(table: LayerTable, candidate: Candidate,
     return predicted
 
 
+def _refuse_other_tasks(config: SearchConfig) -> None:
+    """Export checks every format by class predictions (argmax agreement, test accuracy) and
+    times ONNX on float inputs: a classifier's contract. Say so before any work, rather than
+    fail deep inside for a regression or a language model."""
+    if config.task.kind != "classification":
+        raise ConfigError(
+            f"export of a {config.task.kind} model is not supported yet (task.kind "
+            f"{config.task.kind!r}): export checks each format by class predictions; the "
+            "search's front, trials and candidates are in runs/<name>/ and MLflow, and "
+            "`autosparse front` re-reports them")
+
+
 def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Path = Path("runs"),
                printer: Printer = print) -> ExportOutcome:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _refuse_other_tasks(load_config(config_path))
     context = prepare(config_path, runs_dir)
     study = _load_study(context)
     selection = _select(context, study, request)
@@ -270,24 +286,53 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
     searched = {**trial.user_attrs.get(METRICS_ATTR, {}),
                 **_reevaluation(context, study, trial.number)}
     final_dir = request.out or runs_dir / context.config.name / "export" / f"trial-{selection.trial}"
-    if final_dir.exists():
-        raise ConfigError(f"{final_dir} already exists: remove it or give --out")
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    # not tempfile.mkdtemp: its folder is private (0700) and would stay so once renamed
-    tmp = final_dir.parent / f".{final_dir.name}-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    digest = _digest(context, study, request, trial.number, candidate)
+    state = folder_state(final_dir, digest, registration=request.mlflow)
+    if state == "complete" and not request.force:
+        printer(f"{final_dir} already holds this export (trial {trial.number}, same candidate "
+                "and settings, every file in place): reused; --force exports it again")
+        return ExportOutcome(final_dir, read_report(final_dir) or {}, list(selection.warnings),
+                             reused=True)
+    tmp = staging_folder(final_dir)
     try:
         report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
                                       runs_dir, printer)
+        report[DIGEST_KEY] = digest
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
         (tmp / "report.md").write_text(report_markdown(report))
-        tmp.rename(final_dir)
+        if publish(tmp, final_dir):  # the earlier folder is replaced as a whole
+            printer(f"replaced the earlier export in {final_dir} ("
+                    + ("--force" if state == "complete" else "it came from other settings, "
+                       "was not registered, or missed a file") + ")")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if request.mlflow:
-        _register(context, report, shrunk, final_dir, request, selection, runs_dir, printer)
+        registered = _register(context, report, shrunk, final_dir, request, selection,
+                               runs_dir, printer)
+        if registered:
+            report["registered_model"] = registered
+            update_report(final_dir, registered_model=registered)
     return ExportOutcome(final_dir, report, list(selection.warnings))
+
+
+def _digest(context: SearchContext, study: optuna.Study, request: ExportRequest, number: int,
+            candidate: Candidate) -> str:
+    """What decides an export folder's content: the same digest means the same files."""
+    from . import __version__
+    from .study import study_uid
+
+    config = context.config
+    return export_digest({
+        "version": __version__, "search": config.name, "study": study_uid(study),
+        "trial": number, "candidate": candidate.to_json(),
+        "finetune_steps": request.finetune_steps if request.finetune_steps is not None
+        else config.export.finetune_steps,
+        "model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
+        "finetune": config.finetune.model_dump(mode="json"),
+        "hardware": request.hardware or config.hardware,
+        "registered_name": request.registered_name or config.export.registered_name,
+    })
 
 
 def _export_into(context: SearchContext, request: ExportRequest, selection: Selection,
@@ -302,12 +347,17 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         tune_cfg = config.finetune.model_copy(update={"steps": steps, "epochs": None})
     evaluator = CandidateEvaluator(context.dense, context.data, context.table, config.finetune,
                                    context.dense_metrics["accuracy"], context.profile,
-                                   graph=context.graph)
+                                   graph=context.graph, task=context.task)
     tune_steps = evaluator.finetune_steps(tune_cfg)
     printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
             f"{tune_steps} fine-tune steps ...")
     student, _ = evaluator.compress_and_tune(candidate, tune_cfg)
-    validation = evaluate(student, context.data.loader("validation", context.data.batch_size))
+    # fine-tuned on the search's device (so the rebuild repeats the trial); export itself
+    # (packing, torch.export, ONNX, onnxruntime checks) is CPU work
+    student.cpu()
+    context.dense.cpu()
+    validation = evaluate(student, context.data.loader("validation", context.data.batch_size),
+                          context.task)  # the task metric the trial recorded (top5, ...)
     # the rebuild repeats the trial's own fine-tune (its seed), so it must match the trial's own
     # score, not the mean over a re-evaluated front point's extra seeds
     own = searched.get("accuracy_single", searched.get("accuracy"))
@@ -434,7 +484,7 @@ def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Ca
 
 def _register(context: SearchContext, report: dict, model: torch.nn.Module, out: Path,
               request: ExportRequest,
-              selection: Selection, runs_dir: Path, printer: Printer) -> None:
+              selection: Selection, runs_dir: Path, printer: Printer) -> dict | None:
     from .tracking import Tracker, resolve_tracking_uri
 
     uri = resolve_tracking_uri(context.config.tracking.uri, runs_dir)
@@ -450,8 +500,10 @@ def _register(context: SearchContext, report: dict, model: torch.nn.Module, out:
         model=model, input_example=x, registered_name=name, parent_run_id=parent,
         trial_run_id=child, artifacts={p.name: p for p in out.iterdir() if p.is_file()},
         metrics=metrics, params={"trial": str(selection.trial), "selection": selection.reason})
-    if result:
-        printer(f"registered in MLflow as {name!r} version {result[1]} ({uri})")
+    if not result:
+        return None
+    printer(f"registered in MLflow as {name!r} version {result[1]} ({uri})")
+    return {"name": name, "version": str(result[1]), "tracking_uri": uri}
 
 
 def _shrink_markdown(report: dict) -> list[str]:

@@ -66,8 +66,12 @@ class FidelityPlan:
                 return False, f"{constraint} fails ({low[constraint.metric]:.4g})"
         metrics = [metric_of(name) for name in self.objectives]
         directions = [OBJECTIVES[name].direction for name in self.objectives]
+        if len(study.directions) == len(directions):  # the task metric may be minimised (mse)
+            directions = [d.name.lower() for d in study.directions]
         pool = [[float(t.user_attrs[LOW_ATTR][m]) for m in metrics] for t in _with_low(study, number)]
-        point = [float(low[m]) + (self.tolerance if m == "accuracy" else 0.0) for m in metrics]
+        better = {"maximize": 1.0, "minimize": -1.0}
+        point = [float(low[m]) + (better[d] * self.tolerance if m == "accuracy" else 0.0)
+                 for m, d in zip(metrics, directions)]
         rank = nondominated_rank(point, pool, directions)
         if rank <= self.promote_rank:
             return True, f"rank {rank} among {len(pool) + 1} short results"

@@ -14,13 +14,17 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
+from .devices import amp_mode
+
+if TYPE_CHECKING:
+    from .task import Task
 
 __all__ = [
     "CandidateDiverged", "FinetuneResult", "FinetuneSession", "distill_loss", "finetune",
@@ -192,12 +196,16 @@ class FinetuneSession:
         teacher: nn.Module,
         train_loader: Iterable[tuple[Tensor, Tensor]],
         cfg: FinetuneConfig,
+        task: "Task | None" = None,
     ) -> None:
         batches_per_epoch = _batches_per_epoch(train_loader) if cfg.epochs is not None else None
         self.total_steps: int = resolve_steps(cfg, batches_per_epoch)
         self.student, self.teacher, self.cfg = student, teacher, cfg
+        self._task = task  # None: classification through distill_loss (the historic path)
         self._loader = train_loader
         self._device = _device_of(student)
+        self._amp = amp_mode(self._device.type, cfg.amp)
+        self._scaler = torch.amp.GradScaler(self._device.type) if self._amp.scale_loss else None
         self._step = 0
         self._first: float | None = None
         self._recent: deque[float] = deque(maxlen=10)
@@ -253,6 +261,11 @@ class FinetuneSession:
             self.close()
         return self._result()
 
+    def _autocast(self):
+        """Autocast to the amp dtype on the student's device; disabled without finetune.amp."""
+        return torch.autocast(self._device.type, dtype=self._amp.dtype,
+                              enabled=self._amp.enabled)
+
     def _train(self, target: int) -> None:
         student, teacher, cfg, device = self.student, self.teacher, self.cfg, self._device
         if self._optimizer is None:
@@ -281,11 +294,15 @@ class FinetuneSession:
                     x, y = next(batches)
                     x = x.to(device, non_blocking=True)
                     y = y.to(device, non_blocking=True)
-                    teacher_logits = None
-                    if w > 0:
-                        with torch.no_grad():
-                            teacher_logits = teacher(x)
-                    loss = distill_loss(student(x), teacher_logits, y, T, w)
+                    with self._autocast():  # finetune.amp; a no-op in float32
+                        teacher_logits = None
+                        if w > 0:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)
+                        if self._task is None:
+                            loss = distill_loss(student(x), teacher_logits, y, T, w)
+                        else:
+                            loss = self._task.finetune_loss(student(x), teacher_logits, y, T, w)
                     value = loss.item()
                     if self._first is None:
                         self._first = value
@@ -302,8 +319,13 @@ class FinetuneSession:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    if self._scaler is not None:  # float16: scaled so small gradients survive
+                        self._scaler.scale(loss).backward()
+                        self._scaler.step(optimizer)
+                        self._scaler.update()
+                    else:
+                        loss.backward()
+                        optimizer.step()
                     self._step += 1
                     recent.append(value)
                 optimizer.zero_grad(set_to_none=True)
@@ -345,6 +367,7 @@ def finetune(
     teacher: nn.Module,
     train_loader: Iterable[tuple[Tensor, Tensor]],
     cfg: FinetuneConfig,
+    task: "Task | None" = None,
 ) -> FinetuneResult:
     """A whole fine-tune: :func:`resolve_steps` Adam steps on ``student``, distilling from
     ``teacher`` (:func:`distill_loss`), the learning rate following ``cfg.schedule`` after
@@ -357,5 +380,5 @@ def finetune(
     ``EXPLODE_FACTOR``) and on non-finite weights after training; ValueError when
     ``cfg.epochs`` is set and the loader has no len().
     """
-    with FinetuneSession(student, teacher, train_loader, cfg) as session:
+    with FinetuneSession(student, teacher, train_loader, cfg, task) as session:
         return session.run_until(session.total_steps)

@@ -26,6 +26,10 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
 # the customary wide one whose volume is dominated by poor candidates.
 NEAR_MARGIN_POINTS = 5.0
 WIDE_ACCURACY = 50.0
+# A task metric that is not a percentage (mse, perplexity, ...) is normalised by its dense value,
+# as the cost axes are; the references are then 5 % worse than dense and twice (or half) it.
+NEAR_MARGIN_FRACTION = 0.05
+WIDE_FACTOR = 2.0
 # Re-evaluations of front points with extra fine-tune seeds (``reeval.py`` writes them): one
 # study user attr per trial, ``autosparse.reeval.<trial number>`` = {"candidate_key", "seeds",
 # "accuracy": [validation per seed], "test_accuracy": [test per seed], optionally "failed":
@@ -55,6 +59,7 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     extra columns exist.
     """
     reevaluations = stored_reevaluations(study)
+    maximize = _quality_direction(study, objectives) == "maximize"
     by_key = {r["candidate_key"]: r for r in reevaluations.values() if r.get("candidate_key")}
     rows = []
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
@@ -69,11 +74,14 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
             "feasible": complete and all(v <= 0 for v in trial.constraints.values()),
             "fidelity": trial.user_attrs.get(FIDELITY_ATTR, "full" if complete else ""),
             "finetune_steps_used": int(trial.user_attrs.get(STEPS_ATTR, 0)),
+            # the trial's own times (ISO, local as Optuna stores them): MLflow runs' start/end
+            "datetime_start": _iso(trial.datetime_start),
+            "datetime_complete": _iso(trial.datetime_complete),
             **{k: float(v) for k, v in metrics.items()},
         }
         if reevaluations and complete and "accuracy" in metrics:
             record = reevaluations.get(trial.number) or by_key.get(trial.user_attrs.get(KEY_ATTR))
-            row.update(_merge_reevaluation(row, record, trial.constraints))
+            row.update(_merge_reevaluation(row, record, trial.constraints, maximize))
         rows.append(row)
     columns = ["trial", "state", "candidate", "fail_reason", "cached", "feasible"]
     frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=columns)
@@ -81,10 +89,15 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     for name in objectives:
         if OBJECTIVES[name].metric not in frame:
             frame[OBJECTIVES[name].metric] = np.nan
-    values, directions = _objective_matrix(frame, objectives)
+    values, directions = _objective_matrix(frame, objectives, _quality_direction(study,
+                                                                             objectives))
     usable = frame["feasible"].to_numpy(bool) & np.isfinite(values).all(axis=1)
     frame["on_front"] = pareto_mask(values, directions, usable) if len(frame) else []
     return frame
+
+
+def _iso(moment) -> str:
+    return moment.isoformat(timespec="milliseconds") if moment is not None else ""
 
 
 def trial_metrics(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
@@ -106,7 +119,8 @@ def stored_reevaluations(study: optuna.Study) -> dict[int, dict]:
     return out
 
 
-def _merge_reevaluation(row: dict, record: dict | None, constraints: dict[str, float]) -> dict:
+def _merge_reevaluation(row: dict, record: dict | None, constraints: dict[str, float],
+                        maximize: bool = True) -> dict:
     """The re-evaluation columns of one completed trial's row (own score only without one)."""
     single = row["accuracy"]
     extra = [float(v) for v in (record or {}).get("accuracy", [])]
@@ -123,23 +137,37 @@ def _merge_reevaluation(row: dict, record: dict | None, constraints: dict[str, f
     if not extra:
         return merged
     delta = mean - single
+    sign = 1.0 if maximize else -1.0  # a minimised metric (mse): the drop grows with it
     if "accuracy_drop" in row:  # dense = own accuracy + own drop
-        merged["accuracy_drop"] = row["accuracy_drop"] - delta
-    merged["feasible"] = all(_shifted(key, value, delta) <= 0 for key, value in constraints.items())
+        merged["accuracy_drop"] = row["accuracy_drop"] - sign * delta
+    merged["feasible"] = all(_shifted(key, value, delta, sign) <= 0
+                             for key, value in constraints.items())
     return merged
 
 
-def _shifted(key: str, violation: float, delta: float) -> float:
+def _shifted(key: str, violation: float, delta: float, sign: float = 1.0) -> float:
     """A constraint's violation with the accuracy moved by ``delta`` (key: "accuracy_drop <= 1")."""
     metric, op, *_ = key.split() + ["", ""]
     shift = _ACCURACY_CONSTRAINTS.get(metric, 0.0) * delta
+    if metric == "accuracy_drop":
+        shift *= sign
     return violation + shift if op == "<=" else violation - shift
 
 
-def _objective_matrix(frame: pd.DataFrame, objectives: list[str]) -> tuple[np.ndarray, list[str]]:
+def _quality_direction(study: optuna.Study, objectives: list[str]) -> str:
+    """The task metric's direction as the study was created with (mse: minimize)."""
+    if "accuracy" not in objectives or len(study.directions) != len(objectives):
+        return "maximize"
+    direction = study.directions[objectives.index("accuracy")]
+    return "minimize" if direction == optuna.study.StudyDirection.MINIMIZE else "maximize"
+
+
+def _objective_matrix(frame: pd.DataFrame, objectives: list[str],
+                      quality_direction: str = "maximize") -> tuple[np.ndarray, list[str]]:
     columns = [OBJECTIVES[name].metric for name in objectives]
     values = frame[columns].to_numpy(float) if len(frame) else np.zeros((0, len(columns)))
-    return values, [OBJECTIVES[name].direction for name in objectives]
+    return values, [quality_direction if name == "accuracy" else OBJECTIVES[name].direction
+                    for name in objectives]
 
 
 @dataclass(frozen=True)
@@ -148,24 +176,34 @@ class HypervolumeSpec:
 
     objectives: list[str]
     dense: dict[str, float]
+    direction: str = "maximize"  # the task metric's (autosparse.task)
+    percent: bool = True  # the task metric is a percentage (accuracy, topK)
+
+    def _quality_scale(self) -> float:
+        return 100.0 if self.percent else abs(self.dense["accuracy"]) or 1.0
 
     def normalise(self, values: np.ndarray) -> np.ndarray:
         scale = np.array([
-            100.0 if name == "accuracy" else self.dense[OBJECTIVES[name].metric]
+            self._quality_scale() if name == "accuracy" else self.dense[OBJECTIVES[name].metric]
             for name in self.objectives
         ])
         return values / scale
 
     def references(self) -> dict[str, np.ndarray]:
-        def reference(accuracy: float) -> np.ndarray:
-            return np.array([accuracy / 100 if n == "accuracy" else 1.0 for n in self.objectives])
+        def reference(quality: float) -> np.ndarray:
+            return np.array([quality if n == "accuracy" else 1.0 for n in self.objectives])
 
-        near = self.dense["accuracy"] - NEAR_MARGIN_POINTS
-        return {"hypervolume": reference(near), "hypervolume_wide": reference(WIDE_ACCURACY)}
+        if self.percent:
+            near = (self.dense["accuracy"] - NEAR_MARGIN_POINTS) / 100
+            return {"hypervolume": reference(near),
+                    "hypervolume_wide": reference(WIDE_ACCURACY / 100)}
+        worse = 1.0 if self.direction == "minimize" else -1.0
+        return {"hypervolume": reference(1.0 + worse * NEAR_MARGIN_FRACTION),
+                "hypervolume_wide": reference(WIDE_FACTOR if worse > 0 else 1 / WIDE_FACTOR)}
 
     def histories(self, frame: pd.DataFrame) -> dict[str, list[float]]:
         """Hypervolume after each finished trial, in trial order, for each reference."""
-        values, directions = _objective_matrix(frame, self.objectives)
+        values, directions = _objective_matrix(frame, self.objectives, self.direction)
         feasible = frame["feasible"].to_numpy(bool) & np.isfinite(values).all(axis=1)
         normalised = np.nan_to_num(self.normalise(values), nan=0.0)
         return {

@@ -10,6 +10,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -274,6 +275,10 @@ def _build_builtin(
         raise ConfigError(
             f"model.kwargs: built-in model {name!r} takes no kwargs, got {dict(kwargs)}"
         )
+    if name in ("regression-mlp", "tiny-lm"):  # the regression and language-model tasks
+        from .task_builtins import build_task_builtin
+
+        return build_task_builtin(name, input_shape, num_classes)
     if name == "digits-cnn":
         if len(input_shape) != 3 or min(input_shape[1:]) < 2:
             raise ConfigError(
@@ -318,7 +323,7 @@ def _need_image(name: str, input_shape: tuple[int, ...], least: int) -> None:
         )
 
 
-def _import_factory(spec: str) -> Callable[..., Any]:
+def _import_factory(spec: str, field: str = "model.factory") -> Callable[..., Any]:
     """Resolve ``package.module:function`` (the function part may be dotted, e.g. ``Class.make``).
 
     The CWD is put on ``sys.path`` (and stays there, so the module can import its siblings
@@ -335,22 +340,22 @@ def _import_factory(spec: str) -> Callable[..., Any]:
         missing = err.name or ""
         if missing and (module_name == missing or module_name.startswith(missing + ".")):
             raise ConfigError(
-                f"model.factory: cannot import module {module_name!r} (looked on sys.path, "
+                f"{field}: cannot import module {module_name!r} (looked on sys.path, "
                 f"including the current directory {cwd})"
             ) from None
         raise ConfigError(
-            f"model.factory: importing {module_name!r} failed: {err} (a dependency is missing)"
+            f"{field}: importing {module_name!r} failed: {err} (a dependency is missing)"
         ) from err
     target: Any = module
     for part in attr_path.split("."):
         if not hasattr(target, part):
             raise ConfigError(
-                f"model.factory: {module_name!r} ({getattr(module, '__file__', '?')}) "
+                f"{field}: {module_name!r} ({getattr(module, '__file__', '?')}) "
                 f"has no attribute {attr_path!r}"
             )
         target = getattr(target, part)
     if not callable(target):
-        raise ConfigError(f"model.factory: {spec!r} is not callable")
+        raise ConfigError(f"{field}: {spec!r} is not callable")
     return target
 
 
@@ -362,7 +367,11 @@ def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"model.kwargs do not fit {spec}: {err}") from None
     except ValueError:  # no signature available (some builtins): let the call decide
         pass
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # the user's code failed: name it and the error, not our frames
+        raise ConfigError(f"model.factory: {spec} raised {type(err).__name__}: "
+                          f"{_first_line(err)}") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.factory: {spec} returned {type(model).__name__}, not a torch.nn.Module"
@@ -389,6 +398,23 @@ def _list(keys: list[str]) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > _SHOWN else "")
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _unreadable_checkpoint(path: str, err: Exception) -> str:
+    """Why torch.load refused the file, in our words: torch's own message advises lowering
+    ``weights_only``, which would run whatever code the file holds; never pass that on."""
+    expected = "expected a file written by torch.save(model.state_dict(), path)"
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    if "Weights only load failed" in str(err) and found:
+        return (f"model.checkpoint {path}: holds a pickled Python object ({found.group(1)}), "
+                f"not only tensors; {expected}")
+    return (f"model.checkpoint {path}: not a readable PyTorch checkpoint (truncated, corrupt "
+            f"or another format); {expected}")
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a state-dict checkpoint into ``model`` strictly, with errors that list bad keys."""
     path = str(path)
@@ -397,10 +423,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # unpickling refusals and corrupt files come as various types
-        raise ConfigError(
-            f"model.checkpoint {path}: cannot load with weights_only=True ({err}); "
-            "save model.state_dict(), not the model object"
-        ) from None
+        raise ConfigError(_unreadable_checkpoint(path, err)) from None
     state = _extract_state_dict(obj, path)
     own = set(model.state_dict())
     if own and not own & set(state) and all(k.startswith("module.") for k in state):

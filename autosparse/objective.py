@@ -22,7 +22,8 @@ from .compress import compress_model, structural_keep, taylor_scores
 from .config import Constraint, FinetuneConfig
 from .data import DataSplits
 from .evaluate import evaluate
-from .finetune import FinetuneSession, resolve_steps
+from .task import Task
+from .finetune import FinetuneSession, _batches_per_epoch, resolve_steps
 from .cost import estimate_cost
 from .footprint import StoredZeros, footprint_metrics
 from .hardware import HardwareProfile
@@ -39,6 +40,7 @@ from .trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (r
 FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
+DEVICE_ATTR = "device"  # where the trial was fine-tuned and evaluated (cpu, cuda:1, ...)
 TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
 
@@ -52,6 +54,17 @@ class CandidateSource(Protocol):
 def worker_id() -> str:
     """host:pid, so a restarted search can tell its own dead trials from other workers' live ones."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# Written first on every trial and cleared when it ends: a trial that Optuna's heartbeat fails
+# from outside (its worker's machine died) cannot be given a reason any more, so it carries one.
+CUT_SHORT_REASON = f"{INTERRUPTED}: its worker stopped mid-trial (no heartbeat)"
+
+
+def start_trial(trial: optuna.Trial) -> None:
+    """Tag a new trial: 'cut short' until it ends (see CUT_SHORT_REASON), and host:pid."""
+    trial.set_user_attr(FAIL_ATTR, CUT_SHORT_REASON)
+    trial.set_user_attr(WORKER_ATTR, worker_id())
 
 
 @dataclass
@@ -72,6 +85,7 @@ class CandidateEvaluator:
     graph: ChannelGraph | None = None
     latency_table: LatencyTable | None = None  # measured deltas of this model on this machine
     timer: CandidateTimer | None = None  # hardware: measure: latency_ms timed, not predicted
+    task: Task | None = None  # loss and metric (None: classification, top-1 accuracy)
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -80,8 +94,10 @@ class CandidateEvaluator:
         if self._taylor is None:  # the dense model's gradients never change: compute once
             loader = self.data.loader("train", self.finetune_cfg.batch_size, shuffle=True,
                                       seed=self.finetune_cfg.seed)
+            task = None if self.task is None or self.task.is_default else self.task
             self._taylor = taylor_scores(self.dense, loader, self.table.names,
-                                         self.finetune_cfg.taylor_batches)
+                                         self.finetune_cfg.taylor_batches,
+                                         None if task is None else task.loss)
         return self._taylor
 
     def compress_and_tune(self, candidate: Candidate,
@@ -97,7 +113,7 @@ class CandidateEvaluator:
     def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
         """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split."""
         cfg = cfg or self.finetune_cfg
-        return resolve_steps(cfg, len(self.data.loader("train", cfg.batch_size)))
+        return resolve_steps(cfg, _batches_per_epoch(self.data.loader("train", cfg.batch_size)))
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         with self.staged(candidate) as run:
@@ -125,7 +141,8 @@ class StagedRun:
         self.student = compress_model(evaluator.dense, candidate, scores, evaluator.graph,
                                       keep=(self._rows, self._cols))
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
-        self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg)
+        self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg,
+                                       evaluator.task)
         self._seconds = 0.0
         self._measure_seconds = 0.0  # timing this candidate (a short and a full score: once)
 
@@ -141,12 +158,14 @@ class StagedRun:
         start = time.perf_counter()
         result = self.session.run_until(steps)
         tuned = time.perf_counter()
-        accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size))
+        accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size),
+                            ev.task)  # the task metric, in the slot named accuracy
         self._seconds += tuned - start
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         metrics = {
             "accuracy": accuracy,
-            "accuracy_drop": ev.dense_accuracy - accuracy,
+            "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
+                              else ev.task.drop(ev.dense_accuracy, accuracy)),
             **cost_metrics(ev.table, self.candidate, ev.profile, zeros,
                            latency_table=ev.latency_table),
             "finetune_loss": result.final_loss,
@@ -215,7 +234,8 @@ class SearchObjective:
     _cache: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
-        trial.set_user_attr(WORKER_ATTR, worker_id())
+        start_trial(trial)
+        trial.set_user_attr(DEVICE_ATTR, str(next(self.evaluator.dense.parameters()).device))
         try:
             candidate = self.space.suggest(trial)
             trial.set_user_attr(CANDIDATE_ATTR, candidate.to_json())
@@ -233,6 +253,7 @@ class SearchObjective:
             trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: Ctrl-C")
             raise
         except optuna.TrialPruned:  # screened out after the short fine-tune: not a failure
+            trial.set_user_attr(FAIL_ATTR, "")
             raise
         except Exception as err:  # recorded on the trial; the search goes on (optimize catches)
             trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:500])
@@ -241,6 +262,7 @@ class SearchObjective:
         trial.set_user_attr(METRICS_ATTR, metrics)
         for constraint in self.constraints:
             trial.set_constraint(str(constraint), constraint.violation(metrics[constraint.metric]))
+        trial.set_user_attr(FAIL_ATTR, "")  # it finished: not cut short after all
         return tuple(metrics[metric_of(name)] for name in self.objectives)
 
     def _train(self, trial: optuna.Trial, candidate: Candidate) -> dict[str, float]:

@@ -48,3 +48,27 @@ HARDWARE_METRICS: tuple[str, ...] = ("latency_ms", "energy_uj")
 
 def metric_of(objective_name: str) -> str:
     return OBJECTIVES[objective_name].metric
+
+
+def shown_metric(key: str, metric_name: str = "accuracy") -> str:
+    """The user-facing name of an internal metric key under a task whose metric is called
+    ``metric_name``: ``accuracy`` -> ``mse``, ``accuracy_drop`` -> ``metric_drop``,
+    ``accuracy_std`` -> ``mse_std``, ``test_accuracy`` -> ``test_mse``, ``dense_accuracy`` ->
+    ``dense_mse``. Inside, the task metric keeps the slot name ``accuracy`` whatever the task;
+    for plain classification (``metric_name`` accuracy) every key stays as it is."""
+    if metric_name == "accuracy":
+        return key
+    if key == "accuracy_drop":
+        return "metric_drop"
+    if key == "accuracy" or key.startswith("accuracy_"):
+        return metric_name + key[len("accuracy"):]
+    if key.endswith("_accuracy"):
+        return key[: -len("accuracy")] + metric_name
+    return key
+
+
+def shown_metrics(metrics: dict, metric_name: str = "accuracy") -> dict:
+    """``metrics`` with every key as :func:`shown_metric` names it."""
+    if metric_name == "accuracy":
+        return dict(metrics)
+    return {shown_metric(str(k), metric_name): v for k, v in metrics.items()}

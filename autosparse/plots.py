@@ -5,19 +5,23 @@ Input is the trials DataFrame built from the Optuna study (one row per trial: ``
 metric columns). Every numeric column that is not bookkeeping is treated as a metric, so metrics
 added later (latency, energy) show up in hover text and tables without changes here.
 
-plotly and matplotlib are imported inside the functions that draw: importing this module stays
-cheap for callers that only need :func:`front_table`.
+``pareto.html`` is plain inline SVG (:mod:`autosparse.pareto_page`): no plotting library, a page
+of tens of kB that MLflow's artifact viewer shows at once. matplotlib is imported inside the
+functions that draw PNGs: importing this module stays cheap for callers that only need
+:func:`front_table`.
 """
 
 from __future__ import annotations
 
+import html
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from . import pareto_page
 from .candidate import Candidate
 from .objectives import OBJECTIVES
 
@@ -30,9 +34,10 @@ BOOKKEEPING_COLUMNS = (
     "feasible",
     "on_front",
     "cached",
+    "datetime_start",
+    "datetime_complete",
 )
 ACCURACY = "accuracy"
-LOG_SCALE_SPAN = 20.0  # use a log x axis when max/min exceeds this
 MAX_HOVER_LAYERS = 40
 
 _FRONT_COLOR = "#d62728"
@@ -153,13 +158,6 @@ def _front_2d(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return ordered.loc[keep]
 
 
-def _use_log(values: Iterable[float]) -> bool:
-    arr = np.asarray([v for v in values if np.isfinite(v) and v > 0], dtype=float)
-    if arr.size < 2:
-        return False
-    return float(arr.max() / arr.min()) > LOG_SCALE_SPAN
-
-
 def _fmt(value) -> str:
     if isinstance(value, (float, np.floating)):
         if not np.isfinite(value):
@@ -184,12 +182,13 @@ def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
     if flags:
         lines[0] += " (" + ", ".join(flags) + ")"
     for metric in metrics:
-        lines.append(f"{metric}: {_fmt(row[metric])}{_spread(row) if metric == ACCURACY else ''}")
+        spread = _spread(row) if metric == ACCURACY else ""
+        lines.append(html.escape(f"{metric}: {_fmt(row[metric])}{spread}"))
     choices = layer_choices(row.get("candidate"))
     if choices:
         lines.append("<i>layers</i>")
         for name, text in choices[:MAX_HOVER_LAYERS]:
-            lines.append(f"&nbsp;&nbsp;{name}: {text}")
+            lines.append(f"&nbsp;&nbsp;{html.escape(name)}: {html.escape(text)}")
         if len(choices) > MAX_HOVER_LAYERS:
             lines.append(f"&nbsp;&nbsp;… {len(choices) - MAX_HOVER_LAYERS} more layers")
     return "<br>".join(lines)
@@ -263,8 +262,13 @@ def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# interactive HTML (plotly)
+# interactive HTML (inline SVG, see pareto_page)
 # --------------------------------------------------------------------------------------------
+
+
+def _kinds(front: pd.Series, feasible: pd.Series) -> list[str]:
+    return ["front" if f else "feasible" if ok else "infeasible"
+            for f, ok in zip(front.to_numpy(bool), feasible.to_numpy(bool))]
 
 
 def pareto_figure_html(
@@ -273,149 +277,50 @@ def pareto_figure_html(
     path: Path,
     dense: dict | None = None,
 ) -> None:
-    """Write a self-contained (offline) plotly HTML page of accuracy vs each cost objective.
+    """Write ``pareto.html``: one self-contained page (inline SVG, no library, nothing fetched)
+    of accuracy vs each cost objective, switched by a drop-down when there are several.
 
-    Front points are red and joined by a step line, other feasible points blue, infeasible ones
-    grey; failed trials are left out. Hover shows the trial, every metric and the per-layer
-    choices. With more than one cost objective a dropdown switches the x axis.
+    Front points are red, labelled with their trial number and joined by a step line, other
+    feasible points blue, infeasible ones grey crosses; failed trials are left out; the dense
+    model is a green star. Hover shows the trial, every metric (with the spread of a
+    re-evaluated accuracy) and the per-layer choices. The axes fit the feasible points: the
+    others sit on the edge (see :mod:`autosparse.pareto_page`).
     """
-    import plotly.graph_objects as go
-
     costs = cost_objectives(objectives)
     y = OBJECTIVES[ACCURACY].metric
     complete = _complete(trials)
     metrics = metric_columns(trials)
-    fig = go.Figure()
-    trace_groups: list[list[int]] = []
-    axis_settings: list[dict] = []
-
-    for number, cost in enumerate(costs):
+    tips = [_hover_text(row, metrics) for _, row in complete.iterrows()]
+    tip_of = {index: number for number, index in enumerate(complete.index)}
+    panels = []
+    for cost in costs:
         x, points, front, feasible = _panel(complete, cost, y)
-        groups = (
-            ("front", points[front], _FRONT_COLOR, "circle", 11),
-            ("feasible", points[~front & feasible], _FEASIBLE_COLOR, "circle", 7),
-            ("infeasible", points[~front & ~feasible], _INFEASIBLE_COLOR, "x", 7),
-        )
-        visible = number == 0
-        start = len(fig.data)
-        for label, frame, color, symbol, size in groups:
-            fig.add_trace(
-                go.Scatter(
-                    x=frame[x].to_numpy(float),
-                    y=frame[y].to_numpy(float),
-                    mode="markers",
-                    name=label,
-                    legendgroup=label,
-                    visible=visible,
-                    marker=dict(
-                        color=color,
-                        symbol=symbol,
-                        size=size,
-                        line=dict(width=1, color="#333") if label == "front" else None,
-                        opacity=1.0 if label == "front" else 0.7,
-                    ),
-                    text=[_hover_text(row, metrics) for _, row in frame.iterrows()],
-                    hovertemplate="%{text}<extra></extra>",
-                )
-            )
+        marks = [
+            pareto_page.Point(float(px), float(py), kind, tip_of[index],
+                              _trial_label(number) if kind == "front" else "")
+            for index, px, py, kind, number in zip(
+                points.index, points[x].to_numpy(float), points[y].to_numpy(float),
+                _kinds(front, feasible), _column(points, "trial", None))
+        ]
         outline = _front_2d(points[front], x, y)
-        fig.add_trace(
-            go.Scatter(
-                x=outline[x].to_numpy(float),
-                y=outline[y].to_numpy(float),
-                mode="lines",
-                line=dict(shape="hv", color=_FRONT_COLOR, width=2),
-                name="front (step)",
-                legendgroup="front",
-                visible=visible,
-                hoverinfo="skip",
-            )
-        )
-        all_x = list(points[x].to_numpy(float))
-        dense_xy = _dense_point(dense, x, y)
-        if dense_xy is not None:
-            all_x.append(dense_xy[0])
-            fig.add_trace(
-                go.Scatter(
-                    x=[dense_xy[0]],
-                    y=[dense_xy[1]],
-                    mode="markers",
-                    name="dense model",
-                    visible=visible,
-                    marker=dict(symbol="star", size=16, color=_DENSE_COLOR, line=dict(width=1)),
-                    hovertemplate=(
-                        f"<b>dense model</b><br>{x}: %{{x:.4g}}<br>{y}: %{{y:.4g}}<extra></extra>"
-                    ),
-                )
-            )
-        trace_groups.append(list(range(start, len(fig.data))))
-        axis_settings.append(
-            {
-                "xaxis.title.text": OBJECTIVES[cost].label,
-                "xaxis.type": "log" if _use_log(all_x) else "linear",
-                "title.text": _title(cost, complete),
-            }
-        )
-
-    n_traces = len(fig.data)
-    fig.update_layout(
-        template="plotly_white",
-        yaxis_title=OBJECTIVES[ACCURACY].label,
-        hovermode="closest",
-        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
-        margin=dict(t=110),
-        height=620,
-    )
-    fig.update_layout(
-        {
-            "xaxis": {
-                "title": {"text": axis_settings[0]["xaxis.title.text"]},
-                "type": axis_settings[0]["xaxis.type"],
-            },
-            "title": {"text": axis_settings[0]["title.text"]},
-        }
-    )
-    if complete.empty:
-        fig.add_annotation(
-            text="no completed trials yet", showarrow=False, xref="paper", yref="paper",
-            x=0.5, y=0.5, font=dict(size=18),
-        )
-    if len(costs) > 1:
-        buttons = []
-        for cost, group, settings in zip(costs, trace_groups, axis_settings):
-            visible = [index in group for index in range(n_traces)]
-            buttons.append(
-                dict(
-                    label=f"accuracy vs {cost}",
-                    method="update",
-                    args=[{"visible": visible}, settings],
-                )
-            )
-        fig.update_layout(
-            updatemenus=[
-                dict(buttons=buttons, direction="down", x=0.0, xanchor="left", y=1.12,
-                     yanchor="bottom", showactive=True)
-            ]
-        )
+        panels.append(pareto_page.Panel(
+            name=f"accuracy vs {cost}",
+            title=_title(cost, complete),
+            x_label=OBJECTIVES[cost].label,
+            y_label=OBJECTIVES[ACCURACY].label,
+            points=marks,
+            outline=list(zip(outline[x].to_numpy(float), outline[y].to_numpy(float))),
+            dense=_dense_point(dense, x, y),
+            note="" if len(complete) else "no completed trials yet",
+        ))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(str(path), include_plotlyjs=True, full_html=True)
+    path.write_text(pareto_page.page(panels, tips), encoding="utf-8")
 
 
-def _focus_on_front(ax, all_y: np.ndarray, front_y: np.ndarray, dense_y: float | None) -> None:
-    """Collapsed candidates (accuracy near chance) would squash the front into a line: cut the
-    y axis at the front's span below its lowest point and say how many trials lie below."""
-    if front_y.size == 0 or all_y.size == 0:
-        return
-    top = max(float(all_y.max()), float(front_y.max()), dense_y if dense_y is not None else -math.inf)
-    span = max(top - float(front_y.min()), 1.0)
-    floor = float(front_y.min()) - span
-    below = int((all_y < floor).sum())
-    if below == 0:
-        return
-    ax.set_ylim(floor, top + 0.08 * span)
-    ax.text(0.01, 0.01, f"{below} trial(s) below, down to {float(all_y.min()):.3g}",
-            transform=ax.transAxes, fontsize="small", color="#555", va="bottom")
+def _trial_label(number) -> str:
+    value = pd.to_numeric(number, errors="coerce")
+    return "" if pd.isna(value) else str(int(value))
 
 
 def _title(cost: str, complete: pd.DataFrame) -> str:
@@ -439,9 +344,19 @@ def pareto_figure_png(
 ) -> None:
     """Write a PNG with one subplot of accuracy vs each cost objective.
 
-    ``dense`` (metric name -> value, e.g. ``{"accuracy": 98.1, "size_kb": 120.0}``) is drawn as a
-    star when it has the plotted metrics.
+    Front points carry their trial number. The axes fit the feasible points and the dense
+    model, as in ``pareto.html``: points outside are drawn on the edge as hollow triangles
+    pointing outwards and counted in the corner. ``dense`` (metric name -> value, e.g.
+    ``{"accuracy": 98.1, "size_kb": 120.0}``) is drawn as a star when it has the plotted metrics.
     """
+    fig = pareto_figure(trials, objectives, dense)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), dpi=110, format="png")
+
+
+def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | None = None):
+    """The matplotlib ``Figure`` behind :func:`pareto_figure_png` (Agg canvas, no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -453,31 +368,48 @@ def pareto_figure_png(
     axes = fig.subplots(1, len(costs), squeeze=False)[0]
     for ax, cost in zip(axes, costs):
         x, points, front, feasible = _panel(complete, cost, y)
-        infeasible = points[~front & ~feasible]
-        others = points[~front & feasible]
+        dense_xy = _dense_point(dense, x, y)
+        xs, ys = points[x].to_numpy(float), points[y].to_numpy(float)
+        kinds = np.array(_kinds(front, feasible), dtype=object)
+        limits = pareto_page.fit_axes(list(zip(xs, ys, kinds)), dense_xy)
+        inside = np.array([limits.inside(a, b) for a, b in zip(xs, ys)], dtype=bool)
+        for kind, style in (
+            ("infeasible", dict(marker="x", s=22, color=_INFEASIBLE_COLOR, label="infeasible",
+                                zorder=1)),
+            ("feasible", dict(s=22, color=_FEASIBLE_COLOR, alpha=0.55, label="feasible",
+                              zorder=2)),
+        ):
+            keep = inside & (kinds == kind)
+            if keep.any():
+                ax.scatter(xs[keep], ys[keep], **style)
         on_front = points[front]
-        if len(infeasible):
-            ax.scatter(infeasible[x], infeasible[y], marker="x", s=22, color=_INFEASIBLE_COLOR,
-                       label="infeasible", zorder=1)
-        if len(others):
-            ax.scatter(others[x], others[y], s=22, color=_FEASIBLE_COLOR, alpha=0.55,
-                       label="feasible", zorder=2)
         if len(on_front):
             outline = _front_2d(on_front, x, y)
             ax.step(outline[x], outline[y], where="post", color=_FRONT_COLOR, linewidth=1.5,
                     zorder=3)
-            ax.scatter(on_front[x], on_front[y], s=46, color=_FRONT_COLOR, edgecolors="#333",
+            keep = inside & (kinds == "front")
+            ax.scatter(xs[keep], ys[keep], s=46, color=_FRONT_COLOR, edgecolors="#333",
                        linewidths=0.6, label="front", zorder=4)
-        all_x = list(points[x].to_numpy(float))
-        dense_xy = _dense_point(dense, x, y)
+            numbers = _column(points, "trial", None).to_numpy(object)
+            for a, b, number in zip(xs[keep], ys[keep], numbers[keep]):
+                ax.annotate(_trial_label(number), (a, b), xytext=(4, 4),
+                            textcoords="offset points", fontsize=7, color="#7a1414", zorder=6)
+        outside = int((~inside).sum())
+        if outside:
+            _edge_marks(ax, limits, xs[~inside], ys[~inside])
         if dense_xy is not None:
-            all_x.append(dense_xy[0])
             ax.scatter([dense_xy[0]], [dense_xy[1]], marker="*", s=260, color=_DENSE_COLOR,
                        edgecolors="#222", linewidths=0.7, label="dense model", zorder=5)
-        if _use_log(all_x):
+        if limits.log_x:
+            from matplotlib.ticker import FuncFormatter
+
             ax.set_xscale("log")
-        _focus_on_front(ax, points[y].to_numpy(float), on_front[y].to_numpy(float),
-                        None if dense_xy is None else dense_xy[1])
+            plain = FuncFormatter(lambda value, _: f"{value:g}")  # 20, not 2×10¹
+            ax.xaxis.set_major_formatter(plain)
+            ax.xaxis.set_minor_formatter(FuncFormatter(
+                lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
+        ax.set_xlim(limits.x_lo, limits.x_hi)
+        ax.set_ylim(limits.y_lo, limits.y_hi)
         ax.set_xlabel(OBJECTIVES[cost].label)
         ax.set_ylabel(OBJECTIVES[ACCURACY].label)
         ax.set_title(f"accuracy vs {cost}")
@@ -486,12 +418,23 @@ def pareto_figure_png(
             ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center",
                     transform=ax.transAxes)
         elif ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right", fontsize="small")
+            ax.legend(loc="lower right", fontsize="small", title_fontsize="small",
+                      title=f"{outside} outside the axes (▽ on the edge)" if outside else None)
     n_front = int(_front_mask(complete).sum())
     fig.suptitle(f"Pareto front ({len(complete)} completed trials, {n_front} on the front)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(str(path), dpi=110, format="png")
+    return fig
+
+
+def _edge_marks(ax, limits: "pareto_page.Axes", xs: np.ndarray, ys: np.ndarray) -> None:
+    """Points beyond the fitted axes: on the edge, a hollow triangle pointing their way."""
+    cx, cy = np.clip(xs, limits.x_lo, limits.x_hi), np.clip(ys, limits.y_lo, limits.y_hi)
+    side = np.where(ys < limits.y_lo, "v", np.where(ys > limits.y_hi, "^",
+                                                    np.where(xs < limits.x_lo, "<", ">")))
+    for marker in ("v", "^", "<", ">"):
+        keep = side == marker
+        if keep.any():
+            ax.scatter(cx[keep], cy[keep], marker=marker, s=30, facecolors="white",
+                       edgecolors=_INFEASIBLE_COLOR, linewidths=1.0, zorder=5, clip_on=False)
 
 
 def calibration_figure_png(frame: pd.DataFrame, path: Path, title: str) -> None:

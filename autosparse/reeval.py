@@ -115,10 +115,11 @@ def _reevaluate(context: "SearchContext", study: optuna.Study, evaluator: Candid
             study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
             continue
         record["seeds"].append(seed)
+        task = getattr(context, "task", None)  # the task metric, in the accuracy slot
         record["accuracy"].append(evaluate(model, context.data.loader(
-            "validation", context.data.batch_size)))
+            "validation", context.data.batch_size), task))
         record["test_accuracy"].append(evaluate(model, context.data.loader(
-            "test", context.data.batch_size)))
+            "test", context.data.batch_size), task))
         study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
     return runs
 

@@ -25,6 +25,7 @@ from .config import MEASURE, ConfigError, SearchConfig, load_config
 from .cost import estimate_cost
 from .cost_report import cost_table
 from .data import DataSplits, load_data
+from .devices import amp_mode, place_workers, present_devices
 from .dense import cache_path, prepare_dense
 from .models import build_model
 from .discovery import discover, find_layers, global_magnitude_allocation, with_searchable
@@ -37,7 +38,9 @@ from .layers import LayerTable
 from .measured_latency import CandidateTimer
 from .objective import (CACHED_ATTR, CANDIDATE_ATTR, FAIL_ATTR, CandidateEvaluator,
                         SearchObjective, cost_metrics)
+from .early_stop import InfeasibleStart, InfeasibleStartGuard, first_generation
 from .plots import front_table
+from .progress import LiveLine
 from .reeval import reevaluate_front
 from .samplers import make_sampler
 from .allocation.planner import BudgetPlanner, planner_for
@@ -47,9 +50,12 @@ from .sensitivity_study import ensure_sensitivity, log_sensitivity
 from .space import GridSpace, SearchSpace
 from .sqlite_tuning import use_fast_sqlite
 from .fidelity import FIDELITY_ATTR, STEPS_ATTR, FidelityPlan, steps_used
-from .study import (counted_trials, fail_interrupted_trials, is_interrupted, make_storage,
-                    open_study, requeue_interrupted, storage_url, study_uid)
+from .study import (await_other_hosts, counted_trials, cut_short, fail_interrupted_trials,
+                    fail_stale_trials, is_interrupted, make_storage, open_study,
+                    requeue_interrupted, storage_url, study_uid, trials_ahead)
 from .tracking import Tracker, resolve_tracking_uri
+from .task import Task, build_task
+from .objectives import shown_metric, shown_metrics
 
 Printer = Callable[[str], None]
 
@@ -74,6 +80,13 @@ class SearchContext:
     latency_table: LatencyTable | None = None  # measured on this machine (calibrate --config)
     latency_table_note: str | None = None  # whether runs/<name>/latency-table.json is used
     timer: CandidateTimer | None = None  # hardware: measure: times each candidate's ONNX
+    device: str = "cpu"  # where this process trains and evaluates (the dense model lives there)
+    placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
+
+    @property
+    def task(self) -> Task:
+        """The task's loss, metric, name and direction (classification by default)."""
+        return build_task(self.config.task)
 
     @property
     def storage_url(self) -> str:
@@ -87,7 +100,8 @@ class SearchContext:
     def objective(self) -> SearchObjective:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
                                        self.dense_metrics["accuracy"], self.profile, self.graph,
-                                       latency_table=self.latency_table, timer=self.timer)
+                                       latency_table=self.latency_table, timer=self.timer,
+                                       task=self.task)
         fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)
@@ -112,7 +126,8 @@ class SearchContext:
                                    self.config.objectives, self.config.constraints, self.profile)
         study.sampler = make_sampler(self.config.strategy, self.space, self.config.seed,
                                      planner=self.planner, objectives=self.config.objectives,
-                                     dense_accuracy=self.dense_metrics["accuracy"])
+                                     dense_accuracy=self.dense_metrics["accuracy"],
+                                     maximize=self.task.maximize)
         return study
 
     def grid_size(self) -> int | None:
@@ -130,16 +145,26 @@ class SearchContext:
         return total if grid is None else min(total, grid)
 
 
-def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
+def prepare(config_path: str | os.PathLike, runs_dir: Path,
+            device: str | None = None) -> SearchContext:
+    """Everything a worker needs; ``device`` is this worker's (default: the config's, checked
+    against the devices present before anything heavy)."""
     use_fast_sqlite()
     config = load_config(config_path)
+    if device is None:
+        device = place_workers(1, config.device, config.devices, present_devices())[0]
+    amp_mode(torch.device(device).type, config.finetune.amp)  # refused here, not mid-search
+    if device.startswith("cuda"):  # this process's default GPU: nothing lands on GPU 0 by default
+        torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     data = load_data(config.data)
+    data.pin_memory = device.startswith("cuda") and not data.user_loaders
     profile = load_profile(config.cost_profile()) if config.hardware else None
     if profile is not None:  # a measured profile from another CPU: say so before minutes of work
         warn_if_other_machine(profile, config.cost_profile())
     _check_space_before_training(config, data, runs_dir / "dense")
-    dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed)
+    dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed,
+                                         device, task=build_task(config.task))
     table, graph = discover(dense, data.input_shape)
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
@@ -152,10 +177,11 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path) -> SearchContext:
     if timer is not None:  # the latency axis is normalised by the dense model, measured alike
         dense_metrics["latency_ms"] = timer.dense_ms()
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
+    dense.to(device)  # discovery, grids and timing above ran on the CPU copy
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
                          dense_metrics, table, space, profile, grid, graph=graph,
                          latency_table=latency_table, latency_table_note=table_note,
-                         timer=timer)
+                         timer=timer, device=device, placement=(device,))
 
 
 MEASURE_CALIBRATION_BATCHES = 4  # train batches for the int8 ranges of measured candidates
@@ -232,8 +258,11 @@ class Budget:
     finetune_steps: int | None = None
     in_flight_steps: int = 0  # what a running trial that recorded nothing yet will spend
 
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
     def exhausted(self, study: optuna.Study) -> bool:
-        if self.deadline is not None and time.time() >= self.deadline:
+        if self.out_of_time():
             return True
         if self.trials is not None and counted_trials(study) >= self.trials:
             return True
@@ -255,20 +284,33 @@ class Budget:
         return " / ".join(parts) or "time"
 
 
+def completed_trials(study: optuna.Study) -> int:
+    return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
 def _counted(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials that count against a budget: all but those cut short (they are re-run)."""
     return [t for t in study.get_trials(deepcopy=False) if not is_interrupted(t)]
 
 
-def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optuna.trial.FrozenTrial) -> None:
+def _log_trial(tracker: Tracker, parent: str | None, strategy: str, trial: optuna.trial.FrozenTrial,
+               metric_name: str = "accuracy") -> None:
     if parent is None:
         return
-    metrics = trial_metrics(trial)
-    tracker.log_trial(parent_run_id=parent, trial=trial.number, state=trial.state.name,
+    metrics = shown_metrics(trial_metrics(trial), metric_name)  # mse, not accuracy
+    state = "INTERRUPTED" if is_interrupted(trial) else trial.state.name  # KILLED, not FAILED
+    tracker.log_trial(parent_run_id=parent, trial=trial.number, state=state,
                       candidate_json=trial.user_attrs.get(CANDIDATE_ATTR, ""), metrics=metrics,
                       fail_reason=trial.user_attrs.get(FAIL_ATTR, ""),
                       cached=bool(trial.user_attrs.get(CACHED_ATTR, False)), strategy=strategy,
-                      fidelity=str(trial.user_attrs.get(FIDELITY_ATTR, "")))
+                      fidelity=str(trial.user_attrs.get(FIDELITY_ATTR, "")),
+                      start_ms=_ms(trial.datetime_start), end_ms=_ms(trial.datetime_complete),
+                      metric_name=metric_name)
+
+
+def _ms(moment) -> int | None:
+    """Epoch ms of an Optuna trial time (naive local, as Optuna stores it)."""
+    return None if moment is None else int(moment.timestamp() * 1000)
 
 
 def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: str | None,
@@ -277,14 +319,24 @@ def _work(context: SearchContext, study: optuna.Study, budget: Budget, parent: s
     objective = context.objective()
     tracker = context.tracker()
 
+    def run(trial: optuna.Trial) -> tuple[float, ...]:
+        if budget.trials is not None and trials_ahead(study, trial.number) >= budget.trials:
+            raise cut_short(trial, "the budget was used up by other workers first")
+        return objective(trial)
+
     def after_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        _log_trial(tracker, parent, context.config.strategy.name, trial)
+        _log_trial(tracker, parent, context.config.strategy.name, trial, context.task.name)
         if progress is not None:
             progress(study)
 
-    while not budget.exhausted(study):
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after_trial],
-                       gc_after_trial=False)
+    heartbeat = context.config.storage_heartbeat
+    while True:
+        fail_stale_trials(study)  # a dead machine's trials: re-queued before the budget is read
+        if not budget.exhausted(study):
+            study.optimize(run, n_trials=1, catch=(Exception,), callbacks=[after_trial],
+                           gc_after_trial=False)
+        elif budget.out_of_time() or not await_other_hosts(study, budget.exhausted, heartbeat):
+            break
 
 
 def _die_with(parent_pid: int, poll_s: float = 1.0) -> None:
@@ -313,11 +365,11 @@ def thread_count(workers: int, threads: int | None = None) -> int:
 
 
 def _worker_main(config_path: str, runs_dir: str, budget: Budget, parent: str | None,
-                 threads: int, parent_pid: int) -> None:
+                 threads: int, parent_pid: int, device: str | None = None) -> None:
     _die_with(parent_pid)
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
-    context = prepare(config_path, Path(runs_dir))
+    context = prepare(config_path, Path(runs_dir), device)
     _work(context, context.open_study(), budget, parent)
 
 
@@ -333,17 +385,27 @@ class SearchOutcome:
 
 
 class Progress:
-    """One line per finished trial: done/budget, failures, front size, hypervolume, time left."""
+    """After each finished trial: done/budget, failures, front size, hypervolume, time left;
+    one line updated in place in a terminal, a line per trial otherwise (progress.LiveLine)."""
 
     def __init__(self, context: SearchContext, budget: Budget, printer: Printer, start_count: int):
         self.context, self.budget, self.printer = context, budget, printer
         self.start, self.start_count = time.time(), start_count
-        self.spec = HypervolumeSpec(context.config.objectives, context.dense_metrics)
+        self.line = LiveLine(budget.trials, start_count, printer)
+        self.shown: int | None = None  # the count on the last line
+        self.spec = HypervolumeSpec(context.config.objectives, context.dense_metrics,
+                                    context.task.direction, context.task.percent)
 
-    def __call__(self, study: optuna.Study) -> None:
+    def close(self) -> None:
+        self.line.close()
+
+    def __call__(self, study: optuna.Study, only_if_changed: bool = False) -> None:
         frame = trials_frame(study, self.context.config.objectives)
         frame = frame[frame["state"] != "INTERRUPTED"]  # re-run on resume: not in the budget
         done = len(frame)
+        if only_if_changed and done == self.shown:
+            return
+        self.shown = done
         failed = int((frame["state"] == "FAIL").sum()) if done else 0
         hv = final(self.spec.histories(frame)["hypervolume"]) if done else 0.0
         elapsed = time.time() - self.start
@@ -359,8 +421,8 @@ class Progress:
             pruned = int((frame["state"] == "PRUNED").sum()) if done else 0
             left += (f" | fine-tune steps {self.budget.spent_steps(study)}/"
                      f"{self.budget.finetune_steps} | screened out {pruned}")
-        self.printer(f"[{done}/{total if total is not None else '-'}] failed {failed} | front {front}"
-                     f" | hypervolume {hv:.4f} | {_duration(elapsed)} elapsed{left}")
+        self.line.update(done, f"failed {failed} | front {front} | hypervolume {hv:.4f} | "
+                               f"{_duration(elapsed)} elapsed{left}")
 
 
 def _duration(seconds: float) -> str:
@@ -373,15 +435,20 @@ def report(context: SearchContext, study: optuna.Study, tracker: Tracker, parent
     """Front and hypervolume from storage; logged to MLflow and written under runs/<name>/."""
     objectives = context.config.objectives
     frame = trials_frame(study, objectives)
-    histories = HypervolumeSpec(objectives, context.dense_metrics).histories(frame)
+    histories = HypervolumeSpec(objectives, context.dense_metrics, context.task.direction,
+                                context.task.percent).histories(frame)
     front = front_table(frame, objectives)
     out_dir = context.runs_dir / context.config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(out_dir / "trials.csv", index=False)
-    front.to_csv(out_dir / "pareto.csv", index=False)
     if parent is not None:
         tracker.log_front(parent_run_id=parent, trials=frame, objectives=objectives,
-                          hypervolumes=histories, dense_metrics=context.dense_metrics)
+                          hypervolumes=histories, dense_metrics=context.dense_metrics,
+                          metric_name=context.task.name)
+    name = context.task.name  # files and the outcome show the task metric by its own name
+    frame = frame.rename(columns=lambda c: shown_metric(str(c), name))
+    front = front.rename(columns=lambda c: shown_metric(str(c), name))
+    frame.to_csv(out_dir / "trials.csv", index=False)
+    front.to_csv(out_dir / "pareto.csv", index=False)
     return SearchOutcome(frame, front, {k: final(v) for k, v in histories.items()},
                          context.storage_url, parent, new_trials)
 
@@ -391,7 +458,7 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
     params = {
         "strategy": config.strategy.name,
         "objectives": ",".join(config.objectives),
-        "constraints": "; ".join(str(c) for c in config.constraints) or "none",
+        "constraints": "; ".join(config.shown(c) for c in config.constraints) or "none",
         "budget_trials": config.budget.trials,
         "budget_minutes": config.budget.minutes,
         "budget_finetune_steps": config.budget.finetune_steps,
@@ -400,6 +467,11 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "space_size": context.space.size(),
         "searched_layers": len(context.space.layer_names),
         "hardware": config.hardware or "none",
+        "device": ",".join(context.placement or (context.device,)),
+        "amp": config.finetune.amp,
+        "task": config.task.kind,
+        "metric": context.task.name,
+        "metric_direction": context.task.direction,
     }
     artifacts = {}
     if context.profile is not None:
@@ -411,7 +483,9 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         }
     return tracker.start_search(study_name=config.name, storage_url=context.storage_url,
                                 strategy=config.strategy.name, config_text=context.config_text,
-                                layer_table=context.table, dense_metrics=context.dense_metrics,
+                                layer_table=context.table,
+                                dense_metrics=shown_metrics(context.dense_metrics,
+                                                            context.task.name),
                                 params=params, study_uid=study_uid(study), artifacts=artifacts)
 
 
@@ -429,13 +503,21 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     threads = thread_count(workers, threads)
     torch.set_num_threads(threads)
-    context = prepare(config_path, runs_dir)
+    settings = load_config(config_path)  # where each worker runs, checked before heavy work
+    placement = place_workers(workers, settings.device, settings.devices, present_devices())
+    context = prepare(config_path, runs_dir, placement[0])
+    context.placement = tuple(placement)
     config = context.config
-    printer(f"dense model: validation accuracy {context.dense_metrics['accuracy']:.2f}%, "
+    task = context.task  # "validation accuracy 97.22%", "validation mse 0.4337"
+    quality = f"{context.dense_metrics['accuracy']:.{2 if task.percent else 4}f}"
+    printer(f"dense model: validation {task.name} {quality}{'%' if task.percent else ''}, "
             f"{context.dense_metrics['size_kb']:.1f} kB; {len(context.space.layer_names)} layers searched, "
             f"space of {context.space.size():.3g} candidates; strategy {config.strategy.name}")
     if context.latency_table_note:
         printer(context.latency_table_note)
+    if placement != ["cpu"] * workers:
+        printer(f"device{'s' if workers > 1 else ''}: {', '.join(placement)}"
+                + (" (mixed precision)" if config.finetune.amp else ""))
     study = context.open_study(printer)
     if interrupted := fail_interrupted_trials(study):
         printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")
@@ -456,26 +538,40 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     if context.sensitivity is not None and parent is not None:
         log_sensitivity(tracker, parent, context.sensitivity)
     progress = Progress(context, budget, printer, len(trials_frame(study, config.objectives)))
+    guard = InfeasibleStartGuard(config.constraints, first_generation(config.strategy),
+                                 completed_trials(study), total)
+
+    def after_each(study: optuna.Study) -> None:
+        progress(study)
+        guard(study)  # raises InfeasibleStart: a first generation that misses one constraint
+
     processes = [
         multiprocessing.get_context("spawn").Process(
             target=_worker_main,
-            args=(str(config_path), str(runs_dir), budget, parent, threads, os.getpid()),
+            args=(str(config_path), str(runs_dir), budget, parent, threads, os.getpid(),
+                  placement[index]),
             daemon=True,
         )
-        for _ in range(workers - 1)
+        for index in range(1, workers)
     ]
     for process in processes:
         process.start()
     loop_start = time.perf_counter()
     try:
-        _work(context, study, budget, parent, progress)
-    except KeyboardInterrupt:  # the trial in flight is re-run on resume; close the parent run
-        for process in processes:
+        _work(context, study, budget, parent, after_each)
+        for process in processes:  # a worker's last trial belongs in the last progress line
+            process.join()
+        if processes:
+            progress(study, only_if_changed=True)
+    except (KeyboardInterrupt, InfeasibleStart) as stop:  # a trial in flight is re-run on
+        for process in processes:                        # resume; close the parent run
             process.terminate()
         if parent is not None:
-            tracker.end_search(parent, "KILLED")
+            tracker.end_search(parent, "KILLED" if isinstance(stop, KeyboardInterrupt)
+                               else "FAILED")
         raise
     finally:
+        progress.close()  # the in-place line stays on screen; what follows starts below it
         for process in processes:
             process.join()
     loop_seconds = time.perf_counter() - loop_start
@@ -553,8 +649,15 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     (out_dir / "sensitivity.png").write_bytes(sensitivity_heatmap_png(table))
     if parent is not None:
         tracker.end_search(parent)
-    printer(f"dense: loss {table.dense_loss:.4f} nats, accuracy {table.dense_accuracy:.2f} % on "
-            f"{table.samples} validation samples (Δloss in nats, Δacc in points)")
+    task = context.task
+    if task.is_default:
+        printer(f"dense: loss {table.dense_loss:.4f} nats, accuracy {table.dense_accuracy:.2f} % "
+                f"on {table.samples} validation samples (Δloss in nats, Δacc in points)")
+    else:  # the table holds the metric signed so that negative is worse (minus an mse)
+        value = table.dense_accuracy if task.maximize else -table.dense_accuracy
+        printer(f"dense: loss {table.dense_loss:.4f}, {task.name} {value:.4g} on {table.samples} "
+                f"validation samples (Δloss in the task's loss; Δacc = change of the "
+                f"{task.name}, signed so that negative is worse)")
     printer(format_sensitivity(table))
     printer(f"written: {out_dir / 'sensitivity.csv'}, {out_dir / 'sensitivity.png'}")
     return table

@@ -36,6 +36,7 @@ from .config import FinetuneConfig, SensitivityConfig
 from .data import DataSplits
 from .evaluate import eval_mode
 from .space import Decision, SearchSpace
+from .task import Task
 
 __all__ = ["validation_subset", "dense_baseline", "measure_sensitivity", "fisher_diagonal",
            "compressed_tensors", "scores_for_space", "measured_choices"]
@@ -67,8 +68,25 @@ def validation_subset(data: DataSplits, cfg: SensitivityConfig,
     return batches
 
 
-def _loss_and_accuracy(model: nn.Module, batches: Batches) -> tuple[float, float]:
-    """Mean cross-entropy (nats) and top-1 accuracy (percent) over the batches."""
+def _loss_and_accuracy(model: nn.Module, batches: Batches,
+                       task: Task | None = None) -> tuple[float, float]:
+    """Mean cross-entropy (nats) and top-1 accuracy (percent) over the batches.
+
+    With a ``task``: its mean loss, and its metric signed so that negative is worse (the metric
+    for a maximised one, minus it for a minimised one; NaN for a user's whole-loader metric).
+    """
+    if task is not None and not task.is_default:
+        loss_sum = 0.0
+        count = 0
+        with eval_mode(model), torch.no_grad():
+            for x, y in batches:
+                s, n = task.loss_sum(model(x), y)
+                loss_sum, count = loss_sum + s, count + n
+            metric = math.nan
+            if task.metric_fn is None:
+                value = task.metric_of_batches(model, batches)
+                metric = value if task.maximize else -value
+        return loss_sum / count, metric
     loss_sum = 0.0
     correct = total = 0
     with eval_mode(model), torch.no_grad():
@@ -80,9 +98,10 @@ def _loss_and_accuracy(model: nn.Module, batches: Batches) -> tuple[float, float
     return loss_sum / total, 100.0 * correct / total
 
 
-def dense_baseline(dense: nn.Module, data: DataSplits, cfg: SensitivityConfig) -> tuple[float, float]:
+def dense_baseline(dense: nn.Module, data: DataSplits, cfg: SensitivityConfig,
+                   task: Task | None = None) -> tuple[float, float]:
     """(loss, accuracy) of the dense model on the sensitivity subset."""
-    return _loss_and_accuracy(dense, validation_subset(data, cfg, _device_of(dense)))
+    return _loss_and_accuracy(dense, validation_subset(data, cfg, _device_of(dense)), task)
 
 
 def measured_choices(decision: Decision) -> list[LayerChoice]:
@@ -92,7 +111,8 @@ def measured_choices(decision: Decision) -> list[LayerChoice]:
 
 
 def scores_for_space(dense: nn.Module, data: DataSplits, space: SearchSpace,
-                     finetune_cfg: FinetuneConfig) -> dict[str, Tensor] | None:
+                     finetune_cfg: FinetuneConfig,
+                     task: Task | None = None) -> dict[str, Tensor] | None:
     """Taylor scores when some decision offers the taylor criterion, else None.
 
     Same loader, seed and batch count as ``CandidateEvaluator._scores``, so the masks measured
@@ -101,7 +121,8 @@ def scores_for_space(dense: nn.Module, data: DataSplits, space: SearchSpace,
     if not any("taylor" in d.criteria for d in space.decisions):
         return None
     loader = data.loader("train", finetune_cfg.batch_size, shuffle=True, seed=finetune_cfg.seed)
-    return taylor_scores(dense, loader, space.layer_names, finetune_cfg.taylor_batches)
+    loss = None if task is None or task.is_default else task.loss  # as the trial's scores
+    return taylor_scores(dense, loader, space.layer_names, finetune_cfg.taylor_batches, loss)
 
 
 def compressed_tensors(modules: Mapping[str, nn.Module], layers: Collection[str],
@@ -181,8 +202,8 @@ def _swapped(modules: Mapping[str, nn.Module],
                 param.copy_(original)
 
 
-def fisher_diagonal(model: nn.Module, batches: Batches,
-                    layer_names: Collection[str]) -> dict[str, Tensor]:
+def fisher_diagonal(model: nn.Module, batches: Batches, layer_names: Collection[str],
+                    task: Task | None = None) -> dict[str, Tensor]:
     """Empirical Fisher diagonal ``mean_i (d loss_i / d w)^2`` of the named layers' weights.
 
     Per-sample gradients (``torch.func.vmap`` over the batch), so ``0.5 * sum(F * dw^2)`` is a
@@ -203,6 +224,8 @@ def fisher_diagonal(model: nn.Module, batches: Batches,
 
     def sample_loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         logits = functional_call(model, {**state, **params}, (x.unsqueeze(0),))
+        if task is not None and not task.is_default:
+            return task.loss(logits, y.unsqueeze(0))
         return F.cross_entropy(logits.float(), y.unsqueeze(0))
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
@@ -231,6 +254,7 @@ def measure_sensitivity(
     on_decision: OnDecision | None = None,
     baseline: tuple[float, float] | None = None,
     graph: ChannelGraph | None = None,
+    task: Task | None = None,
 ) -> list[ChoiceSensitivity]:
     """Entries of every decision not in ``skip``, decision by decision (see the module doc).
 
@@ -248,7 +272,7 @@ def measure_sensitivity(
     dense_modules = dict(dense.named_modules())
     out: list[ChoiceSensitivity] = []
     if cfg.method == "fisher":
-        fisher = fisher_diagonal(dense, batches, [n for d in todo for n in d.layers])
+        fisher = fisher_diagonal(dense, batches, [n for d in todo for n in d.layers], task)
         for decision in todo:
             entries = []
             for choice in measured_choices(decision):
@@ -266,7 +290,7 @@ def measure_sensitivity(
                 on_decision(decision.name, entries)
         return out
 
-    dense_loss, dense_accuracy = baseline or _loss_and_accuracy(dense, batches)
+    dense_loss, dense_accuracy = baseline or _loss_and_accuracy(dense, batches, task)
     work = copy.deepcopy(dense)  # the one copy: layers are swapped in and out of it
     work_modules = dict(work.named_modules())
     for decision in todo:
@@ -274,7 +298,7 @@ def measure_sensitivity(
         for choice in measured_choices(decision):
             tensors = compressed_tensors(dense_modules, decision.layers, choice, scores, graph)
             with _swapped(work_modules, tensors):
-                loss, accuracy = _loss_and_accuracy(work, batches)
+                loss, accuracy = _loss_and_accuracy(work, batches, task)
             entries.append(ChoiceSensitivity(decision.name, choice_id(choice),
                                              loss - dense_loss, accuracy - dense_accuracy))
         out.extend(entries)

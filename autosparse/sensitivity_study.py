@@ -47,7 +47,7 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
                        parent_run_id: str | None = None) -> SensitivityTable:
     """The study's sensitivity table for the context's space and config, measuring what is missing."""
     cfg = context.config.sensitivity
-    samples_used = min(cfg.samples, len(context.data.validation))
+    samples_used = min(cfg.samples, context.data.samples("validation"))
     header, stored = stored_sensitivity(study)
     if header is not None and (header.get("method"), header.get("samples")) != (cfg.method, cfg.samples):
         printer(f"sensitivity: the study holds a table measured with {header.get('method')} on "
@@ -61,7 +61,8 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
     if todo:
         start = time.perf_counter()
         if header is None:
-            baseline = dense_baseline(context.dense, context.data, cfg)
+            baseline = dense_baseline(context.dense, context.data, cfg,
+                                      getattr(context, "task", None))
         else:
             baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))
 
@@ -82,10 +83,12 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
 
         taylor = any("taylor" in d.criteria for d in todo)
         scores = scores_for_space(context.dense, context.data, context.space,
-                                  context.config.finetune) if taylor else None
+                                  context.config.finetune,
+                                  getattr(context, "task", None)) if taylor else None
         measure_sensitivity(context.dense, context.data, context.space, cfg, scores=scores,
                             skip=frozenset(usable), on_decision=on_decision, baseline=baseline,
-                            graph=getattr(context, "graph", None))
+                            graph=getattr(context, "graph", None),
+                            task=getattr(context, "task", None))
         seconds = save_header(True)
     else:
         baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))

@@ -1,8 +1,10 @@
 """Opening the Optuna study: storage URL, resume checks, stale trials and budget accounting.
 
 The study is the state of a search. Re-running the same command opens the same study; a trial
-left RUNNING by a process that died on this host is marked failed as ``interrupted`` and does
-not count against the budget, so no finished trial is lost or re-run.
+left RUNNING by a process that died on this host, or (database storages) whose worker stopped
+sending Optuna heartbeats, is marked failed as ``interrupted``, does not count against the
+budget, and is enqueued once to run again with the same params; no finished trial is lost or
+re-run.
 """
 
 from __future__ import annotations
@@ -16,20 +18,23 @@ import time
 import uuid
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import optuna
 import psutil
 import sqlalchemy.exc
+from optuna.storages._heartbeat import is_heartbeat_enabled  # not re-exported by Optuna 5
 from optuna.trial import TrialState
 
-from .config import ConfigError, SearchConfig
+from .config import ConfigError, HeartbeatConfig, SearchConfig
 from .objectives import OBJECTIVES
 from .hardware import load_profile
 from .objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
 _SIGNATURE_ATTR = "autosparse.signature"
 _UID_ATTR = "autosparse.uid"
-_REQUEUED_ATTR = "autosparse.requeued"  # interrupted trials whose candidate was enqueued again
+_REQUEUED_ATTR = "autosparse.requeued"  # read only: how studies before RERUN_OF_ATTR recorded it
+RERUN_OF_ATTR = "autosparse.rerun_of"  # on a re-run trial: the number of the trial it re-runs
 
 
 def storage_url(config: SearchConfig, runs_dir: Path) -> str:
@@ -48,8 +53,14 @@ def require_study(config: SearchConfig, runs_dir: Path) -> None:
                           "`autosparse search` first")
 
 
-def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """RDB storage (SQLite, PostgreSQL, MySQL) with a heartbeat, or a journal file by path."""
+def make_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> optuna.storages.BaseStorage:
+    """RDB storage (SQLite, PostgreSQL, MySQL) with a heartbeat, or a journal file by path.
+
+    Every running trial beats every ``heartbeat.interval`` s; one silent for ``grace`` s (its
+    worker died, on any machine) is failed by the next worker that asks for a trial and handed
+    to ``requeue_stale_trial``. Optuna's journal storage has no heartbeat: there only a dead
+    worker on this host is noticed (by its pid, on the next start)."""
+    heartbeat = heartbeat or HeartbeatConfig()
     if "://" not in url:
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -62,7 +73,8 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna 5, and needed
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=120
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat.interval,
+            grace_period=heartbeat.grace, heartbeat_stale_trial_callback=requeue_stale_trial,
         )
 
 
@@ -73,6 +85,8 @@ def _signature(config: SearchConfig) -> str:
     recalibrating it) makes stored latencies stale and is refused like a changed space.
     """
     signature: dict = {"objectives": config.objectives, "space": config.space.model_dump(mode="json")}
+    if not config.task.is_default:  # another loss or metric: stored scores are not comparable
+        signature["task"] = config.task.model_dump(mode="json")
     if config.hardware is not None:  # absent for studies without one, which keep matching
         profile = load_profile(config.cost_profile()).model_dump(mode="json")
         if config.measure is not None:  # measured latencies: the timing settings matter too
@@ -90,7 +104,7 @@ def _create_or_load(config: SearchConfig, url: str, sampler: optuna.samplers.Bas
         try:
             return optuna.create_study(
                 study_name=config.name,
-                storage=make_storage(url),
+                storage=make_storage(url, config.storage_heartbeat),
                 sampler=sampler,
                 directions=config.objective_directions(),
                 load_if_exists=True,
@@ -113,7 +127,9 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
     if study.metric_names is None:  # optuna-dashboard then labels axes, not "Objective 0/1"
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2: noise for a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([OBJECTIVES[name].metric for name in config.objectives])
+            shown = config.task.metric_spec()[0]  # the task metric by its own name (mse)
+            study.set_metric_names([shown if name == "accuracy" else OBJECTIVES[name].metric
+                                    for name in config.objectives])
     elif stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives, another "
@@ -142,9 +158,10 @@ def _interrupt(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -
 def fail_interrupted_trials(study: optuna.Study, grace_s: float = UNTAGGED_GRACE_S) -> int:
     """Mark RUNNING trials whose worker process on this host is gone as failed (interrupted),
     and trials never tagged with a worker once they are older than ``grace_s`` (waiting for
-    that, only when such a trial exists)."""
+    that, only when such a trial exists); with a heartbeat, also those of any host whose
+    heartbeat is stale (re-queued at once by ``requeue_stale_trial``)."""
     host = socket.gethostname()
-    count = 0
+    count = fail_stale_trials(study)
     untagged = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get(WORKER_ATTR, "")
@@ -168,18 +185,67 @@ def fail_interrupted_trials(study: optuna.Study, grace_s: float = UNTAGGED_GRACE
     return count
 
 
+def fail_stale_trials(study: optuna.Study) -> int:
+    """Optuna's heartbeat check (what ``study.optimize`` runs before each trial), callable where
+    no trial is asked for: at start, and while waiting for other machines' last trials. Returns
+    how many trials it failed; each went through ``requeue_stale_trial``."""
+    if not is_heartbeat_enabled(study._storage):
+        return 0
+    before = sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+    with warnings.catch_warnings():  # "experimental" in Optuna 5, and what optimize runs itself
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+
+
+def await_other_hosts(study: optuna.Study, exhausted: Callable[[optuna.Study], bool],
+                      heartbeat: HeartbeatConfig, poll_s: float = 5.0) -> bool:
+    """When the budget looks used up while trials still run on other machines, wait: each one
+    finishes, or its worker died and its heartbeat goes stale, which re-queues it (True: there
+    is work again). At most one grace period plus one interval; a trial still running then is
+    left to its machine. Without a heartbeat (journal storage) nothing can be learned: False."""
+    if not is_heartbeat_enabled(study._storage):
+        return False
+    host = socket.gethostname()
+    until = time.time() + heartbeat.grace + heartbeat.interval
+    while time.time() < until:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not any(str(t.user_attrs.get(WORKER_ATTR, "")).rpartition(":")[0] != host
+                   for t in running):
+            return False
+        time.sleep(min(poll_s, heartbeat.interval))
+        fail_stale_trials(study)
+        if not exhausted(study):
+            return True
+    return False
+
+
+def requeue_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Optuna's ``heartbeat_stale_trial_callback``: the trial is failed already (Optuna did it, in
+    the one process that won the race) and carries ``CUT_SHORT_REASON`` from ``start_trial``, so
+    it is INTERRUPTED like a trial killed on this host; enqueue it again through the same path.
+
+    Not Optuna's ``RetryHeartbeatStaleTrialCallback``: its copy inherits the dead worker's
+    user attrs (host:pid, reason) and would be enqueued a second time by ``requeue_interrupted``."""
+    if is_interrupted(trial) and _params_of(trial):
+        _enqueue_rerun(study, trial)
+
+
+def _enqueue_rerun(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    study.enqueue_trial(_params_of(trial), user_attrs={RERUN_OF_ATTR: trial.number},
+                        skip_if_exists=False)
+
+
 def requeue_interrupted(study: optuna.Study) -> int:
     """Enqueue the candidate of every interrupted trial once, so a resumed search re-runs what
-    was cut short (the sampler might never propose it again). Remembered in a study attr, so a
-    second resume does not enqueue it twice."""
+    was cut short (the sampler might never propose it again). The re-run carries the number of
+    the trial it re-runs, so a second resume (or another worker) does not enqueue it twice."""
+    trials = study.get_trials(deepcopy=False)
     done = set(study.user_attrs.get(_REQUEUED_ATTR, []))
-    todo = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-            if is_interrupted(t) and t.number not in done and _params_of(t)]
+    done |= {t.user_attrs[RERUN_OF_ATTR] for t in trials if RERUN_OF_ATTR in t.user_attrs}
+    todo = [t for t in trials if is_interrupted(t) and t.number not in done and _params_of(t)]
     for trial in todo:
-        study.enqueue_trial(_params_of(trial), skip_if_exists=False)
-        done.add(trial.number)
-    if todo:
-        study.set_user_attr(_REQUEUED_ATTR, sorted(done))
+        _enqueue_rerun(study, trial)
     return len(todo)
 
 
@@ -193,6 +259,23 @@ def is_interrupted(trial: optuna.trial.FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and str(trial.user_attrs.get(FAIL_ATTR, "")).startswith(
         INTERRUPTED
     )
+
+
+class CutShort(Exception):
+    """Raised in a trial that must not run; the trial is INTERRUPTED, not a failure."""
+
+
+def cut_short(trial: optuna.Trial, why: str) -> CutShort:
+    trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: {why}")
+    return CutShort(why)
+
+
+def trials_ahead(study: optuna.Study, number: int) -> int:
+    """Counted trials numbered before ``number``. Workers check the budget, then ask: two may
+    both take the last trial, and the one with the higher number is then the extra one."""
+    states = (TrialState.COMPLETE, TrialState.FAIL, TrialState.RUNNING)
+    return sum(1 for t in study.get_trials(deepcopy=False, states=states)
+               if t.number < number and not is_interrupted(t))
 
 
 def counted_trials(study: optuna.Study) -> int:

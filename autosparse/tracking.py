@@ -39,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .candidate import Candidate
 from .layers import LayerTable
+from .objectives import shown_metric, shown_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -46,6 +47,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from mlflow.entities import Run
 
 _log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR):
+    """One library logger raised to ``level`` for a block, then restored."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
 
 TAG_STUDY = "autosparse.study"
 TAG_STUDY_UID = "autosparse.study_uid"
@@ -155,18 +168,51 @@ def ui_command(tracking_uri: str, runs_dir: Path, port: int = 5000, *, workers: 
     return command
 
 
-def experiment_ids(tracking_uri: str) -> dict[str, str]:
-    """Experiment name -> id in the store (for the runs-table URLs ``autosparse ui`` prints:
-    MLflow 3 opens an experiment on its GenAI page, where no runs show); {} if unreadable."""
+def runs_table_urls(tracking_uri: str, base: str) -> dict[str, str]:
+    """Experiment name -> URL of its runs table (MLflow 3 opens an experiment on its GenAI page,
+    where no runs show), with autosparse's view (metric columns shown, see :data:`VIEW_TAG`)
+    where a search logged one. {} if the store is unreadable."""
+    urls = {}
+    for name, (experiment_id, has_view) in _experiments(tracking_uri).items():
+        url = f"{base}/#/experiments/{experiment_id}/runs"
+        urls[name] = f"{url}?viewStateShareKey={VIEW_KEY}" if has_view else url
+    return urls
+
+
+def _experiments(tracking_uri: str) -> dict[str, tuple[str, bool]]:
     try:
         from mlflow import MlflowClient  # lazy, as everywhere here: a slow import
 
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow's "Registry store URI" note
             client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
             experiments = client.search_experiments()
-        return {e.name: e.experiment_id for e in experiments if e.name != "Default"}
+        return {e.name: (e.experiment_id, VIEW_TAG in (e.tags or {}))
+                for e in experiments if e.name != "Default"}
     except Exception:  # noqa: BLE001 - the URLs are a convenience; the UI still starts
         return {}
+
+
+# MLflow 3.17 has no server-side default for the runs table's columns (the UI keeps them in the
+# browser's localStorage, showing none of the metrics at first). What it does read from the
+# server is a *shared view*: an experiment tag ``mlflow.sharedViewState.<key>`` holding the
+# view's JSON, opened with ``#/experiments/<id>/runs?viewStateShareKey=<key>``. log_front keeps
+# one such view per experiment; ``autosparse ui`` prints its URL.
+VIEW_KEY = "autosparse"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+_VIEW_EXTRA_METRICS = ("compression", "accuracy_drop", "hypervolume", "front_size", "n_trials")
+
+
+def view_state(metric_names: Iterable[str]) -> dict[str, Any]:
+    """The runs-table view: Duration and the given metrics as columns, newest first (log_front
+    names the objectives' metrics, then compression, the accuracy drop and the parent's
+    hypervolume, front size and trial count)."""
+    names: list[str] = []
+    for name in metric_names:
+        if name not in names:
+            names.append(name)
+    columns = ["attributes.`Duration`", *(f"metrics.`{name}`" for name in names)]
+    return {"selectedColumns": columns, "orderByKey": "attributes.start_time",
+            "orderByAsc": False}
 
 
 def ui_environment(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -293,6 +339,56 @@ def layer_params(candidate_json: str) -> dict[str, str]:
         params[f"{base}.bits"] = str(choice.bits)
         params[f"{base}.criterion"] = choice.criterion
     return params
+
+
+FRONT_MARK = "★"
+# The figures a child run's name carries, in order: metric, format (MLflow's runs table shows
+# the name in every view, while metric columns must be picked by hand).
+_NAME_FIGURES = (("compression", "{:.3g}x"), ("latency_ms", "{:.3g}ms"),
+                 ("energy_uj", "{:.3g}uJ"))
+
+
+def run_name(trial: int, state: str, metrics: dict[str, Any] | None,
+             *, on_front: bool = False, metric_name: str = "accuracy") -> str:
+    """A child run's name: ``t12 97.2% 24.7x 0.81ms`` (the figures it has; ``t12 mse 0.031
+    24.7x`` for a task metric of another name), ``t3 failed``; ``★ `` in front of a front
+    member, so the runs table marks the front at a glance."""
+    parts = [f"t{int(trial)}"]
+    state = str(state).upper()
+    metrics = metrics or {}
+    if state in ("FAIL", "INTERRUPTED"):
+        parts.append("failed" if state == "FAIL" else "interrupted")
+    else:
+        if state == "PRUNED":
+            parts.append("screened")
+        task = _finite(metrics.get(metric_name))
+        if task is not None:
+            parts.append(f"{task:.1f}%" if metric_name == "accuracy"
+                         else f"{metric_name} {task:.4g}")
+        for key, form in _NAME_FIGURES:
+            value = _finite(metrics.get(key))
+            if value is not None:
+                parts.append(form.format(value))
+    name = " ".join(parts)
+    return f"{FRONT_MARK} {name}" if on_front else name
+
+
+def _epoch_ms(value: Any) -> int | None:
+    number = _finite(value)
+    return None if number is None or number <= 0 else int(number)
+
+
+def _iso_ms(value: Any) -> int | None:
+    """Epoch ms of an ISO timestamp (the trials frame's ``datetime_start``); None if absent.
+    Optuna stores naive local times: read them as local, as Optuna wrote them."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    from datetime import datetime
+
+    try:
+        return int(datetime.fromisoformat(value.strip()).timestamp() * 1000)
+    except ValueError:
+        return None
 
 
 def layer_table_csv(table: LayerTable) -> str:
@@ -533,7 +629,8 @@ class Tracker:
                 return runs
 
     def _find_or_create(
-        self, experiment_id: str, filter_string: str, run_name: str, tags: dict[str, str]
+        self, experiment_id: str, filter_string: str, run_name: str, tags: dict[str, str],
+        start_time: int | None = None,
     ) -> tuple["Run", bool]:
         """The oldest active run matching the filter, or a new one. Returns (run, created).
 
@@ -545,7 +642,8 @@ class Tracker:
         if found:
             return self._oldest(found), False
         run = self._retry(
-            lambda: client.create_run(experiment_id, run_name=run_name, tags=tags)
+            lambda: client.create_run(experiment_id, run_name=run_name, tags=tags,
+                                      start_time=start_time)
         )
         found = self._search(experiment_id, filter_string)
         winner = self._oldest(found) if found else run
@@ -679,20 +777,27 @@ class Tracker:
         cached: bool = False,
         strategy: str = "",
         fidelity: str = "",
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        metric_name: str = "accuracy",
     ) -> str | None:
-        """One nested child run ``trial-<n>`` per trial; a second call returns the same run.
+        """One nested child run per trial; a second call returns the same run.
 
-        Params ``<layer>.pattern/.sparsity/.bits/.criterion`` and ``fidelity`` (``full``, or
-        ``low`` for a trial screened out after its short fine-tune); finite metrics; artifact
-        ``candidate.json``; status FINISHED (COMPLETE), FAILED (FAIL, reason in tag
-        ``autosparse.fail_reason``) or KILLED (PRUNED).
+        Its name carries the figures (:func:`run_name`, e.g. ``t12 97.2% 24.7x 0.81ms``;
+        :meth:`log_front` prefixes front members with ``★``). ``start_ms``/``end_ms`` (epoch ms,
+        from the Optuna trial) become the run's start and end, so MLflow's "Duration" is the
+        trial's time, not the logging's. Params ``<layer>.pattern/.sparsity/.bits/.criterion``
+        and ``fidelity`` (``full``, or ``low`` for a trial screened out after its short
+        fine-tune); finite metrics; artifact ``candidate.json``; status FINISHED (COMPLETE),
+        FAILED (FAIL, reason in tag ``autosparse.fail_reason``) or KILLED (PRUNED).
         """
         if not parent_run_id:
             return None
         return self._log_trial(
             parent_run_id=parent_run_id, trial=trial, state=state,
             candidate_json=candidate_json, metrics=metrics, fail_reason=fail_reason,
-            cached=cached, strategy=strategy, fidelity=fidelity,
+            cached=cached, strategy=strategy, fidelity=fidelity, start_ms=start_ms,
+            end_ms=end_ms, metric_name=metric_name,
         )
 
     def _log_trial(
@@ -708,6 +813,9 @@ class Tracker:
         strategy: str = "",
         existing: "Run | None" = None,
         fidelity: str = "",
+        start_ms: int | None = None,
+        end_ms: int | None = None,
+        metric_name: str = "accuracy",
     ) -> str:
         trial = int(trial)
         state = str(state).upper()
@@ -746,7 +854,9 @@ class Tracker:
                 f"tags.`{TAG_PARENT}` = '{parent_run_id}' and tags.`{TAG_TRIAL}` = '{trial}'"
             )
             existing, created = self._find_or_create(
-                experiment_id, filter_string, f"trial-{trial}", tags
+                experiment_id, filter_string,
+                run_name(trial, state, metrics, metric_name=metric_name), tags,
+                start_time=_epoch_ms(start_ms),
             )
         else:
             created = False
@@ -771,7 +881,11 @@ class Tracker:
         if candidate_json:
             self._log_texts(run_id, {"candidate.json": candidate_json})
         status = _STATE_TO_STATUS.get(state, "FAILED")
-        self._retry(lambda: client.set_terminated(run_id, status=status))
+        end = _epoch_ms(end_ms)
+        start = existing.info.start_time
+        if end is not None and start is not None and end < start:
+            end = None  # a run created before its trial's times were known: keep MLflow's
+        self._retry(lambda: client.set_terminated(run_id, status=status, end_time=end))
         return run_id
 
     @_safe()
@@ -783,8 +897,13 @@ class Tracker:
         objectives: list[str],
         hypervolumes: dict[str, list[float]],
         dense_metrics: dict | None = None,
+        metric_name: str = "accuracy",
     ) -> None:
         """Bring MLflow in line with the study: missing child runs, front tags, plots, metrics.
+
+        ``metric_name`` is the task metric's name (``autosparse.task``): the ``accuracy``
+        columns of ``trials`` hold it, and the runs and files show it under its own name
+        (``mse``, ``metric_drop``, ``test_mse``, ...).
 
         Creates a child run for each trial row that has none (re-logging from storage after
         MLflow was down), sets ``autosparse.on_front`` on every child run (and, on those of
@@ -826,18 +945,23 @@ class Tracker:
         for row in trials.to_dict("records"):
             number = int(row["trial"])
             existing = children.get(number)
+            state = _text(row.get("state")) or "COMPLETE"
+            own = shown_metrics(_own_metrics(row, metric_cols), metric_name)
             if existing is None or existing.info.status not in _TERMINAL:
                 try:
                     run_id = self._log_trial(
                         parent_run_id=parent_run_id,
                         trial=number,
-                        state=_text(row.get("state")) or "COMPLETE",
+                        state=state,
                         candidate_json=_text(row.get("candidate")),
-                        metrics=_own_metrics(row, metric_cols),
+                        metrics=own,
                         fail_reason=_text(row.get("fail_reason")),
                         cached=_flag(row.get("cached")),
                         strategy=strategy,
                         existing=existing,
+                        start_ms=_iso_ms(row.get("datetime_start")),
+                        end_ms=_iso_ms(row.get("datetime_complete")),
+                        metric_name=metric_name,
                     )
                 except Exception as exc:
                     if _is_unreachable(exc):
@@ -846,22 +970,41 @@ class Tracker:
                                   TrackingWarning, stacklevel=3)
                     continue
                 have = "false" if existing is None else existing.data.tags.get(TAG_ON_FRONT, "false")
+                named = (run_name(number, state, own, metric_name=metric_name)
+                         if existing is None else existing.info.run_name)
             else:
                 run_id = existing.info.run_id
                 have = existing.data.tags.get(TAG_ON_FRONT, "")
+                named = existing.info.run_name
             want = "true" if _flag(row.get("on_front")) else "false"
             if have != want:
                 self._retry(lambda: client.set_tag(run_id, TAG_ON_FRONT, want))
+            name = run_name(number, state, own, on_front=want == "true",
+                            metric_name=metric_name)
+            if named != name:  # the front marker, or a run named before names had figures
+                self._retry(lambda: client.update_run(run_id, name=name))
             logged = {} if existing is None else existing.data.metrics
-            spread = [(k, v, int(time.time() * 1000), 0) for k, v in _spread_metrics(row).items()
+            spread = [(k, v, int(time.time() * 1000), 0)
+                      for k, v in shown_metrics(_spread_metrics(row), metric_name).items()
                       if logged.get(k) != v]
             if spread:  # a front point re-evaluated with extra seeds (reeval.py)
                 self._log_batch(run_id, metrics=spread)
 
+        # the runs table's view with the metric columns (an experiment tag; see VIEW_TAG)
+        from .objectives import OBJECTIVES
+
+        view = json.dumps(view_state(shown_metric(key, metric_name) for key in (
+            *(OBJECTIVES[o].metric for o in objectives if o in OBJECTIVES), *_VIEW_EXTRA_METRICS)))
+        experiment = self._retry(lambda: client.get_experiment(experiment_id))
+        if (experiment.tags or {}).get(VIEW_TAG) != view:
+            self._retry(lambda: client.set_experiment_tag(experiment_id, VIEW_TAG, view))
+
         # 2. artifacts on the parent; a plot that fails does not stop the rest.
         files: dict[str, str | bytes] = {
-            "pareto.csv": plots.front_table(trials, objectives).to_csv(index=False),
-            "trials.csv": trials.to_csv(index=False),
+            "pareto.csv": plots.front_table(trials, objectives).rename(
+                columns=lambda c: shown_metric(str(c), metric_name)).to_csv(index=False),
+            "trials.csv": trials.rename(
+                columns=lambda c: shown_metric(str(c), metric_name)).to_csv(index=False),
         }
         with tempfile.TemporaryDirectory(prefix="autosparse-plots-") as tmp:
             for name, draw in (
@@ -1054,7 +1197,10 @@ class Tracker:
                 requirements.append(f"{package}=={version}")
             # create_model_version resolves a ``models:/<id>`` source through the global store
             # too, so registration happens under the same temporary URI.
-            with _use_tracking_uri(self.tracking_uri):
+            # mlflow.pytorch warns at every pickle save that pickles run code when loaded: the
+            # choice is deliberate (the pt2 flavour fixes the batch size, see README "Export")
+            # and the export folder's own files are not pickles; quiet that logger, this call only
+            with _use_tracking_uri(self.tracking_uri), _quiet_logger("mlflow.pytorch"):
                 info = self._retry(lambda: mlflow.pytorch.log_model(
                     model, model_id=logged.model_id, run_id=run_id, input_example=input_example,
                     serialization_format="pickle", pip_requirements=requirements or None,

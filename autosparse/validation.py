@@ -56,13 +56,20 @@ def _hint(word: str, allowed: list[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
+def did_you_mean(word: str, allowed: list[str]) -> str:
+    """``; did you mean 'x'?`` for the closest allowed word, or "" (for command-line values)."""
+    return _hint(word, allowed)
+
+
 def format_error(err: ValidationError, what: str, source: str,
                  model: type[BaseModel] | None = None) -> str:
     """One line per problem: ``source: field.path: message (got value)``."""
     lines = []
     for problem in err.errors():
         loc = tuple(p for p in problem["loc"] if not _is_type_tag(p))
-        where = ".".join(str(p) for p in loc) or "(top level)"
+        # list positions as a user writes them (rules[0].layers), not pydantic's rules.0.layers
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") \
+            or "(top level)"
         message = problem["msg"].removeprefix("Value error, ")
         value = problem.get("input")
         if problem["type"] == "extra_forbidden":

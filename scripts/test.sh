@@ -29,4 +29,15 @@ if [ -z "${AUTOSPARSE_TEST_POSTGRES_URL:-}" ] && [ "${AUTOSPARSE_TEST_POSTGRES:-
   rm -f "$AUTOSPARSE_PG_DIR.url"
 fi
 
+# Headless Chromium for the browser test (scripts/chromium.sh; installed when missing only with
+# AUTOSPARSE_INSTALL_CHROMIUM=1 as root); without it that test is skipped with the reason.
+if [ -z "${AUTOSPARSE_CHROMIUM:-}" ] && [ "${AUTOSPARSE_TEST_CHROMIUM:-1}" != 0 ]; then
+  if chromium_out=$(bash scripts/chromium.sh 2>/tmp/autosparse-chromium-$$.err); then
+    export AUTOSPARSE_CHROMIUM="$chromium_out"
+  else
+    export AUTOSPARSE_CHROMIUM_SKIP_REASON="no headless Chromium: $(tail -n 1 /tmp/autosparse-chromium-$$.err)"
+  fi
+  rm -f /tmp/autosparse-chromium-$$.err
+fi
+
 .venv/bin/python -m pytest "$@"

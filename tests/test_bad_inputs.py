@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,23 @@ FIELD_CASES = [
     ("split-missing-test", "data.split", {"train": 0.8, "validation": 0.2}, ["split"]),
     ("npz-missing", "data", {"source": "npz", "path": "/nonexistent/d.npz"},
      ["/nonexistent/d.npz"]),
+    ("split-ranges-overlap", "data.split", {"train": [0, 1000], "validation": [900, 1400],
+                                            "test": [1400, 1797]}, ["split", "overlap"]),
+    ("split-ranges-mixed", "data.split", {"train": [0, 1000], "validation": 0.2, "test": 0.2},
+     ["split", "index ranges"]),
+    ("split-range-past-end", "data.split", {"train": [0, 1000], "validation": [1000, 1400],
+                                            "test": [1400, 2000]}, ["data.split.test", "1797"]),
+    ("factory-no-module", "data", {"factory": "no_such_pkg.loaders:make"},
+     ["data.factory", "no_such_pkg.loaders"]),
+    ("factory-and-source", "data", {"factory": "pkg.mod:make", "source": "npz"},
+     ["factory", "source"]),
+    ("factory-kwargs-alone", "data", {"kwargs": {"batch_size": 8}}, ["kwargs", "factory"]),
+    ("device-name", "device", "tpu", ["device", "tpu", "cuda:N"]),
+    ("device-absent-gpu", "device", "cuda:99", ["cuda:99", "present: cpu"]),
+    ("devices-absent-gpu", "devices", [99], ["devices", "no GPU 99", "present: cpu"]),
     ("sparsity-high", "space.default.sparsity", [0.0, 1.5], ["sparsity", "1.5"]),
     ("sparsity-negative", "space.default.sparsity", [-0.1], ["sparsity", "-0.1"]),
-    ("sparsity-str", "space.default.sparsity", ["half"], ["sparsity", "half"]),
+    ("sparsity-str", "space.default.sparsity", ["half"], ["sparsity[0]", "half"]),
     ("sparsity-empty", "space.default.sparsity", [], ["sparsity"]),
     ("pattern-unknown", "space.default.patterns", ["blocky"], ["patterns", "blocky"]),
     ("pattern-nm-bad", "space.default.patterns", ["4:2"], ["patterns", "4:2"]),
@@ -87,7 +103,8 @@ FIELD_CASES = [
     ("space-typo", "space.defualt", {}, ["defualt"]),
     ("rule-no-match", "space.rules", [{"layers": ["convv1"], "bits": [8]}],
      ["space.rules[0].layers", "convv1", "conv1"]),
-    ("rule-bad-regex", "space.rules", [{"layers": ["conv[1"], "bits": [8]}], ["conv[1"]),
+    ("rule-bad-regex", "space.rules", [{"layers": ["conv[1"], "bits": [8]}],
+     ["space.rules[0].layers", "conv[1"]),
     ("rule-no-layers", "space.rules", [{"bits": [8]}], ["layers"]),
     ("exclude-no-match", "space.exclude", ["fc9"], ["space.exclude", "fc9"]),
     ("include-no-match", "space.include", ["head"], ["space.include", "head"]),
@@ -122,7 +139,8 @@ FIELD_CASES = [
     ("constraint-impossible-acc", "constraints", ["accuracy >= 150"], ["accuracy", "150"]),
     ("constraint-impossible-size", "constraints", ["size_kb <= 0"], ["size_kb", "0"]),
     ("constraint-latency-no-hw", "constraints", ["latency_ms <= 1"], ["latency_ms", "hardware"]),
-    ("constraint-not-list", "constraints", "accuracy_drop <= 5", ["constraints"]),
+    ("constraint-not-list", "constraints", "accuracy_drop <= 5", ["constraints", "list",
+                                                                   "accuracy_drop <= 5"]),
     ("finetune-steps-str", "finetune.steps", "few", ["steps", "few"]),
     ("finetune-steps-negative", "finetune.steps", -5, ["steps", "-5"]),
     ("finetune-lr-negative", "finetune.lr", -0.1, ["lr", "-0.1"]),
@@ -151,6 +169,11 @@ CLI_CASES = [
     ("extend-negative", ["search", "CONFIG", "--extend", "-5"], ["--extend", "-5"]),
     ("config-missing", ["search", "/nonexistent/c.yaml"], ["/nonexistent/c.yaml"]),
     ("config-directory", ["search", "DIR"], ["is a directory"]),
+    ("space-config-directory", ["space", "DIR"], ["is a directory"]),
+    ("export-config-directory", ["export", "DIR"], ["is a directory"]),
+    ("front-config-directory", ["front", "DIR"], ["is a directory"]),
+    ("calibrate-architecture", ["calibrate", "--architectures", "digits-cnm"],
+     ["--architectures", "digits-cnm", "digits-cnn"]),
     ("space-missing", ["space", "/nonexistent/c.yaml"], ["/nonexistent/c.yaml"]),
     ("front-never-searched", ["front", "CONFIG"], ["no study", "autosparse search"]),
     ("export-no-study", ["export", "CONFIG", "--knee"], ["no study", "autosparse search"]),
@@ -172,6 +195,61 @@ FILE_CASES = [
 ]
 
 
+
+def _torch_save(obj):
+    def write(path: Path) -> None:
+        import torch
+
+        torch.save(obj() if callable(obj) else obj, path)
+    return write
+
+
+def _truncated_checkpoint(path: Path) -> None:
+    import torch
+
+    from autosparse.models import build_model
+    from autosparse.config import ModelConfig
+
+    torch.save(build_model(ModelConfig(builtin="digits-cnn"), (1, 8, 8), 10).state_dict(), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _object_npz(path: Path) -> None:
+    import numpy as np
+
+    with path.open("wb") as handle:
+        np.savez(handle, x=np.array([[1.0], [2.0, 3.0]], dtype=object), y=np.array([0, 1]))
+
+
+# Inputs that point at a file: (case id, file name, content (bytes, text or a writer), dotted
+# field -> value with FILE for the file's path, words the line must hold, words it must not)
+NOT_ADVICE = ["weights_only", "allow_pickle", "pickle.load"]  # never tell a user to lower safety
+INPUT_FILE_CASES = [
+    ("checkpoint-corrupt", "w.pt", b"this is not a checkpoint\n",
+     {"model.checkpoint": "FILE"}, ["model.checkpoint", "w.pt", "not a readable", "state_dict"],
+     NOT_ADVICE),
+    ("checkpoint-truncated", "w.pt", _truncated_checkpoint, {"model.checkpoint": "FILE"},
+     ["model.checkpoint", "w.pt", "not a readable"], NOT_ADVICE),
+    ("checkpoint-random-bytes", "w.pt", bytes(range(256)) * 4, {"model.checkpoint": "FILE"},
+     ["model.checkpoint", "not a readable"], NOT_ADVICE),
+    ("checkpoint-pickled-model", "w.pt", _torch_save(lambda: __import__("torch").nn.Linear(2, 2)),
+     {"model.checkpoint": "FILE"}, ["model.checkpoint", "Linear", "state_dict"], NOT_ADVICE),
+    ("npz-text-file", "d.npz", "x,y\n1,2\n", {"data": {"source": "npz", "path": "FILE"}},
+     ["data.path", "d.npz", "not an npz"], ["pickle"]),
+    ("npz-object-array", "d.npz", _object_npz, {"data": {"source": "npz", "path": "FILE"}},
+     ["d.npz", "object array"], ["pickle"]),
+    ("factory-raises", "h4_raising_factory.py",
+     "def make():\n    raise RuntimeError('no weights for this width')\n",
+     {"model": {"factory": "h4_raising_factory:make"}},
+     ["model.factory", "h4_raising_factory:make", "RuntimeError", "no weights for this width"],
+     []),
+    ("factory-raises-kwargs", "h4_raising_factory2.py",
+     "def make(width=4):\n    return {}[width]\n",
+     {"model": {"factory": "h4_raising_factory2:make", "kwargs": {"width": 3}}},
+     ["model.factory", "h4_raising_factory2:make", "KeyError", "3"], []),
+]
+
+
 def _snapshot(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
@@ -188,11 +266,18 @@ def _run(argv: list[str], tmp_path: Path, capsys, monkeypatch) -> tuple[int, str
     return code, err
 
 
+# pydantic's own words for types and union branches: never shown to a user
+INTERNALS = ["list[", "dict[", "literal[", "function-", "union[", "json-or-python",
+             "pydantic", "validation error for"]
+
+
 def _check(code: int, err: str, words: list[str]) -> None:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
+    for internal in INTERNALS:
+        assert internal not in lines[0].lower(), (internal, lines[0])
     for word in words:
         assert word.lower() in lines[0].lower(), (word, lines[0])
 
@@ -227,5 +312,74 @@ def test_bad_config_file(case, content, words, tmp_path, capsys, monkeypatch):
     _check(code, err, words)
 
 
+@pytest.mark.parametrize("case,name,content,fields,words,forbidden", INPUT_FILE_CASES,
+                         ids=[c[0] for c in INPUT_FILE_CASES])
+def test_bad_input_file(case, name, content, fields, words, forbidden, tmp_path, capsys,
+                        monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # a factory module: no __pycache__
+    target = tmp_path / name
+    if callable(content):
+        content(target)
+    elif isinstance(content, bytes):
+        target.write_bytes(content)
+    else:
+        target.write_text(content)
+    config = BASE
+    for field, value in fields.items():
+        if isinstance(value, dict):
+            value = {k: str(target) if v == "FILE" else v for k, v in value.items()}
+        config = _set(config, field, str(target) if value == "FILE" else value)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    code, err = _run(["search", str(tmp_path / "c.yaml")], tmp_path, capsys, monkeypatch)
+    _check(code, err, words)
+    for word in forbidden:
+        assert word.lower() not in err.lower(), (word, err)
+
+
+# Config checks that need only the file run before torch, optuna, mlflow or pandas is imported
+# (they take seconds to import; a typo should cost a fraction of one). A fresh interpreter each.
+HEAVY = ("torch", "optuna", "mlflow", "pandas", "onnx")
+LIGHT_COMMANDS = [["search", "CONFIG"], ["space", "CONFIG"], ["front", "CONFIG"],
+                  ["export", "CONFIG"], ["sensitivity", "CONFIG"], ["profile", "CONFIG"],
+                  ["calibrate", "--config", "CONFIG"]]
+
+
+@pytest.mark.parametrize("argv", LIGHT_COMMANDS, ids=[a[0] for a in LIGHT_COMMANDS])
+def test_config_errors_come_before_heavy_imports(argv, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_set(BASE, "model.builtin", "digits-cnm")))
+    args = [str(config) if a == "CONFIG" else a for a in argv]
+    probe = ("import sys\nfrom autosparse.cli import main\n"
+             f"code = main(['--runs-dir', {str(tmp_path / 'runs')!r}, *{args!r}])\n"
+             f"print(code, [m for m in {HEAVY!r} if m in sys.modules])")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60)
+    assert done.stdout.split("\n")[0] == "2 []", (done.stdout, done.stderr)
+    assert "digits-cnm" in done.stderr and "did you mean 'digits-cnn'" in done.stderr
+
+
 def test_the_corpus_is_large():
-    assert len(FIELD_CASES) + len(CLI_CASES) + len(FILE_CASES) >= 100
+    assert len(FIELD_CASES) + len(CLI_CASES) + len(FILE_CASES) + len(INPUT_FILE_CASES) >= 120
+
+
+@pytest.mark.integration
+def test_a_first_generation_all_infeasible_stops_early(tmp_path, capsys, monkeypatch):
+    """Not a config error a file alone shows: 8 trials run (and stay in the study), then the
+    search stops with exit 2, naming the constraint and the best value seen, not after 40."""
+    config = {**BASE, "name": "hopeless", "model": {"builtin": "digits-mlp", "train_epochs": 1},
+              "space": {"default": {"sparsity": [0.0, 0.5], "patterns": ["unstructured"],
+                                    "bits": [8]}},
+              "strategy": {"name": "random"}, "budget": {"trials": 40},
+              "constraints": ["accuracy_drop <= 90", "size_kb <= 5"],
+              "finetune": {"steps": 1, "reeval_seeds": 0}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code = main(["--runs-dir", str(tmp_path / "runs"), "search", str(path)])
+    captured = capsys.readouterr()
+    progress = [line for line in captured.out.splitlines() if line.startswith("[")]
+    assert len(progress) == 8 and progress[-1].startswith("[8/40]"), captured.out
+    _check(code, "\n".join(line for line in captured.err.splitlines()
+                           if not line.startswith(("training the dense", "dense model"))),
+           ["first 8 trials", "size_kb <= 5", "best size_kb seen", "fewer bits"])

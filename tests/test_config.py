@@ -36,7 +36,7 @@ def test_defaults_are_valid():
         ({"space": {"default": {"bits": [1, 8]}}}, ["space.default.bits", "[1]", "2 to 16, or 32"]),
         ({"space": {"default": {"patterns": ["3:3"]}}}, ["space.default.patterns", "N:M"]),
         ({"space": {"default": {"sparsity": [0.5, 1.2]}}}, ["sparsity", "1.2", "[0, 1)"]),
-        ({"space": {"rules": [{"layers": ["conv[1"]}]}}, ["space.rules.0.layers", "not a valid regex"]),
+        ({"space": {"rules": [{"layers": ["conv[1"]}]}}, ["space.rules[0].layers", "not a valid regex"]),
         ({"constraints": ["latency <= 2"]}, ["constraint metric 'latency'", "accuracy_drop"]),
         ({"constraints": ["accuracy drop < 1"]}, ["metric <= number"]),
         ({"data": {"source": "npz"}}, ["data", "needs 'path'"]),

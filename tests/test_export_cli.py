@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -403,8 +404,18 @@ def test_bad_requests_are_exit_2(searched, exported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "999" in err and f"0 to {len(trials) - 1}" in err
 
-    assert export(runs_dir, config, "--trial", str(number)) == 2
-    assert "already exists" in capsys.readouterr().err
+    before = (out / "report.json").read_text()
+    assert export(runs_dir, config, "--trial", str(number)) == 0  # the same export: reused
+    printed = capsys.readouterr().out
+    assert "reused" in printed and "rebuilding" not in printed
+    assert (out / "report.json").read_text() == before
+
+    foreign = tmp_path / "mine"  # a folder that is not an export is never replaced
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    assert export(runs_dir, config, "--trial", str(number), "--out", str(foreign)) == 2
+    assert "not an autosparse export" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "keep me"
 
     assert export(runs_dir, config, "--trial", "0", "--knee") == 2
     assert "one of --trial, --max-drop" in capsys.readouterr().err
@@ -418,6 +429,24 @@ def test_bad_requests_are_exit_2(searched, exported, tmp_path, capsys):
     assert export(runs_dir, missing, "--trial", "0") == 2
     assert "run `autosparse search` first" in capsys.readouterr().err
     assert not (runs_dir / "never-searched" / "export").exists()
+
+
+@pytest.mark.integration
+def test_an_incomplete_export_folder_is_replaced_whole(searched, exported, tmp_path, capsys):
+    runs_dir, config, _ = searched
+    number, out, report = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "model.onnx").unlink()  # e.g. deleted by hand: the folder no longer matches
+    (copy / "stray.txt").write_text("from the old folder")
+    capsys.readouterr()
+    assert export(runs_dir, config, "--trial", str(number), "--out", str(copy),
+                  "--no-mlflow") == 0
+    assert "replaced the earlier export" in capsys.readouterr().out
+    assert (copy / "model.onnx").is_file() and not (copy / "stray.txt").exists()
+    again = json.loads((copy / "report.json").read_text())
+    assert again["export_digest"] == report["export_digest"]
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"], "no hidden folder left"
 
 
 @pytest.mark.integration

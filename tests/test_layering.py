@@ -9,10 +9,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "autosparse"
 
 PURE = {"config", "candidate", "objectives", "layers", "validation", "hardware", "cost",
         "latency_table",
-        "structure"}
+        "structure", "pareto_page"}
 SEARCH_SIDE = {"space", "footprint", "pareto", "samplers"}
 MODEL_SIDE = {"data", "models", "discovery", "dense", "compress", "finetune", "evaluate",
-              "sensitivity", "graph", "storage", "measured_latency"}
+              "sensitivity", "graph", "storage", "measured_latency", "devices", "data_factory",
+              "task", "task_builtins"}
 FORBIDDEN = {
     **{m: {"numpy", "torch", "optuna", "deap", "mlflow", "pandas"} for m in PURE},
     **{m: {"torch", "mlflow"} for m in SEARCH_SIDE},
@@ -23,6 +24,9 @@ FORBIDDEN = {
     "selection": {"torch", "optuna", "mlflow", "deap"},
     "allocation": {"torch", "optuna", "mlflow", "deap"},
     "reeval": {"mlflow", "deap"},
+    # the terminal and the first-generation check: light, so a config error stays fast
+    "progress": {"numpy", "torch", "optuna", "mlflow", "deap"},
+    "early_stop": {"numpy", "torch", "optuna", "mlflow", "deap", "pandas"},
 }
 
 

@@ -94,20 +94,56 @@ def test_html_is_self_contained_and_shows_the_trials(tmp_path):
     path = tmp_path / "pareto.html"
     pareto_figure_html(make_trials(), ["accuracy", "size"], path, dense=DENSE)
     html = path.read_text()
-    assert "plotly" in html.lower()
-    assert "<script src=\"http" not in html  # plotly.js inlined: works offline
+    # inline SVG, no library and nothing to fetch: MLflow's artifact viewer shows it at once
+    assert "<svg" in html and "plotly" not in html.lower()
+    assert "src=" not in html and "http://" not in html.replace("http://www.w3.org", "")
+    assert len(html.encode()) < 50_000
     for number in range(5):
         assert f"trial {number}" in html
     assert "trial 5" not in html and "trial 6" not in html  # failed trials are left out
     # layer choices and every metric (also ones no module names) in the hover text
     assert "conv2: 2:4" in html and "latency_ms" in html
-    assert '"type":"log"' in html.replace(" ", "")  # 2 .. 400 kB spans more than 20x
+    assert 'data-xscale="log"' in html  # 8 .. 400 kB among the feasible: over a decade
+    assert html.count('fill="#d62728" stroke="#333"') == 3 + 1  # 3 front points + legend
+    assert "dense model" in html
+
+
+def test_html_axes_fit_the_feasible_points():
+    """Trial 4 (infeasible, 40 %, 2 kB) must not stretch the axes: it sits on the edge."""
+    from autosparse.pareto_page import fit_axes
+
+    frame = make_trials()
+    frame = frame[frame["state"] == "COMPLETE"]
+    kinds = ["front" if f else "feasible" if ok else "infeasible"
+             for f, ok in zip(frame["on_front"], frame["feasible"])]
+    axes = fit_axes(list(zip(frame["size_kb"], frame["accuracy"], kinds)))
+    assert axes.log_x and 94 < axes.y_lo < 95 and 98 < axes.y_hi < 98.5
+    assert 6 < axes.x_lo < 8 and axes.outside == 1
+    assert not axes.inside(2.0, 40.0) and axes.inside(60.0, 96.0)
+
+
+def test_html_marks_points_outside_the_axes(tmp_path):
+    path = tmp_path / "pareto.html"
+    pareto_figure_html(make_trials(), ["accuracy", "size"], path)
+    html = path.read_text()
+    assert "1 trial(s) outside the axes" in html
+    assert html.count("<polygon") >= 2  # the edge triangle and the legend's
+
+
+def test_html_hover_text_is_escaped(tmp_path):
+    trials = make_trials()
+    trials["<script>"] = 1.0  # a metric column with a hostile name
+    path = tmp_path / "pareto.html"
+    pareto_figure_html(trials, ["accuracy", "size"], path)
+    html = path.read_text()
+    assert "<script>:" not in html and "&lt;script&gt;" in html
 
 
 def test_html_with_three_objectives_has_a_dropdown(tmp_path):
     path = tmp_path / "pareto3.html"
     pareto_figure_html(make_trials(), ["accuracy", "size", "macs", "bops"], path)
     html = path.read_text()
+    assert '<select id="view">' in html and html.count('class="panel"') == 3
     for label in ("accuracy vs size", "accuracy vs macs", "accuracy vs bops"):
         assert label in html
 
@@ -120,12 +156,32 @@ def test_html_without_completed_trials_still_renders(tmp_path):
     assert "no completed trials yet" in path.read_text()
 
 
+def test_ticks_are_round_and_inside():
+    from autosparse.pareto_page import ticks
+
+    assert ticks(94.8, 98.2) == [95.0, 96.0, 97.0, 98.0]
+    assert ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert ticks(7.0, 450.0, log=True) == [10.0, 20.0, 50.0, 100.0, 200.0]
+    assert ticks(1e2, 1e9, log=True) == [10.0**k for k in range(2, 10)]
+
+
 @pytest.mark.parametrize("objectives", [["accuracy", "size"], ["accuracy", "size", "macs"]])
 def test_png_is_a_png(tmp_path, objectives):
     path = tmp_path / "pareto.png"
     pareto_figure_png(make_trials(), objectives, path, dense=DENSE)
     data = path.read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_png_labels_front_points_and_fits_the_axes():
+    from autosparse.plots import pareto_figure
+
+    ax = pareto_figure(make_trials(), ["accuracy", "size"], dense=DENSE).axes[0]
+    labels = {t.get_text() for t in ax.texts}
+    assert {"0", "1", "2"} <= labels and "4" not in labels  # front points by trial number
+    assert "1 outside the axes" in ax.get_legend().get_title().get_text()
+    low, high = ax.get_ylim()
+    assert 94 < low < 95 and high < 99  # the 40 % infeasible trial does not stretch y
 
 
 def test_png_with_only_failures(tmp_path):

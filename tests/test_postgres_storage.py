@@ -106,6 +106,7 @@ def test_two_processes_share_one_study_on_postgres(tmp_path, study_name, monkeyp
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     workers = {t.user_attrs["worker"] for t in finished}
+    assert all(t.user_attrs.get("device") for t in finished), "each trial records its device"
     pids = {worker.rpartition(":")[2] for worker in workers}
     assert pids == {str(p.pid) for p in processes}, f"both processes ran trials: {workers}"
 

@@ -252,12 +252,16 @@ def test_log_trial_creates_nested_child_runs(tracker, client, small_table, tmp_p
     parent = _start(tracker, small_table)
     trials = make_trials()
     ok = trials.iloc[1]
+    start, end = 1_700_000_000_000, 1_700_000_042_500  # the trial's own times, epoch ms
     child = tracker.log_trial(
         parent_run_id=parent, trial=1, state="COMPLETE", candidate_json=ok["candidate"],
         metrics={**_row_metrics(ok), "energy_mj": math.inf}, cached=True, strategy="ga",
+        start_ms=start, end_ms=end,
     )
     run = client.get_run(child)
-    assert run.info.run_name == "trial-1" and run.info.status == "FINISHED"
+    # the figures that matter in the name: the runs table shows it without picking columns
+    assert run.info.run_name == "t1 97.5% 10x 1.5ms" and run.info.status == "FINISHED"
+    assert (run.info.start_time, run.info.end_time) == (start, end)  # "Duration" = 42.5 s
     tags = run.data.tags
     assert tags["mlflow.parentRunId"] == parent
     assert tags["autosparse.trial"] == "1" and tags["autosparse.on_front"] == "false"
@@ -278,7 +282,7 @@ def test_log_trial_creates_nested_child_runs(tracker, client, small_table, tmp_p
         metrics={"accuracy": math.nan}, fail_reason="RuntimeError: " + "x" * 5000,
     )
     run = client.get_run(failed)
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and run.info.run_name == "t3 failed"
     reason = run.data.tags["autosparse.fail_reason"]
     assert reason.startswith("RuntimeError: ") and len(reason) <= 1000
     assert run.data.metrics == {} and run.data.params == {}
@@ -326,6 +330,8 @@ def test_log_front_fills_gaps_tags_the_front_and_extends_histories(
 
     # Later: one more trial finished, the front changed (trial 1 still on it, 4 joins).
     trials.loc[trials["trial"] == 0, "on_front"] = False
+    trials["datetime_start"] = ["", "", "", "", "2026-01-02T03:04:05.000"]
+    trials["datetime_complete"] = ["", "", "", "", "2026-01-02T03:04:17.250"]
     tracker.log_front(parent_run_id=parent, trials=trials, objectives=["accuracy", "size"],
                       hypervolumes={"hypervolume": [0.1, 0.2, 0.3, 0.3, 0.5],
                                     "hypervolume_wide": [math.nan, 0.0, 0.05, 0.05, 0.2]},
@@ -334,6 +340,13 @@ def test_log_front_fills_gaps_tags_the_front_and_extends_histories(
     assert sorted(children) == [0, 1, 2, 3, 4]  # no duplicates, the new one created
     assert children[0].data.tags["autosparse.on_front"] == "false"
     assert children[4].data.tags["autosparse.on_front"] == "true"
+    # the front marker follows the front: trial 0 left it, trial 4 (created here) joined it
+    names = {n: r.info.run_name for n, r in children.items()}
+    assert names[0] == "t0 98.0% 1x 2ms" and names[1].startswith("★ t1 97.5%")
+    assert names[4] == "★ t4 90.0% 200x 0.1ms" and names[3] == "t3 failed"
+    # a run created from storage gets the trial's own start and end (trials_frame's columns)
+    assert (children[4].info.start_time, children[4].info.end_time) == (
+        tracking._iso_ms("2026-01-02T03:04:05.000"), tracking._iso_ms("2026-01-02T03:04:17.250"))
     history = client.get_metric_history(parent, "hypervolume")
     assert sorted((m.step, m.value) for m in history) == [
         (0, 0.1), (1, 0.2), (2, 0.3), (3, 0.3), (4, 0.5)]
@@ -347,6 +360,29 @@ def test_log_front_fills_gaps_tags_the_front_and_extends_histories(
     assert list(front["trial"]) == [4, 1]  # re-logging overwrote the artifact
     html = Path(client.download_artifacts(parent, "pareto.html", str(tmp_path / "b"))).read_text()
     assert "trial 4" in html
+
+
+def test_log_front_stores_the_runs_table_view_and_ui_links_to_it(tracker, client, small_table):
+    parent = _start(tracker, small_table)
+    tracker.log_front(parent_run_id=parent, trials=make_trials(), objectives=["accuracy", "size"],
+                      hypervolumes={})
+    experiment = client.get_run(parent).info.experiment_id
+    view = json.loads(client.get_experiment(experiment).tags[tracking.VIEW_TAG])
+    assert view["selectedColumns"][:4] == ["attributes.`Duration`", "metrics.`accuracy`",
+                                           "metrics.`size_kb`", "metrics.`compression`"]
+    base = "http://127.0.0.1:5000"
+    urls = tracking.runs_table_urls(tracker.tracking_uri, base)
+    assert urls == {"demo": f"{base}/#/experiments/{experiment}/runs?viewStateShareKey=autosparse"}
+
+
+def test_run_names_carry_the_figures_and_the_front_marker():
+    metrics = {"accuracy": 97.24, "compression": 24.71, "latency_ms": 0.8123, "size_kb": 7.7}
+    assert tracking.run_name(12, "COMPLETE", metrics) == "t12 97.2% 24.7x 0.812ms"
+    assert tracking.run_name(12, "COMPLETE", metrics, on_front=True).startswith("★ t12 97.2%")
+    assert tracking.run_name(3, "FAIL", {}) == "t3 failed"
+    assert tracking.run_name(4, "PRUNED", {"accuracy": 50.0}) == "t4 screened 50.0%"
+    assert tracking.run_name(5, "COMPLETE", {"mse": 0.0312, "compression": 3.0},
+                             metric_name="mse") == "t5 mse 0.0312 3x"
 
 
 def test_child_left_running_by_a_crash_is_completed(tracker, client, small_table):

@@ -25,6 +25,9 @@ def input_spec(data_cfg: DataConfig, input_shape: tuple[int, ...], mean: tuple[f
     raw = _RAW.get(data_cfg.source, "the data source's samples").format(
         layout=data_cfg.layout, gray=" (grayscale)" if data_cfg.grayscale else "",
         size=data_cfg.image_size)
+    if data_cfg.factory is not None:  # the user's loaders did their own preprocessing
+        raw = f"x exactly as the loaders of {data_cfg.factory} yield it"
+        mean, std = (0.0,), (1.0,)  # autosparse added no normalisation of its own
     return {
         "shape": ["batch", *input_shape],
         "dtype": "float32",
@@ -66,6 +69,9 @@ def sizes_markdown(files_bytes: dict[str, int], dense_onnx_bytes: int | None,
                    latency_ms: dict[str, float]) -> list[str]:
     """Each file's size next to dense, naming the small one, and a word when int8 is slower."""
     lines = ["## Files", "", "| file | kB | vs dense fp32 ONNX |", "|---|---|---|"]
+    if dense_onnx_bytes:
+        lines.append(f"| dense model, fp32 ONNX (for comparison; not in this folder) | "
+                     f"{dense_onnx_bytes / 1000:.1f} | 1.00× |")
     for name, size in files_bytes.items():
         if name.startswith("model."):
             ratio = f"{size / dense_onnx_bytes:.2f}×" if dense_onnx_bytes else ""
@@ -78,5 +84,6 @@ def sizes_markdown(files_bytes: dict[str, int], dense_onnx_bytes: int | None,
     if fp32 and int8 and int8 > fp32:
         lines += [f"int8 ONNX is slower than fp32 here ({int8:.4f} vs {fp32:.4f} ms): onnxruntime "
                   "runs QDQ convs as float between dequantize and quantize steps where this CPU "
-                  "has no fused integer kernel for them, and pays for the conversions.", ""]
+                  "has no fused integer kernel for them, and pays for the conversions (README, "
+                  "\"Latency fidelity\"); use `model.onnx` where speed matters on this CPU.", ""]
     return lines

@@ -36,7 +36,7 @@ __all__ = ["GeneticSampler", "GridSampler", "UniformGridSampler", "make_sampler"
 def make_sampler(
     strategy: StrategyConfig, space: SearchSpace, seed: int, *, grid: GridSpace | None = None,
     planner: BudgetPlanner | None = None, objectives: Sequence[str] = (),
-    dense_accuracy: float | None = None,
+    dense_accuracy: float | None = None, maximize: bool = True,
 ) -> optuna.samplers.BaseSampler:
     """The Optuna sampler for ``strategy``, seeded with ``seed``.
 
@@ -50,7 +50,7 @@ def make_sampler(
     if planner is not None and name in ("ga", "bo"):
         if dense_accuracy is None or not objectives:
             raise ValueError("screening needs the search's objectives and the dense accuracy")
-        predictor = AllocationPredictor(planner, objectives, dense_accuracy)
+        predictor = AllocationPredictor(planner, objectives, dense_accuracy, maximize)
     if name == "knapsack":
         if planner is None:
             raise ValueError("strategy 'knapsack' needs a budget planner (per-layer sensitivity)")

@@ -160,9 +160,10 @@ class AllocationPredictor:
     costs (exact for size, MACs and BOPs; per-layer sums of the cost model for latency/energy)."""
 
     def __init__(self, planner: "BudgetPlanner", objectives: Sequence[str],
-                 dense_accuracy: float) -> None:
+                 dense_accuracy: float, maximize: bool = True) -> None:
         self._planner, self._objectives = planner, list(objectives)
         self._dense_accuracy = float(dense_accuracy)
+        self._sign = 1.0 if maximize else -1.0  # a minimised task metric (mse) grows by its drop
         self._model = planner.prior
 
     def refit(self, trials: Sequence[FrozenTrial]) -> None:
@@ -185,7 +186,8 @@ class AllocationPredictor:
         problem = self._planner.problem
         allocation = problem.allocation_of(candidate)
         return np.asarray([
-            self._dense_accuracy - self._model.predict(allocation) if name == "accuracy"
+            self._dense_accuracy - self._sign * self._model.predict(allocation)
+            if name == "accuracy"
             else problem.total(name, allocation) for name in self._objectives], dtype=float)
 
 

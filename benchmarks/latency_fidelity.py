@@ -301,7 +301,11 @@ def markdown(frame: pd.DataFrame, command: str, wall: float, args, load: str) ->
         f"interleaved rounds x {args.calls} calls, {args.sessions} sessions per file used in "
         f"turn, medians); the whole timing {repeats} times. "
         "Figures: first timing, the other timing(s) in brackets. Median per-variant deviation "
-        f"between timings: {spread:.1f} %.", "",
+        f"between timings: {spread:.1f} %; per architecture, later timing / first (median "
+        "over its variants; far from 1: the machine was disturbed during one of them): "
+        + ", ".join(f"`{a}` " + "/".join(
+            f"{(g[f'meas_ms_{r}'] / g['meas_ms_0']).median():.2f}" for r in range(1, repeats))
+            for a, g in frame.groupby("arch", sort=False)) + ".", "",
         "Predictors: " + ", ".join(f"`{p}`" for p in predictors) + " — `local`: fitted by "
         f"`autosparse calibrate` on this machine (`{args.local}`), `ci_epyc`: the shipped "
         "profile fitted on another CPU (AMD EPYC, AVX2), `datasheet`: `x86-server-vnni`; "

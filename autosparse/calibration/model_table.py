@@ -50,7 +50,7 @@ KEEP_LEVELS = (0.75, 0.5, 0.25)  # kept share of each group's channels (plus 1.0
 PATTERN_LAYERS = 2  # sparse patterns are measured on this many of the largest layers only
 DEFAULT_WARMUP = 10  # fewer than calibrate's 20: a table times ~100 variants
 SESSIONS = 3  # sessions per variant, used in turn: one session's memory placement alone made
-# the same ResNet-18 file 40.0-44.7 µs here (4 copies, one run), which every delta inherited
+# the same ResNet-18 file 40.0-44.0 µs here (4 copies, one run), which every delta inherited
 DENSE_COPIES = 3  # the reference of every delta: timed as this many variants, pooled
 
 

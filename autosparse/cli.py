@@ -185,9 +185,13 @@ def _export(args: argparse.Namespace) -> int:
     report = outcome.report
     print(f"\n{'already exported' if outcome.reused else 'exported'} trial {report['trial']} "
           f"to {outcome.out_dir}/")
-    for name, value in report["test_accuracy"].items():
+    metric = report.get("metric") or {}
+    task_metric = "accuracy" if metric.get("kind", "classification") == "classification" \
+        else metric["name"]  # mse, perplexity: the task's own metric, by its name
+    for name, value in report[f"test_{task_metric}"].items():
         if isinstance(value, (int, float)):
-            print(f"  test accuracy {name}: {value:.2f} %")
+            print(f"  test accuracy {name}: {value:.2f} %" if task_metric == "accuracy"
+                  else f"  test {task_metric} {name}: {value:.4g}")
     size = report["size_kb"]
     print(f"  packed checkpoint {size['packed_file']:.2f} kB (predicted {size['predicted']:.2f} kB "
           f"+ {size['packed_header']:.2f} kB header), dense {size['dense_predicted']:.2f} kB")

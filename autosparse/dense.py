@@ -57,8 +57,11 @@ def _splits_fingerprint(data: DataSplits) -> str:
     return digest.hexdigest()[:12]
 
 
-def cache_key(model_cfg: ModelConfig, data: DataSplits, seed: int) -> str:
-    """Short hash of what determines the trained weights."""
+def cache_key(model_cfg: ModelConfig, data: DataSplits, seed: int,
+              task: Task | None = None) -> str:
+    """Short hash of what determines the trained weights. A user's ``task.loss`` (with its
+    kwargs) is part of it; without one the key is what it always was, so caches of the
+    built-in losses stay valid."""
     payload = {
         "model": model_cfg.model_dump(mode="json"),
         "data": data.fingerprint or _splits_fingerprint(data),
@@ -67,11 +70,14 @@ def cache_key(model_cfg: ModelConfig, data: DataSplits, seed: int) -> str:
         "seed": seed,
         "recipe": RECIPE_VERSION,
     }
+    if task is not None and task.loss_spec is not None:
+        payload["task_loss"] = task.loss_spec
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def cache_path(model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int) -> Path:
-    return Path(cache_dir) / f"{model_name(model_cfg)}-{cache_key(model_cfg, data, seed)}.pt"
+def cache_path(model_cfg: ModelConfig, data: DataSplits, cache_dir: Path, seed: int,
+               task: Task | None = None) -> Path:
+    return Path(cache_dir) / f"{model_name(model_cfg)}-{cache_key(model_cfg, data, seed, task)}.pt"
 
 
 @contextmanager
@@ -174,7 +180,7 @@ def prepare_dense(
         model.eval()
         return model, _on_device_metrics(model, data, device, task)
 
-    path = cache_path(model_cfg, data, cache_dir, seed)
+    path = cache_path(model_cfg, data, cache_dir, seed, task)
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = build_model(model_cfg, data.input_shape, data.num_classes)

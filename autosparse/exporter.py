@@ -2,13 +2,15 @@
 
     pick      trial by number, by rule (max drop + minimise a metric) or the front's knee
     rebuild   compress the dense model with the trial's candidate, fine-tune exactly as the
-              search did (or longer, on request), check validation accuracy against the trial's
+              search did (or longer, on request), check the validation metric (accuracy, mse,
+              perplexity: the task's) against the trial's
     bake      masks and quantization into plain weights; remove the pruned channel groups for
               real (Torch-Pruning); parameters must equal the footprint's prediction
     write     model.pt2 (torch.export of the shrunk model), model.packed (the shrunk model, what
               the size objective counted), model.onnx, model.int8.onnx (QDQ) where every searched
               layer is <= 8 bits
-    check     test accuracy in every format; formats must agree; measured vs predicted latency
+    check     the task metric on the test split in every format; formats must agree; measured
+              vs predicted latency
     report    report.json / report.md; the model registered in MLflow, linked to the search
     publish   everything is written to a temporary folder and renamed into place at the end, so a
               failure leaves no half-written output
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -30,11 +33,13 @@ import torch
 from .calibration.machine import fingerprint_mismatch, recorded_fingerprint, this_machine
 from .candidate import FLOAT_BITS, Candidate, LayerChoice
 from .compress import bake
-from .config import FinetuneConfig, SearchConfig, load_config
+from .config import FinetuneConfig
 from .cost import estimate_cost
 from .evaluate import evaluate
 from .export.input_spec import input_markdown, input_spec, sizes_markdown
-from .export.onnx_export import export_onnx, onnx_outputs, quantize_onnx_int8, time_onnx_files
+from .discovery import example_input
+from .export.onnx_export import (export_onnx, input_array, onnx_outputs, quantize_onnx_int8,
+                                 time_onnx_files)
 from .export.folder import (DIGEST_KEY, export_digest, folder_state, publish, read_report,
                             staging_folder, update_report)
 from .export.packed import load_packed, save_packed
@@ -46,6 +51,8 @@ from .hardware import HardwareProfile, builtin_profiles, load_profile
 from .layers import LayerTable
 from .models import build_model
 from .objective import CandidateEvaluator
+from .objectives import shown_metric
+from .task import Task, model_outputs
 from .trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
 from .runner import SearchContext, prepare
 from .selection import Selection, by_number, by_rule, knee
@@ -54,10 +61,13 @@ from .validation import ConfigError
 
 Printer = Callable[[str], None]
 
-# Documented tolerances (README, "Export").
+# Documented tolerances (README, "Export"). A percentage metric (accuracy, topK) is checked in
+# points; any other task metric (mse, perplexity, yours) relative to the reference value.
 SAME_PREDICTIONS = 99.5  # % of test images on which every float format predicts the same class
 INT8_MAX_DROP = 1.0  # points the QDQ int8 model (activations quantized too) may lose vs PyTorch
+INT8_MAX_WORSE = 0.01  # non-percentage metric: int8 at most 1 % worse than PyTorch
 SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
+SEARCH_MARGIN_RELATIVE = 0.01  # non-percentage metric: rebuilt within 1 % of the trial's value
 OUTPUT_TOLERANCE = 1e-4  # largest output difference of a float format, relative to the largest output
 FLOAT_FORMATS = ("pytorch_shrunk", "pt2", "packed", "onnx")  # must compute the compressed model
 
@@ -101,11 +111,13 @@ def _select(context: SearchContext, study: optuna.Study, request: ExportRequest)
         raise ConfigError(f"the study {context.config.name!r} has no finished trial yet")
     if request.trial is not None:
         return by_number(trials, request.trial)
+    maximize = context.task.maximize  # a minimised metric (mse): better is lower
     if request.max_drop is not None:
         minimize = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
-        return by_rule(trials, request.max_drop, minimize)
+        return by_rule(trials, request.max_drop, minimize, maximize=maximize,
+                       quality=context.task.name)
     cost = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
-    return knee(trials, cost)
+    return knee(trials, cost, maximize=maximize, quality=context.task.name)
 
 
 def _reevaluation(context: SearchContext, study: optuna.Study, number: int) -> dict[str, float]:
@@ -130,8 +142,9 @@ def _load_study(context: SearchContext) -> optuna.Study:
 
 
 def _batches(context: SearchContext, split: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """Inputs as the ONNX files take them (float32, or int64 token ids) and targets."""
     for x, y in context.data.loader(split, context.data.batch_size):
-        yield x.numpy().astype(np.float32), np.asarray(y)
+        yield input_array(x.numpy()), np.asarray(y)
 
 
 def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
@@ -141,7 +154,7 @@ def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
         if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
             model.eval()  # a loaded torch.export program is already in eval form
         for x, _ in context.data.loader("test", context.data.batch_size):
-            out.append(model(x).numpy())
+            out.append(model_outputs(model(x)).numpy())  # a tensor, or transformers' .logits
     return np.concatenate(out)
 
 
@@ -260,22 +273,46 @@ def predicted_latencies(table: LayerTable, candidate: Candidate,
     return predicted
 
 
-def _refuse_other_tasks(config: SearchConfig) -> None:
-    """Export checks every format by class predictions (argmax agreement, test accuracy) and
-    times ONNX on float inputs: a classifier's contract. Say so before any work, rather than
-    fail deep inside for a regression or a language model."""
-    if config.task.kind != "classification":
-        raise ConfigError(
-            f"export of a {config.task.kind} model is not supported yet (task.kind "
-            f"{config.task.kind!r}): export checks each format by class predictions; the "
-            "search's front, trials and candidates are in runs/<name>/ and MLflow, and "
-            "`autosparse front` re-reports them")
+class _Scored(torch.nn.Module):
+    """One exported format as a module the task's metric can score (``Task.evaluate``): a
+    plain function inside, so ``eval()`` never reaches a loaded torch.export program."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self._run = lambda x: run(x)  # a function: a module given here is not registered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+def _onnx_run(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: torch.from_numpy(onnx_outputs(path, x.numpy()))
+
+
+def metric_key(task: Task, key: str) -> str:
+    """A report key under the task's metric name (``test_accuracy`` -> ``test_mse``); a
+    classifier's report keeps its historic ``accuracy`` keys whatever its metric."""
+    return key if task.kind == "classification" else shown_metric(key, task.name)
+
+
+def shown_value(task: Task, value: float) -> str:
+    """``97.22 %`` for a percentage, ``mse 0.4312`` for another metric."""
+    return f"{value:.2f} %" if task.percent else f"{task.name} {value:.4g}"
+
+
+def rebuild_margin(task: Task, recorded: float) -> float:
+    """How far the rebuilt model's validation metric may be from the trial's recorded one."""
+    return SEARCH_MARGIN if task.percent else SEARCH_MARGIN_RELATIVE * abs(recorded)
+
+
+def int8_margin(task: Task, reference: float) -> float:
+    """How much worse than the PyTorch model the int8 ONNX model may score on test."""
+    return INT8_MAX_DROP if task.percent else INT8_MAX_WORSE * abs(reference)
 
 
 def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Path = Path("runs"),
                printer: Printer = print) -> ExportOutcome:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _refuse_other_tasks(load_config(config_path))
     context = prepare(config_path, runs_dir)
     study = _load_study(context)
     selection = _select(context, study, request)
@@ -332,6 +369,8 @@ def _digest(context: SearchContext, study: optuna.Study, request: ExportRequest,
         "finetune": config.finetune.model_dump(mode="json"),
         "hardware": request.hardware or config.hardware,
         "registered_name": request.registered_name or config.export.registered_name,
+        # another task's metric and loss change what is checked (a classifier's digest as before)
+        **({} if config.task.is_default else {"task": config.task.model_dump(mode="json")}),
     })
 
 
@@ -349,6 +388,11 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                                    context.dense_metrics["accuracy"], context.profile,
                                    graph=context.graph, task=context.task)
     tune_steps = evaluator.finetune_steps(tune_cfg)
+    # the dense model's ONNX first (timed beside the export at the end): a model ONNX cannot
+    # express (an operator with no opset equivalent, named with its layer) fails here, in a
+    # second, not after the rebuild's fine-tune
+    dense_onnx = export_onnx(copy.deepcopy(context.dense).cpu(), context.data.input_shape,
+                             out / ".dense.onnx")
     printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
             f"{tune_steps} fine-tune steps ...")
     student, _ = evaluator.compress_and_tune(candidate, tune_cfg)
@@ -361,12 +405,15 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     # the rebuild repeats the trial's own fine-tune (its seed), so it must match the trial's own
     # score, not the mean over a re-evaluated front point's extra seeds
     own = searched.get("accuracy_single", searched.get("accuracy"))
+    task = context.task
     if steps is None and own is not None:
-        gap = abs(validation - own)
-        if gap > SEARCH_MARGIN:
+        gap, allowed = abs(validation - own), rebuild_margin(task, own)
+        if gap > allowed:
+            margin = (f"{SEARCH_MARGIN} points" if task.percent else
+                      f"{SEARCH_MARGIN_RELATIVE:.0%} of the recorded value, {allowed:.3g}")
             raise ExportCheckFailed(
-                f"rebuilt model scores {validation:.2f} % on validation, the search recorded "
-                f"{own:.2f} % for this seed (allowed difference {SEARCH_MARGIN} points)")
+                f"rebuilt model scores {shown_value(task, validation)} on validation, the search "
+                f"recorded {shown_value(task, own)} for this seed (allowed difference {margin})")
     baked = bake(student)
     shrunk, shrink_report, kept = _shrink(context, evaluator, candidate, baked)
 
@@ -375,46 +422,68 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
 
     # batch 2 as the example (torch.export specialises size-1 dimensions), dynamic batch: the
     # program serves any batch size, like the ONNX files and the MLflow model
-    exported = torch.export.export(shrunk.eval(), (torch.randn(2, *context.data.input_shape),),
+    one = example_input(shrunk, context.data.input_shape)  # token ids for a language model
+    tokens = not one.is_floating_point()
+    exported = torch.export.export(shrunk.eval(), (torch.cat([one, one]),),
                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
     torch.export.save(exported, out / "model.pt2")
-    logits["pt2"] = _logits(torch.export.load(out / "model.pt2").module(), context)
+    program = torch.export.load(out / "model.pt2").module()
+    logits["pt2"] = _logits(program, context)
 
     packed_info = save_packed(shrunk, candidate, out / "model.packed", table=context.table,
                               kept=kept)
     skeleton = build_model(config.model, context.data.input_shape, context.data.num_classes)
-    logits["packed"] = _logits(load_packed(out / "model.packed", skeleton), context)
+    packed_model = load_packed(out / "model.packed", skeleton)
+    logits["packed"] = _logits(packed_model, context)
 
     export_onnx(shrunk, context.data.input_shape, out / "model.onnx")
     logits["onnx"] = _onnx_logits(out / "model.onnx", context)
     quantized = all(candidate.get_choice(n).bits <= 8 for n in context.table.names)
     if quantized:
         calibration = (x for x, _ in _batches(context, "train"))
-        quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration)
+        quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration,
+                           weighted_only=tokens)  # an LM: not its masked scores and norms
         logits["onnx_int8"] = _onnx_logits(out / "model.int8.onnx", context)
-    predictions = {name: values.argmax(axis=1) for name, values in logits.items()}
     output_error = {name: _output_error(values, logits["pytorch"])
                     for name, values in logits.items() if name in FLOAT_FORMATS}
-    labels = np.concatenate([y for _, y in _batches(context, "test")])
-    accuracy = {name: _agreement(pred, labels) for name, pred in predictions.items()}
+    if task.kind == "classification":  # class predictions: accuracy and agreement, as always
+        predictions = {name: values.argmax(axis=1) for name, values in logits.items()}
+        labels = np.concatenate([y for _, y in _batches(context, "test")])
+        accuracy = {name: _agreement(pred, labels) for name, pred in predictions.items()}
+    else:  # the task's own metric of every format on the test split (mse, perplexity, yours)
+        runs = {"pytorch": baked, "pytorch_shrunk": shrunk, "pt2": _Scored(program),
+                "packed": packed_model, "onnx": _Scored(_onnx_run(out / "model.onnx"))}
+        if quantized:
+            runs["onnx_int8"] = _Scored(_onnx_run(out / "model.int8.onnx"))
+        test = context.data.loader("test", context.data.batch_size)
+        accuracy = {name: task.evaluate(run, test) for name, run in runs.items()}
+        # a language model: the predicted next token at every position; regression: none
+        predictions = {name: values.argmax(axis=-1).reshape(-1) for name, values in logits.items()
+                       } if task.kind == "language-model" else {}
     agreement = {name: _agreement(pred, predictions["pytorch"])
                  for name, pred in predictions.items() if name in FLOAT_FORMATS}
 
-    problems = [f"{name} predicts like PyTorch on only {value:.2f} % of test images "
+    what = "test images" if task.kind == "classification" else "test tokens"
+    problems = [f"{name} predicts like PyTorch on only {value:.2f} % of {what} "
                 f"(needs >= {SAME_PREDICTIONS} %)"
                 for name, value in agreement.items() if value < SAME_PREDICTIONS]
     problems += [f"{name} outputs differ from the compressed model's by {value:.2e} (relative; "
                  f"allowed {OUTPUT_TOLERANCE:g})"
                  for name, value in output_error.items() if value > OUTPUT_TOLERANCE]
-    if quantized and accuracy["pytorch"] - accuracy["onnx_int8"] > INT8_MAX_DROP:
-        problems.append(f"int8 ONNX loses {accuracy['pytorch'] - accuracy['onnx_int8']:.2f} "
-                        f"points vs PyTorch (allowed {INT8_MAX_DROP})")
+    if quantized:
+        worse = task.drop(accuracy["pytorch"], accuracy["onnx_int8"])
+        allowed = int8_margin(task, accuracy["pytorch"])
+        if worse > allowed:
+            problems.append(
+                f"int8 ONNX loses {worse:.2f} points vs PyTorch (allowed {INT8_MAX_DROP})"
+                if task.percent else
+                f"int8 ONNX scores {shown_value(task, accuracy['onnx_int8'])} on test, "
+                f"{worse / abs(accuracy['pytorch']):.1%} worse than PyTorch's "
+                f"{accuracy['pytorch']:.4g} (allowed {INT8_MAX_WORSE:.0%})")
     if problems:
         raise ExportCheckFailed("exported formats disagree: " + "; ".join(problems))
 
     printer("timing the dense and exported ONNX models (1 thread) ...")
-    dense_onnx = out / ".dense.onnx"
-    export_onnx(context.dense, context.data.input_shape, dense_onnx)
     files = {"dense_fp32": dense_onnx, "onnx": out / "model.onnx"}
     if quantized:
         files["onnx_int8"] = out / "model.int8.onnx"
@@ -440,10 +509,15 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         "finetune_steps": tune_steps,
         "layers": [{"layer": name, **asdict(candidate.get_choice(name))}
                    for name in context.table.names],
-        "validation_accuracy": {"search": searched.get("accuracy"), "search_single": own,
-                                "rebuilt": validation, "dense": context.dense_metrics["accuracy"]},
-        "reevaluation": {key: searched[key] for key in REEVALUATION if key in searched},
-        "test_accuracy": {**accuracy, "dense": context.dense_metrics.get("test_accuracy")},
+        "metric": {"name": task.name, "kind": task.kind, "direction": task.direction,
+                   "percent": task.percent},
+        metric_key(task, "validation_accuracy"): {
+            "search": searched.get("accuracy"), "search_single": own, "rebuilt": validation,
+            "dense": context.dense_metrics["accuracy"]},
+        "reevaluation": {metric_key(task, key): searched[key] for key in REEVALUATION
+                         if key in searched},
+        metric_key(task, "test_accuracy"): {**accuracy,
+                                            "dense": context.dense_metrics.get("test_accuracy")},
         "agreement_percent": agreement,
         "output_error": output_error,
         "size_kb": {"dense_predicted": dense_size, "predicted": footprint["size_kb"],
@@ -454,18 +528,30 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         "dense_onnx_bytes": dense_onnx_bytes,
         "input": input_spec(config.data, context.data.input_shape, context.data.mean or (),
                             context.data.std or (), context.data.classes,
-                            context.data.num_classes),
+                            context.data.num_classes, kind=task.kind,
+                            tokens=tokens),
         "shrink": shrink_report.to_dict(),
         "parameters": {"predicted": shrink_report.parameters_predicted,
                        "shrunk": shrink_report.parameters_after,
                        "dense": shrink_report.parameters_before},
         "latency_ms_measured": {k: v * 1e3 for k, v in measured.items()},
         "predicted": predicted,
-        "tolerances": {"same_predictions_percent": SAME_PREDICTIONS,
-                       "output_error_relative": OUTPUT_TOLERANCE,
-                       "int8_max_drop_points": INT8_MAX_DROP,
-                       "search_margin_points": SEARCH_MARGIN},
+        "tolerances": _tolerances(task),
     }, shrunk
+
+
+def _tolerances(task: Task) -> dict[str, float]:
+    """The checks' margins as report.json states them (points, or relative for a metric that is
+    not a percentage; class agreement only where there are class or token predictions)."""
+    out: dict[str, float] = {}
+    if task.kind in ("classification", "language-model"):
+        out["same_predictions_percent"] = SAME_PREDICTIONS
+    out["output_error_relative"] = OUTPUT_TOLERANCE
+    if task.percent:
+        return {**out, "int8_max_drop_points": INT8_MAX_DROP,
+                "search_margin_points": SEARCH_MARGIN}
+    return {**out, "int8_max_worse_relative": INT8_MAX_WORSE,
+            "search_margin_relative": SEARCH_MARGIN_RELATIVE}
 
 
 def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Candidate,
@@ -492,10 +578,12 @@ def _register(context: SearchContext, report: dict, model: torch.nn.Module, out:
                       or context.config.name, runs_dir=runs_dir)
     name = (request.registered_name or context.config.export.registered_name
             or f"{context.config.name}-trial-{selection.trial}")
-    x = np.zeros((1, *context.data.input_shape), dtype=np.float32)
+    x = example_input(model, context.data.input_shape).numpy()  # token ids for an LM
+    if not np.issubdtype(x.dtype, np.integer):
+        x = np.zeros((1, *context.data.input_shape), dtype=np.float32)
     parent, child = tracker.find_search_runs(context.config.name, selection.trial) or (None, None)
-    metrics = {f"test_accuracy_{k}": v for k, v in report["test_accuracy"].items()
-               if isinstance(v, (int, float))}
+    test = metric_key(context.task, "test_accuracy")  # test_mse_onnx, ...
+    metrics = {f"{test}_{k}": v for k, v in report[test].items() if isinstance(v, (int, float))}
     result = tracker.log_exported_model(
         model=model, input_example=x, registered_name=name, parent_run_id=parent,
         trial_run_id=child, artifacts={p.name: p for p in out.iterdir() if p.is_file()},
@@ -519,32 +607,67 @@ def _shrink_markdown(report: dict) -> list[str]:
     return lines
 
 
+def _metric_of(report: dict) -> tuple[str, str, str, str]:
+    """(name, report key suffix, value format, unit) of the report's task metric; a classifier's
+    report (and one written before tasks) says accuracy in %."""
+    metric = report.get("metric") or {}
+    if metric.get("kind", "classification") == "classification":
+        return "accuracy", "accuracy", ".2f", " %"
+    return metric["name"], metric["name"], ".4g", ""
+
+
+def _checks_markdown(report: dict, name: str) -> list[str]:
+    """What a non-percentage metric was checked against (relative margins)."""
+    tolerances = report.get("tolerances", {})
+    if "search_margin_relative" not in tolerances:
+        return []
+    direction = (report.get("metric") or {}).get("direction", "minimize")
+    return ["", f"Checks ({name} is {direction}d; margins relative to the reference value): the "
+            f"rebuilt model's validation {name} within "
+            f"{tolerances['search_margin_relative']:.0%} of the trial's; `model.int8.onnx` at "
+            f"most {tolerances['int8_max_worse_relative']:.0%} worse than PyTorch on test; float "
+            f"formats' outputs within {tolerances['output_error_relative']:g} of the largest "
+            "output."]
+
+
 def report_markdown(report: dict) -> str:
-    acc, size = report["test_accuracy"], report["size_kb"]
+    name, key, fmt, unit = _metric_of(report)
+    acc, size = report[f"test_{key}"], report["size_kb"]
     lines = [f"# Export of {report['search']} trial {report['trial']}", "",
              f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
     if "input" in report:
         lines += input_markdown(report["input"])
     lines += [f"- warning: {w}" for w in report["warnings"]]
-    reevaluated, validation = report.get("reevaluation") or {}, report["validation_accuracy"]
-    if "accuracy_std" in reevaluated:
-        test = reevaluated.get("test_accuracy")
-        lines += ["", f"Validation accuracy in the search: {validation['search']:.2f} ± "
-                  f"{reevaluated['accuracy_std']:.2f} % over {reevaluated['accuracy_seeds']:.0f} "
-                  f"fine-tune seeds (the trial's own seed: {validation['search_single']:.2f} %)"
-                  + (f"; test accuracy of the re-fine-tuned models {test:.2f} %." if test else ".")]
+    reevaluated, validation = report.get("reevaluation") or {}, report[f"validation_{key}"]
+    if f"{key}_std" in reevaluated:
+        test = reevaluated.get(f"test_{key}")
+        lines += ["", f"Validation {name} in the search: {validation['search']:{fmt}} ± "
+                  f"{reevaluated[f'{key}_std']:{fmt}}{unit} over "
+                  f"{reevaluated[f'{key}_seeds']:.0f} fine-tune seeds (the trial's own seed: "
+                  f"{validation['search_single']:{fmt}}{unit})"
+                  + (f"; test {name} of the re-fine-tuned models {test:{fmt}}{unit}."
+                     if test else ".")]
+    elif key != "accuracy":
+        lines += ["", f"Validation {name}: {validation['rebuilt']:{fmt}} rebuilt, "
+                  f"{validation['search_single']:{fmt}} in the search, "
+                  f"{validation['dense']:{fmt}} dense."]
+    lines += _checks_markdown(report, name)
     lines += ["", "| layer | pattern | sparsity | bits |", "|---|---|---|---|"]
     for layer in report["layers"]:
         bits = "fp32" if layer["bits"] == FLOAT_BITS else f"int{layer['bits']}"
         lines.append(f"| {layer['layer']} | {layer['pattern']} | {layer['sparsity']:.0%} | {bits} |")
     lines += ["", *_shrink_markdown(report)]
-    lines += ["", "| format | test accuracy (%) | same prediction as PyTorch (%) | output error "
-              "(relative) |", "|---|---|---|---|"]
-    for name, value in acc.items():
+    header = "test accuracy (%)" if key == "accuracy" else f"test {name}"
+    same = "same prediction as PyTorch (%) | " if key == "accuracy" else \
+        "same next token as PyTorch (%) | " if report["agreement_percent"] else ""
+    lines += ["", f"| format | {header} | {same}output error (relative) |",
+              "|---|---|" + ("---|" if same else "") + "---|"]
+    for format_name, value in acc.items():
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-            agree = report["agreement_percent"].get(name)
-            error = report.get("output_error", {}).get(name)
-            lines.append(f"| {name} | {value:.2f} | {'' if agree is None else f'{agree:.2f}'} | "
+            agree = report["agreement_percent"].get(format_name)
+            error = report.get("output_error", {}).get(format_name)
+            agree_cell = ("" if agree is None else f"{agree:.2f}") + " | " if same else ""
+            lines.append(f"| {format_name} | {value:{fmt}} | {agree_cell}"
                          f"{'' if error is None else f'{error:.1e}'} |")
     lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
               f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "

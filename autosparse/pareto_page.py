@@ -53,6 +53,7 @@ class Panel:
     outline: Sequence[tuple[float, float]] = ()  # the front's staircase, sorted by x
     dense: tuple[float, float] | None = None
     note: str = ""  # a line under the plot, e.g. "no completed trials yet"
+    y_inverted: bool = False  # a minimised task metric (mse): lower values drawn higher up
 
 
 @dataclass(frozen=True)
@@ -88,12 +89,15 @@ def use_log(values: Iterable[float]) -> bool:
 def fit_axes(
     points: Sequence[tuple[float, float, str]],
     dense: tuple[float, float] | None = None,
+    maximize: bool = True,
 ) -> Axes:
     """Limits fitted to the feasible points (``kind`` front/feasible) and the dense model.
 
     Infeasible points never widen the axes (they would squash the front); nor do feasible
     points that collapsed far below the front: y stops one front-span below the front's lowest
-    point, as the PNG always did. With no feasible point the axes fit every point.
+    point, as the PNG always did (above its highest for a minimised metric, ``maximize``
+    False: there the collapsed points have the high values). With no feasible point the axes
+    fit every point.
     """
     fit = [(x, y) for x, y, kind in points if kind != "infeasible"]
     if not fit:
@@ -107,9 +111,12 @@ def fit_axes(
     log_x = use_log(xs) and min(xs) > 0
     front_y = [y for _, y, kind in points if kind == "front" and math.isfinite(y)]
     y_lo, y_hi = min(ys), max(ys)
-    if front_y:
+    if front_y and maximize:
         span = max(y_hi - min(front_y), 1.0)
         y_lo = max(y_lo, min(front_y) - span)
+    elif front_y:  # a minimised metric's span is in its own units (mse 0.4): no 1.0 floor
+        span = max(max(front_y) - y_lo, abs(max(front_y)) * 0.01, 1e-12)
+        y_hi = min(y_hi, max(front_y) + span)
     x_lo, x_hi = _padded(min(xs), max(xs), log_x)
     y_lo, y_hi = _padded(y_lo, y_hi, False)
     axes = Axes(x_lo, x_hi, y_lo, y_hi, log_x)
@@ -226,8 +233,8 @@ p.style.display=i==v.value?'':'none';}});}});
 
 def _svg(panel: Panel, index: int, dense_tip: int | None = None) -> str:
     raw = [(p.x, p.y, p.kind) for p in panel.points]
-    axes = fit_axes(raw, panel.dense)
-    sx, sy = _scales(axes)
+    axes = fit_axes(raw, panel.dense, maximize=not panel.y_inverted)
+    sx, sy = _scales(axes, panel.y_inverted)
     x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM
     parts = [f'<rect x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}" fill="none" '
              'stroke="#999"/>']
@@ -249,7 +256,7 @@ def _svg(panel: Panel, index: int, dense_tip: int | None = None) -> str:
     labels: list[str] = []
     for point in panel.points:
         if not axes.inside(point.x, point.y):
-            px, py, side = _edge(axes, sx, sy, point.x, point.y)
+            px, py, side = _edge(axes, sx, sy, point.x, point.y, panel.y_inverted)
             color = {"front": FRONT_COLOR, "feasible": FEASIBLE_COLOR}.get(point.kind,
                                                                           INFEASIBLE_COLOR)
             marks["edge"].append(_triangle(px, py, side, color, point.tip))
@@ -286,11 +293,12 @@ def _svg(panel: Panel, index: int, dense_tip: int | None = None) -> str:
     return (f'<div class="panel"{hidden}><h1>{html.escape(panel.title)}</h1>'
             f'<svg class="plot" viewBox="0 0 {_W} {_H}" font-size="12" '
             f'data-xscale="{"log" if axes.log_x else "linear"}" '
+            f'data-yaxis="{"inverted" if panel.y_inverted else "normal"}" '
             f'data-points="{len(panel.points)}" xmlns="http://www.w3.org/2000/svg">'
             f'{"".join(parts)}{"".join(body)}{"".join(labels)}</svg>{note_html}</div>\n')
 
 
-def _scales(axes: Axes):
+def _scales(axes: Axes, y_inverted: bool = False):
     x0, x1, y0, y1 = _LEFT, _W - _RIGHT, _TOP, _H - _BOTTOM
     if axes.log_x:
         lo, hi = math.log10(axes.x_lo), math.log10(axes.x_hi)
@@ -302,19 +310,21 @@ def _scales(axes: Axes):
             return x0 + (v - axes.x_lo) / (axes.x_hi - axes.x_lo) * (x1 - x0)
 
     def sy(v: float) -> float:
-        return y1 - (v - axes.y_lo) / (axes.y_hi - axes.y_lo) * (y1 - y0)
+        fraction = (v - axes.y_lo) / (axes.y_hi - axes.y_lo)
+        return y0 + fraction * (y1 - y0) if y_inverted else y1 - fraction * (y1 - y0)
 
     return sx, sy
 
 
-def _edge(axes: Axes, sx, sy, x: float, y: float) -> tuple[float, float, str]:
+def _edge(axes: Axes, sx, sy, x: float, y: float,
+          y_inverted: bool = False) -> tuple[float, float, str]:
     """Where an outside point meets the frame, and which way it lies (for the triangle)."""
     cx = min(max(x, axes.x_lo), axes.x_hi)
     cy = min(max(y, axes.y_lo), axes.y_hi)
     if y < axes.y_lo:
-        side = "down"
+        side = "up" if y_inverted else "down"
     elif y > axes.y_hi:
-        side = "up"
+        side = "down" if y_inverted else "up"
     elif x < axes.x_lo:
         side = "left"
     else:

@@ -5,6 +5,11 @@ Input is the trials DataFrame built from the Optuna study (one row per trial: ``
 metric columns). Every numeric column that is not bookkeeping is treated as a metric, so metrics
 added later (latency, energy) show up in hover text and tables without changes here.
 
+The task metric keeps its slot name ``accuracy`` in the frame; ``metric`` (its name: mse,
+perplexity) and ``maximize`` (its direction) say how to show it. A minimised metric is drawn on an
+inverted y axis (lower values higher up), so that in every plot up and left is better and the
+front is the upper-left staircase, whatever the task.
+
 ``pareto.html`` is plain inline SVG (:mod:`autosparse.pareto_page`): no plotting library, a page
 of tens of kB that MLflow's artifact viewer shows at once. matplotlib is imported inside the
 functions that draw PNGs: importing this module stays cheap for callers that only need
@@ -23,7 +28,7 @@ import pandas as pd
 
 from . import pareto_page
 from .candidate import Candidate
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, shown_metric
 
 # Columns of the trials frame that are bookkeeping, never metrics.
 BOOKKEEPING_COLUMNS = (
@@ -143,15 +148,17 @@ def _finite_xy(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
     return frame[keep]
 
 
-def _front_2d(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    """Points of ``frame`` not dominated in the (min x, max y) plane, sorted by x.
+def _front_2d(frame: pd.DataFrame, x: str, y: str, maximize: bool = True) -> pd.DataFrame:
+    """Points of ``frame`` not dominated in the (min x, max y) plane (min y when the metric is
+    minimised), sorted by x.
 
     With two objectives this is the whole front; with more it is the front's outline in this
     projection, which is what a step line can draw honestly.
     """
-    ordered = frame.sort_values([x, y], ascending=[True, False], kind="mergesort")
+    ordered = frame.sort_values([x, y], ascending=[True, not maximize], kind="mergesort")
+    sign = 1.0 if maximize else -1.0
     keep, best = [], -math.inf
-    for index, value in zip(ordered.index, ordered[y].to_numpy(float)):
+    for index, value in zip(ordered.index, sign * ordered[y].to_numpy(float)):
         if value > best:
             keep.append(index)
             best = value
@@ -170,7 +177,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
+def _hover_text(row: pd.Series, metrics: Sequence[str], metric: str = ACCURACY) -> str:
     lines = [f"<b>trial {int(row['trial'])}</b>" if "trial" in row.index else "<b>trial</b>"]
     flags = []
     if bool(row.get("on_front", False)):
@@ -181,9 +188,9 @@ def _hover_text(row: pd.Series, metrics: Sequence[str]) -> str:
         flags.append("cached")
     if flags:
         lines[0] += " (" + ", ".join(flags) + ")"
-    for metric in metrics:
-        spread = _spread(row) if metric == ACCURACY else ""
-        lines.append(html.escape(f"{metric}: {_fmt(row[metric])}{spread}"))
+    for column in metrics:
+        spread = _spread(row) if column == ACCURACY else ""
+        lines.append(html.escape(f"{shown_metric(column, metric)}: {_fmt(row[column])}{spread}"))
     choices = layer_choices(row.get("candidate"))
     if choices:
         lines.append("<i>layers</i>")
@@ -223,8 +230,9 @@ def _dense_point(dense: dict | None, x: str, y: str) -> tuple[float, float] | No
 # --------------------------------------------------------------------------------------------
 
 
-def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
-    """The front's rows sorted by the first cost objective (then accuracy, best first).
+def front_table(trials: pd.DataFrame, objectives: list[str], maximize: bool = True) -> pd.DataFrame:
+    """The front's rows sorted by the first cost objective (then accuracy, best first: the
+    lowest first when the task metric is minimised, ``maximize`` False).
 
     Columns: ``trial``, the objective metrics, ``compression``, ``accuracy_drop`` (when the trials
     have them) and ``layers``, a short per-layer summary; after accuracy (the mean, for a
@@ -253,7 +261,8 @@ def front_table(trials: pd.DataFrame, objectives: list[str]) -> pd.DataFrame:
             raise ValueError(f"trials have no column {metric!r}")
     x = OBJECTIVES[costs[0]].metric
     front = front.sort_values(
-        [x, OBJECTIVES[ACCURACY].metric, "trial"], ascending=[True, False, True], kind="mergesort"
+        [x, OBJECTIVES[ACCURACY].metric, "trial"], ascending=[True, not maximize, True],
+        kind="mergesort"
     )
     table = front[["trial", *metrics]].copy()
     table["trial"] = table["trial"].astype(int)
@@ -271,11 +280,21 @@ def _kinds(front: pd.Series, feasible: pd.Series) -> list[str]:
             for f, ok in zip(front.to_numpy(bool), feasible.to_numpy(bool))]
 
 
+def quality_label(metric: str = ACCURACY, maximize: bool = True) -> str:
+    """The y axis' label: ``validation accuracy (%)``, ``validation mse (axis inverted: up is
+    better)``."""
+    if metric == ACCURACY:
+        return OBJECTIVES[ACCURACY].label
+    return f"validation {metric}" + ("" if maximize else " (axis inverted: up is better)")
+
+
 def pareto_figure_html(
     trials: pd.DataFrame,
     objectives: list[str],
     path: Path,
     dense: dict | None = None,
+    metric: str = ACCURACY,
+    maximize: bool = True,
 ) -> None:
     """Write ``pareto.html``: one self-contained page (inline SVG, no library, nothing fetched)
     of accuracy vs each cost objective, switched by a drop-down when there are several.
@@ -284,13 +303,14 @@ def pareto_figure_html(
     feasible points blue, infeasible ones grey crosses; failed trials are left out; the dense
     model is a green star. Hover shows the trial, every metric (with the spread of a
     re-evaluated accuracy) and the per-layer choices. The axes fit the feasible points: the
-    others sit on the edge (see :mod:`autosparse.pareto_page`).
+    others sit on the edge (see :mod:`autosparse.pareto_page`). ``metric``/``maximize``: the
+    task metric's name and direction (a minimised one on an inverted axis).
     """
     costs = cost_objectives(objectives)
     y = OBJECTIVES[ACCURACY].metric
     complete = _complete(trials)
     metrics = metric_columns(trials)
-    tips = [_hover_text(row, metrics) for _, row in complete.iterrows()]
+    tips = [_hover_text(row, metrics, metric) for _, row in complete.iterrows()]
     tip_of = {index: number for number, index in enumerate(complete.index)}
     panels = []
     for cost in costs:
@@ -302,16 +322,17 @@ def pareto_figure_html(
                 points.index, points[x].to_numpy(float), points[y].to_numpy(float),
                 _kinds(front, feasible), _column(points, "trial", None))
         ]
-        outline = _front_2d(points[front], x, y)
+        outline = _front_2d(points[front], x, y, maximize)
         panels.append(pareto_page.Panel(
-            name=f"accuracy vs {cost}",
-            title=_title(cost, complete),
+            name=f"{metric} vs {cost}",
+            title=_title(cost, complete, metric),
             x_label=OBJECTIVES[cost].label,
-            y_label=OBJECTIVES[ACCURACY].label,
+            y_label=quality_label(metric, maximize),
             points=marks,
             outline=list(zip(outline[x].to_numpy(float), outline[y].to_numpy(float))),
             dense=_dense_point(dense, x, y),
             note="" if len(complete) else "no completed trials yet",
+            y_inverted=not maximize,
         ))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -323,10 +344,10 @@ def _trial_label(number) -> str:
     return "" if pd.isna(value) else str(int(value))
 
 
-def _title(cost: str, complete: pd.DataFrame) -> str:
+def _title(cost: str, complete: pd.DataFrame, metric: str = ACCURACY) -> str:
     n_front = int(_front_mask(complete).sum())
     return (
-        f"Pareto front: accuracy vs {cost} "
+        f"Pareto front: {metric} vs {cost} "
         f"({len(complete)} completed trials, {n_front} on the front)"
     )
 
@@ -341,6 +362,8 @@ def pareto_figure_png(
     objectives: list[str],
     path: Path,
     dense: dict | None = None,
+    metric: str = ACCURACY,
+    maximize: bool = True,
 ) -> None:
     """Write a PNG with one subplot of accuracy vs each cost objective.
 
@@ -349,14 +372,16 @@ def pareto_figure_png(
     pointing outwards and counted in the corner. ``dense`` (metric name -> value, e.g.
     ``{"accuracy": 98.1, "size_kb": 120.0}``) is drawn as a star when it has the plotted metrics.
     """
-    fig = pareto_figure(trials, objectives, dense)
+    fig = pareto_figure(trials, objectives, dense, metric, maximize)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), dpi=110, format="png")
 
 
-def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | None = None):
-    """The matplotlib ``Figure`` behind :func:`pareto_figure_png` (Agg canvas, no pyplot)."""
+def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | None = None,
+                  metric: str = ACCURACY, maximize: bool = True):
+    """The matplotlib ``Figure`` behind :func:`pareto_figure_png` (Agg canvas, no pyplot); a
+    minimised task metric (``maximize`` False) on an inverted y axis, as in ``pareto.html``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -371,7 +396,7 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
         dense_xy = _dense_point(dense, x, y)
         xs, ys = points[x].to_numpy(float), points[y].to_numpy(float)
         kinds = np.array(_kinds(front, feasible), dtype=object)
-        limits = pareto_page.fit_axes(list(zip(xs, ys, kinds)), dense_xy)
+        limits = pareto_page.fit_axes(list(zip(xs, ys, kinds)), dense_xy, maximize)
         inside = np.array([limits.inside(a, b) for a, b in zip(xs, ys)], dtype=bool)
         for kind, style in (
             ("infeasible", dict(marker="x", s=22, color=_INFEASIBLE_COLOR, label="infeasible",
@@ -384,7 +409,7 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
                 ax.scatter(xs[keep], ys[keep], **style)
         on_front = points[front]
         if len(on_front):
-            outline = _front_2d(on_front, x, y)
+            outline = _front_2d(on_front, x, y, maximize)
             ax.step(outline[x], outline[y], where="post", color=_FRONT_COLOR, linewidth=1.5,
                     zorder=3)
             keep = inside & (kinds == "front")
@@ -396,7 +421,7 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
                             textcoords="offset points", fontsize=7, color="#7a1414", zorder=6)
         outside = int((~inside).sum())
         if outside:
-            _edge_marks(ax, limits, xs[~inside], ys[~inside])
+            _edge_marks(ax, limits, xs[~inside], ys[~inside], inverted=not maximize)
         if dense_xy is not None:
             ax.scatter([dense_xy[0]], [dense_xy[1]], marker="*", s=260, color=_DENSE_COLOR,
                        edgecolors="#222", linewidths=0.7, label="dense model", zorder=5)
@@ -409,10 +434,11 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
             ax.xaxis.set_minor_formatter(FuncFormatter(
                 lambda value, _: f"{value:g}" if f"{value:g}"[0] in "25" else ""))
         ax.set_xlim(limits.x_lo, limits.x_hi)
-        ax.set_ylim(limits.y_lo, limits.y_hi)
+        # a minimised metric: lower values up, so up is better in every plot
+        ax.set_ylim(*((limits.y_lo, limits.y_hi) if maximize else (limits.y_hi, limits.y_lo)))
         ax.set_xlabel(OBJECTIVES[cost].label)
-        ax.set_ylabel(OBJECTIVES[ACCURACY].label)
-        ax.set_title(f"accuracy vs {cost}")
+        ax.set_ylabel(quality_label(metric, maximize))
+        ax.set_title(f"{metric} vs {cost}")
         ax.grid(True, alpha=0.3, which="both")
         if points.empty and dense_xy is None:
             ax.text(0.5, 0.5, "no completed trials yet", ha="center", va="center",
@@ -425,10 +451,13 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
     return fig
 
 
-def _edge_marks(ax, limits: "pareto_page.Axes", xs: np.ndarray, ys: np.ndarray) -> None:
-    """Points beyond the fitted axes: on the edge, a hollow triangle pointing their way."""
+def _edge_marks(ax, limits: "pareto_page.Axes", xs: np.ndarray, ys: np.ndarray,
+                inverted: bool = False) -> None:
+    """Points beyond the fitted axes: on the edge, a hollow triangle pointing their way (on an
+    inverted y axis, low values lie beyond the top)."""
     cx, cy = np.clip(xs, limits.x_lo, limits.x_hi), np.clip(ys, limits.y_lo, limits.y_hi)
-    side = np.where(ys < limits.y_lo, "v", np.where(ys > limits.y_hi, "^",
+    low, high = ("^", "v") if inverted else ("v", "^")
+    side = np.where(ys < limits.y_lo, low, np.where(ys > limits.y_hi, high,
                                                     np.where(xs < limits.x_lo, "<", ">")))
     for marker in ("v", "^", "<", ">"):
         keep = side == marker
@@ -482,7 +511,7 @@ def _sensitivity_column_key(row: dict) -> tuple:
             row["criterion"])
 
 
-def sensitivity_heatmap_png(table) -> bytes:
+def sensitivity_heatmap_png(table, metric: str = "accuracy", maximize: bool = True) -> bytes:
     """PNG heatmap of a :class:`~autosparse.allocation.SensitivityTable`: decisions x choices,
     colour = validation-loss change (nats) on a symmetric log scale, each cell annotated; a
     choice a decision does not offer is left blank."""
@@ -519,9 +548,10 @@ def sensitivity_heatmap_png(table) -> bytes:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(decisions)), decisions, fontsize=8)
     fig.colorbar(image, ax=ax, label="validation loss change (nats, symlog)")
+    dense = (f"accuracy {table.dense_accuracy:.2f} %" if metric == "accuracy" else  # stored signed
+             f"{metric} {table.dense_accuracy * (1.0 if maximize else -1.0):.4g}")
     ax.set_title(f"per-layer sensitivity ({table.method}, {table.samples} validation samples; "
-                 f"dense loss {table.dense_loss:.3f}, accuracy {table.dense_accuracy:.2f} %)",
-                 fontsize=9)
+                 f"dense loss {table.dense_loss:.3f}, {dense})", fontsize=9)
     buffer = BytesIO()
     fig.savefig(buffer, dpi=110, format="png")
     return buffer.getvalue()

@@ -208,7 +208,7 @@ def _check_space_before_training(config: SearchConfig, data: DataSplits, cache_d
     on an untrained copy before minutes of dense training, so a typo costs a second."""
     model_cfg = config.model
     if model_cfg.builtin is None or model_cfg.checkpoint or \
-            cache_path(model_cfg, data, cache_dir, config.seed).is_file():
+            cache_path(model_cfg, data, cache_dir, config.seed, build_task(config.task)).is_file():
         return  # the model is ready at once: the normal check comes right away
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as without it
         untrained = build_model(model_cfg, data.input_shape, data.num_classes).eval()
@@ -437,13 +437,13 @@ def report(context: SearchContext, study: optuna.Study, tracker: Tracker, parent
     frame = trials_frame(study, objectives)
     histories = HypervolumeSpec(objectives, context.dense_metrics, context.task.direction,
                                 context.task.percent).histories(frame)
-    front = front_table(frame, objectives)
+    front = front_table(frame, objectives, context.task.maximize)  # mse: lowest first
     out_dir = context.runs_dir / context.config.name
     out_dir.mkdir(parents=True, exist_ok=True)
     if parent is not None:
         tracker.log_front(parent_run_id=parent, trials=frame, objectives=objectives,
                           hypervolumes=histories, dense_metrics=context.dense_metrics,
-                          metric_name=context.task.name)
+                          metric_name=context.task.name, metric_direction=context.task.direction)
     name = context.task.name  # files and the outcome show the task metric by its own name
     frame = frame.rename(columns=lambda c: shown_metric(str(c), name))
     front = front.rename(columns=lambda c: shown_metric(str(c), name))
@@ -635,7 +635,7 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     """Measure (or reuse from the study) per-layer sensitivity; write runs/<name>/sensitivity.csv
     and .png, log them to the search's MLflow parent run, print a compact table."""
     from .plots import sensitivity_heatmap_png
-    from .sensitivity_study import format_sensitivity, sensitivity_csv
+    from .sensitivity_study import format_sensitivity, metric_of, sensitivity_csv
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, runs_dir)
@@ -645,8 +645,9 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     table = ensure_sensitivity(context, study, printer, tracker, parent)
     out_dir = context.runs_dir / context.config.name
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sensitivity.csv").write_text(sensitivity_csv(table))
-    (out_dir / "sensitivity.png").write_bytes(sensitivity_heatmap_png(table))
+    metric, maximize = metric_of(context.task)  # headers under the task metric's name
+    (out_dir / "sensitivity.csv").write_text(sensitivity_csv(table, metric, maximize))
+    (out_dir / "sensitivity.png").write_bytes(sensitivity_heatmap_png(table, metric, maximize))
     if parent is not None:
         tracker.end_search(parent)
     task = context.task
@@ -656,8 +657,8 @@ def run_sensitivity(config_path: str | os.PathLike, runs_dir: Path = Path("runs"
     else:  # the table holds the metric signed so that negative is worse (minus an mse)
         value = table.dense_accuracy if task.maximize else -table.dense_accuracy
         printer(f"dense: loss {table.dense_loss:.4f}, {task.name} {value:.4g} on {table.samples} "
-                f"validation samples (Δloss in the task's loss; Δacc = change of the "
-                f"{task.name}, signed so that negative is worse)")
-    printer(format_sensitivity(table))
+                f"validation samples (Δloss in the task's loss; Δ{task.name} = change of the "
+                f"{task.name}, {'negative' if task.maximize else 'positive'} = worse)")
+    printer(format_sensitivity(table, metric, maximize))
     printer(f"written: {out_dir / 'sensitivity.csv'}, {out_dir / 'sensitivity.png'}")
     return table

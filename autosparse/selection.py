@@ -62,9 +62,12 @@ def _known_metric(trials: pd.DataFrame, name: str) -> str:
     return metric
 
 
-def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str) -> Selection:
+def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str,
+            maximize: bool = True, quality: str = "accuracy") -> Selection:
     """Among feasible finished trials within ``max_drop`` points of the dense accuracy, the one
-    with the smallest ``minimize`` metric (ties: the more accurate)."""
+    with the smallest ``minimize`` metric (ties: the more accurate). ``maximize``: the task
+    metric's direction (False for mse, perplexity: the better tie is the lower one); the drop
+    is already "positive = worse" for either. ``quality``: the metric's name, for the texts."""
     metric = _known_metric(trials, minimize)
     if not (trials["state"] == "COMPLETE").any():
         raise ConfigError("no trial of the study completed: nothing to export")
@@ -72,25 +75,36 @@ def by_rule(trials: pd.DataFrame, max_drop: float, minimize: str) -> Selection:
                 & (trials["accuracy_drop"] <= max_drop) & np.isfinite(trials[metric])]
     if ok.empty:
         best = trials.loc[trials["state"] == "COMPLETE", "accuracy_drop"].min()
-        raise ConfigError(f"no feasible finished trial within {max_drop:g} points of the dense "
-                          f"accuracy (the smallest drop is {best:.3g}); raise --max-drop")
-    row = ok.sort_values([metric, "accuracy"], ascending=[True, False]).iloc[0]
+        raise ConfigError(f"no feasible finished trial within {_within(max_drop, quality)} "
+                          f"(the smallest drop is {best:.3g}); raise --max-drop")
+    row = ok.sort_values([metric, "accuracy"], ascending=[True, not maximize]).iloc[0]
     return Selection(int(row["trial"]),
-                     f"smallest {metric} ({row[metric]:.4g}) within {max_drop:g} points drop")
+                     f"smallest {metric} ({row[metric]:.4g}) within "
+                     + (f"{max_drop:g} points drop" if quality == "accuracy"
+                        else _within(max_drop, quality)))
 
 
-def knee(trials: pd.DataFrame, cost: str) -> Selection:
+def _within(max_drop: float, quality: str) -> str:
+    """``1 points of the dense accuracy``, ``0.05 of the dense mse``."""
+    return f"{max_drop:g} {'points ' if quality == 'accuracy' else ''}of the dense {quality}"
+
+
+def knee(trials: pd.DataFrame, cost: str, maximize: bool = True,
+         quality: str = "accuracy") -> Selection:
     """The front point farthest from the line joining the front's two ends (accuracy vs
-    ``cost``, both normalised to [0, 1]): where giving up more accuracy stops buying much."""
+    ``cost``, both normalised to [0, 1]): where giving up more accuracy stops buying much.
+    ``maximize`` False (mse, perplexity): the most accurate end is the lowest metric."""
     metric = _known_metric(trials, cost)
     front = trials[trials["on_front"].astype(bool) & np.isfinite(trials[metric])]
     if front.empty:
         raise ConfigError("the front is empty: no feasible finished trial to export")
     if len(front) < 3:
-        row = front.sort_values("accuracy", ascending=False).iloc[0]
-        return Selection(int(row["trial"]), "front has fewer than 3 points: the most accurate")
+        row = front.sort_values("accuracy", ascending=not maximize).iloc[0]
+        return Selection(int(row["trial"]), "front has fewer than 3 points: the most accurate"
+                         if quality == "accuracy" else
+                         f"front has fewer than 3 points: the best {quality}")
     x = front[metric].to_numpy(float)
-    y = front["accuracy"].to_numpy(float)
+    y = front["accuracy"].to_numpy(float) * (1.0 if maximize else -1.0)  # higher is better
     xn = (x - x.min()) / max(np.ptp(x), 1e-12)
     yn = (y - y.min()) / max(np.ptp(y), 1e-12)
     # line from (cheapest, its accuracy) to (most accurate, its cost); distance of every point
@@ -100,4 +114,4 @@ def knee(trials: pd.DataFrame, cost: str) -> Selection:
     points = np.stack([xn, yn], axis=1) - a
     distance = np.abs(points[:, 0] * direction[1] - points[:, 1] * direction[0])
     row = front.iloc[int(np.argmax(distance))]
-    return Selection(int(row["trial"]), f"knee of the front (accuracy vs {metric})")
+    return Selection(int(row["trial"]), f"knee of the front ({quality} vs {metric})")

@@ -106,8 +106,16 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
               "measured": [d.name for d in todo], "reused": sorted(reused)})
     printer(summary_line(table))
     if tracker is not None and parent_run_id is not None:
-        log_sensitivity(tracker, parent_run_id, table)
+        task = getattr(context, "task", None)
+        log_sensitivity(tracker, parent_run_id, table, *metric_of(task))
     return table
+
+
+def metric_of(task) -> tuple[str, bool]:
+    """(name, maximised) of a task's metric, for the table's headers; accuracy without one."""
+    if task is None or task.is_default:
+        return "accuracy", True
+    return task.name, task.maximize
 
 
 def summary_line(table: SensitivityTable) -> str:
@@ -125,29 +133,40 @@ def summary_line(table: SensitivityTable) -> str:
     return line
 
 
-def sensitivity_csv(table: SensitivityTable) -> str:
+def sensitivity_csv(table: SensitivityTable, metric: str = "accuracy",
+                    maximize: bool = True) -> str:
     """One row per (decision, choice) with the choice spelled out, and the dense baseline (loss,
-    accuracy) repeated on every row so the file stands alone."""
+    accuracy) repeated on every row so the file stands alone. Another task's metric is named
+    by its name (``mse_delta``, ``dense_mse``) and given as it is: the table stores a minimised
+    metric negated (negative = worse), the file its real change (for mse, positive = worse)."""
     import pandas as pd
 
     frame = pd.DataFrame(table.rows())
     frame["dense_loss"] = table.dense_loss
     frame["dense_accuracy"] = table.dense_accuracy
+    if metric != "accuracy":
+        sign = 1.0 if maximize else -1.0
+        frame = frame.rename(columns={"accuracy_delta": f"{metric}_delta",
+                                      "dense_accuracy": f"dense_{metric}"})
+        frame[f"{metric}_delta"] *= sign
+        frame[f"dense_{metric}"] *= sign
     buffer = io.StringIO()
     frame.to_csv(buffer, index=False)
     return buffer.getvalue()
 
 
-def log_sensitivity(tracker: "Tracker", parent_run_id: str, table: SensitivityTable) -> None:
+def log_sensitivity(tracker: "Tracker", parent_run_id: str, table: SensitivityTable,
+                    metric: str = "accuracy", maximize: bool = True) -> None:
     """sensitivity.csv, the heatmap, wall time and method on the search's parent run."""
     from .plots import sensitivity_heatmap_png
 
     try:
-        png = sensitivity_heatmap_png(table)
+        png = sensitivity_heatmap_png(table, metric, maximize)
     except Exception as err:  # noqa: BLE001 - a plot must not stop the search
         warnings.warn(f"could not draw sensitivity.png: {type(err).__name__}: {err}")
         png = b""
-    tracker.log_sensitivity(parent_run_id, csv_text=sensitivity_csv(table), heatmap_png=png,
+    tracker.log_sensitivity(parent_run_id, csv_text=sensitivity_csv(table, metric, maximize),
+                            heatmap_png=png,
                             seconds=table.seconds, method=table.method)
 
 
@@ -155,9 +174,12 @@ def log_sensitivity(tracker: "Tracker", parent_run_id: str, table: SensitivityTa
 _COLUMNS = {"int4": "dense:0:4:magnitude", "90%": "unstructured:0.9:32:magnitude"}
 
 
-def format_sensitivity(table: SensitivityTable) -> str:
+def format_sensitivity(table: SensitivityTable, metric: str = "accuracy",
+                       maximize: bool = True) -> str:
     """Per decision: its least and most harmful choice, and the loss change at int4 and at 90 %
-    unstructured (fp32) — what a user checks first to see which layers to leave alone."""
+    unstructured (fp32) — what a user checks first to see which layers to leave alone. The
+    worst choice's metric change is headed ``worst Δacc`` for accuracy, ``worst Δmse`` (its real
+    change: positive = worse for a minimised metric) for another task."""
     import pandas as pd
 
     from .allocation.table import parse_choice_id
@@ -165,6 +187,7 @@ def format_sensitivity(table: SensitivityTable) -> str:
     def fmt(value: float) -> str:
         return "-" if value != value else f"{value:+.3g}"  # NaN (not measured) prints as -
 
+    worst_header = "worst Δacc" if metric == "accuracy" else f"worst Δ{metric}"
     rows = []
     for name in table.decisions():
         entries = [e for e in table.entries if e.decision == name]
@@ -173,7 +196,8 @@ def format_sensitivity(table: SensitivityTable) -> str:
         row = {"decision": name, "choices": len(entries),
                "best": parse_choice_id(best.choice).describe(), "best Δloss": fmt(best.loss_delta),
                "worst": parse_choice_id(worst.choice).describe(),
-               "worst Δloss": fmt(worst.loss_delta), "worst Δacc": fmt(worst.accuracy_delta)}
+               "worst Δloss": fmt(worst.loss_delta),
+               worst_header: fmt(worst.accuracy_delta * (1.0 if maximize else -1.0))}
         for label, key in _COLUMNS.items():
             entry = table.get(name, key)
             row[f"Δloss {label}"] = "n/a" if entry is None else fmt(entry.loss_delta)

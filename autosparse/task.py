@@ -24,6 +24,7 @@ no_grad). Layer rule: torch only, never optuna or mlflow.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -182,6 +183,9 @@ class Task:
     metric_fn: Callable[..., float] | None = None  # a user's fn(model, loader, **kwargs)
     metric_kwargs: dict[str, Any] = field(default_factory=dict)
     _builtin: _Builtin | None = None
+    # the user's task.loss and loss_kwargs as text (None: the kind's built-in loss): a dense
+    # model trained with another loss is another model (dense.cache_key)
+    loss_spec: str | None = None
 
     @property
     def maximize(self) -> bool:
@@ -285,5 +289,8 @@ def build_task(cfg: TaskConfig | None) -> Task:
     metric = cfg.metric or DEFAULT_METRIC[kind]
     metric_fn = import_callable(metric, "task.metric") if ":" in metric else None
     builtin = None if metric_fn is not None else _builtin_metric(kind, metric)
+    loss_spec = None if cfg.loss is None else json.dumps(
+        {"loss": cfg.loss, "kwargs": cfg.loss_kwargs}, sort_keys=True, default=repr)
     return Task(kind=kind, name=name, direction=direction, percent=percent, loss_fn=loss_fn,
-                metric_fn=metric_fn, metric_kwargs=dict(cfg.metric_kwargs), _builtin=builtin)
+                metric_fn=metric_fn, metric_kwargs=dict(cfg.metric_kwargs), _builtin=builtin,
+                loss_spec=loss_spec)

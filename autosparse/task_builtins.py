@@ -134,7 +134,7 @@ class TinyLM(nn.Module):
         h = self.embed(tokens.long()) + self.position[:, :length]
         a = self.norm1(h)
         q, k, v = self.query(a), self.key(a), self.value(a)
-        scores = q @ k.transpose(1, 2) / math.sqrt(q.shape[-1])
+        scores = q @ k.transpose(1, 2) / math.sqrt(self.query.out_features)  # = q's width
         scores = scores.masked_fill(~self.causal[:length, :length], float("-inf"))
         h = h + self.proj(scores.softmax(dim=-1) @ v)
         h = h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
@@ -163,7 +163,8 @@ def tiny_gpt2(vocab: int = TOKEN_VOCAB, length: int = TOKEN_LENGTH, width: int =
 
     config = GPT2Config(vocab_size=vocab, n_positions=length, n_embd=width, n_layer=layers,
                         n_head=heads, n_inner=2 * width, resid_pdrop=0.0, embd_pdrop=0.0,
-                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+                        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+                        use_cache=False)  # a search scores whole sequences: no key/value cache
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config).eval()

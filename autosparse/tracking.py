@@ -898,12 +898,14 @@ class Tracker:
         hypervolumes: dict[str, list[float]],
         dense_metrics: dict | None = None,
         metric_name: str = "accuracy",
+        metric_direction: str = "maximize",
     ) -> None:
         """Bring MLflow in line with the study: missing child runs, front tags, plots, metrics.
 
         ``metric_name`` is the task metric's name (``autosparse.task``): the ``accuracy``
         columns of ``trials`` hold it, and the runs and files show it under its own name
-        (``mse``, ``metric_drop``, ``test_mse``, ...).
+        (``mse``, ``metric_drop``, ``test_mse``, ...); ``metric_direction`` its direction (the
+        plots' y axis, the front table's order).
 
         Creates a child run for each trial row that has none (re-logging from storage after
         MLflow was down), sets ``autosparse.on_front`` on every child run (and, on those of
@@ -1000,8 +1002,9 @@ class Tracker:
             self._retry(lambda: client.set_experiment_tag(experiment_id, VIEW_TAG, view))
 
         # 2. artifacts on the parent; a plot that fails does not stop the rest.
+        maximize = metric_direction == "maximize"
         files: dict[str, str | bytes] = {
-            "pareto.csv": plots.front_table(trials, objectives).rename(
+            "pareto.csv": plots.front_table(trials, objectives, maximize).rename(
                 columns=lambda c: shown_metric(str(c), metric_name)).to_csv(index=False),
             "trials.csv": trials.rename(
                 columns=lambda c: shown_metric(str(c), metric_name)).to_csv(index=False),
@@ -1013,7 +1016,8 @@ class Tracker:
             ):
                 target = Path(tmp) / name
                 try:
-                    draw(trials, objectives, target, dense=dense_metrics)
+                    draw(trials, objectives, target, dense=dense_metrics, metric=metric_name,
+                         maximize=maximize)
                     files[name] = target.read_bytes()
                 except Exception as exc:  # noqa: BLE001 - a plot must not block the rest
                     warnings.warn(f"could not draw {name}: {_first_line(exc)}", TrackingWarning,

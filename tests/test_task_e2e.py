@@ -12,9 +12,7 @@ import torch
 import yaml
 
 from autosparse.config import load_config
-from autosparse.exporter import ExportRequest, run_export
 from autosparse.runner import run_search
-from autosparse.validation import ConfigError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,9 +82,7 @@ def test_regression_search_minimises_mse_end_to_end(tmp_path):
     # a minimised metric: the drop is candidate minus dense
     dense = outcome.trials["mse"] - outcome.trials["metric_drop"]
     assert dense.nunique() == 1 and 0 < dense.iloc[0] < 1.0  # better than predicting the mean
-
-    with pytest.raises(ConfigError, match="export of a regression model is not supported"):
-        run_export(config, ExportRequest(), runs_dir=tmp_path, printer=lambda line: None)
+    # export of these tasks: tests/test_task_export.py
 
 
 def test_tiny_language_model_search_minimises_perplexity_end_to_end(tmp_path):

@@ -3,7 +3,9 @@
 The search normalises inputs with statistics computed on the train split; a user who feeds
 ``model.onnx`` raw pixels gets a fraction of the accuracy. So every export records the input
 spec (shape, dtype, the raw form per data source, the normalisation and the class order) and
-gives a loading-and-predict snippet per format that applies it.
+gives a loading-and-predict snippet per format that applies it. A language model takes int64
+token ids (no normalisation) and returns logits per position; a regression model returns its
+targets (no class order).
 """
 
 from __future__ import annotations
@@ -15,19 +17,41 @@ _RAW = {
     "npz": "the npz arrays as stored, put channel-first (layout {layout}) as float32",
     "image-folder": "RGB{gray} images resized to {size}, pixel / 255 in [0, 1], channel-first",
     "torchvision": "the torchvision dataset's images as tensors in [0, 1], channel-first",
+    "sklearn-diabetes": "sklearn.datasets.load_diabetes() features, shape (N, 10), as float32",
+    "synthetic-tokens": "token ids in [0, {vocab}), the first {length} tokens of each sequence "
+                        "(autosparse.task_builtins.markov_tokens)",
 }
 
 
 def input_spec(data_cfg: DataConfig, input_shape: tuple[int, ...], mean: tuple[float, ...],
                std: tuple[float, ...], classes: tuple[str, ...] | None,
-               num_classes: int) -> dict:
-    """The spec as plain data for report.json."""
+               num_classes: int, kind: str = "classification", tokens: bool = False) -> dict:
+    """The spec as plain data for report.json. ``kind`` is the task's (classification,
+    regression, language-model); ``tokens``: the model takes integer token ids."""
     raw = _RAW.get(data_cfg.source, "the data source's samples").format(
         layout=data_cfg.layout, gray=" (grayscale)" if data_cfg.grayscale else "",
-        size=data_cfg.image_size)
+        size=data_cfg.image_size, vocab=num_classes, length=input_shape[0] if input_shape else 0)
     if data_cfg.factory is not None:  # the user's loaders did their own preprocessing
         raw = f"x exactly as the loaders of {data_cfg.factory} yield it"
         mean, std = (0.0,), (1.0,)  # autosparse added no normalisation of its own
+    if tokens:
+        return {"kind": kind, "shape": ["batch", *input_shape], "dtype": "int64", "raw": raw,
+                "mean": [], "std": [], "normalise": "none: token ids go in as they are",
+                "vocabulary": num_classes,
+                "output": f"logits of shape (batch, {', '.join(map(str, input_shape))}, "
+                          f"{num_classes}): at each position the scores of the next token "
+                          "over the vocabulary; argmax over the last axis is the predicted "
+                          "next token, softmax its probabilities"}
+    if kind == "regression":
+        target = (" (for sklearn-diabetes: disease progression standardised with the train "
+                  "split's mean and std)" if data_cfg.source == "sklearn-diabetes" else "")
+        return {"kind": kind, "shape": ["batch", *input_shape], "dtype": "float32", "raw": raw,
+                "mean": list(mean), "std": list(std),
+                "normalise": "x = (raw - mean[c]) / std[c] for each channel c (axis 1)",
+                "outputs": num_classes,
+                "output": f"{num_classes} regression value{'s' if num_classes > 1 else ''} per "
+                          f"sample, shape (batch, {num_classes}), in the units of the training "
+                          f"targets{target}"}
     return {
         "shape": ["batch", *input_shape],
         "dtype": "float32",
@@ -40,8 +64,32 @@ def input_spec(data_cfg: DataConfig, input_shape: tuple[int, ...], mean: tuple[f
     }
 
 
+def _tokens_markdown(spec: dict) -> list[str]:
+    return [
+        "## Input: what to feed the model", "",
+        f"- shape {tuple(spec['shape'])}, {spec['dtype']} token ids; raw form: {spec['raw']}",
+        f"- normalise: {spec['normalise']}",
+        f"- output: {spec['output']}", "",
+        "```python", "import numpy as np",
+        "x = np.asarray(tokens, dtype=np.int64)  # (batch, tokens), ids in [0, "
+        f"{spec['vocabulary']})", "",
+        "import onnxruntime as ort                      # model.onnx / model.int8.onnx",
+        "session = ort.InferenceSession('model.onnx')",
+        "logits = session.run(None, {session.get_inputs()[0].name: x})[0]",
+        "next_tokens = logits.argmax(axis=-1)", "",
+        "import torch                                   # model.pt2",
+        "program = torch.export.load('model.pt2').module()",
+        "next_tokens = program(torch.from_numpy(x)).argmax(dim=-1)", "",
+        "from autosparse.export.packed import load_packed  # model.packed (smallest file)",
+        "# model = load_packed('model.packed', skeleton)  # skeleton: the config's model, untrained",
+        "```", ""]
+
+
 def input_markdown(spec: dict) -> list[str]:
     """The report.md section: the spec and a snippet per format."""
+    if spec.get("dtype") == "int64":
+        return _tokens_markdown(spec)
+    regression = spec.get("kind") == "regression"
     mean, std = spec["mean"], spec["std"]
     prepare = ["import numpy as np",
                f"mean = np.array({mean}, np.float32).reshape(1, -1, *[1] * {len(spec['shape']) - 2})",
@@ -52,13 +100,16 @@ def input_markdown(spec: dict) -> list[str]:
         f"- shape {tuple(spec['shape'])}, {spec['dtype']}; raw form: {spec['raw']}",
         f"- normalise: {spec['normalise']}, mean {mean}, std {std} (train-split statistics: "
         "without this step the model sees different inputs than it was trained on)",
-        f"- output: {spec['output']}; classes {spec['classes']}", "",
+        f"- output: {spec['output']}" + ("" if regression else f"; classes {spec['classes']}"),
+        "",
         "```python", *prepare, "",
         "import onnxruntime as ort                      # model.onnx / model.int8.onnx",
         "session = ort.InferenceSession('model.onnx')",
+        "y = session.run(None, {session.get_inputs()[0].name: x})[0]" if regression else
         "labels = session.run(None, {session.get_inputs()[0].name: x})[0].argmax(axis=1)", "",
         "import torch                                   # model.pt2",
         "program = torch.export.load('model.pt2').module()",
+        "y = program(torch.from_numpy(x))" if regression else
         "labels = program(torch.from_numpy(x)).argmax(dim=1)", "",
         "from autosparse.export.packed import load_packed  # model.packed (smallest file)",
         "# model = load_packed('model.packed', skeleton)  # skeleton: the config's model, untrained",

@@ -227,11 +227,9 @@ def _calibrate_model(args: argparse.Namespace) -> int:
     existed = path.is_file()
     table.save(path)
     channel = sum(len(e.channels) - 1 for e in table.entries.values() if e.channels)
-    int8 = sum(e.int8 is not None for e in table.entries.values())
     print(f"dense {table.dense_us:.1f} µs (spread {table.dense_spread:.1%}) on {table.machine}, "
           f"onnxruntime {table.onnxruntime}; {len(table.entries)} layers: {channel} kept-channel "
-          f"levels, int8 on {int8}"
-          + (f", all int8 {table.all_int8_us:.1f} µs" if table.all_int8_us else "")
+          "levels"
           + (f", {len(table.uniform)} uniform shrinks" if table.uniform else "")
           + (f", whole-model int8 {table.dense_us + table.whole_int8[-1].delta_us:.1f} µs"
              if table.whole_int8 else "")

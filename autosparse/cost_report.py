@@ -72,5 +72,9 @@ def format_cost_report(table: LayerTable, candidate: Candidate, profile: Hardwar
         counts = measured.counts()
         lines.append(f"latency source: measured table for {counts['table']} layers, analytic "
                      f"{profile.name} for {counts['analytic']} (dense measured "
-                     f"{latency_table.dense_us:.4g} µs on {latency_table.machine})")
+                     f"{latency_table.dense_us:.4g} µs on {latency_table.machine}); the "
+                     "latency of " + ("model.int8.onnx (every layer <= 8 bits)"
+                                      if measured.format == "int8" else
+                                      "model.onnx (fp32: export ships int8 only when every "
+                                      "layer has <= 8 bits)"))
     return "\n".join(lines)

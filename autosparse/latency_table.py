@@ -2,31 +2,36 @@
 
 ``autosparse calibrate --config`` (``calibration/model_table.py``) times the user's own model in
 onnxruntime, whole and in context: dense; each channel group leader shrunk alone to several
-kept-channel counts; the *whole* model shrunk uniformly at the same kept shares; each layer alone
-in int8 and each layer's switch inside an otherwise int8 model; the whole model in int8 (as
-export quantizes it) at full width and at each uniform share; unstructured / N:M zeros. A
-candidate's latency is then
+kept-channel counts; the *whole* model shrunk uniformly at the same kept shares; the whole
+model in int8 (as export quantizes it) at full width and at each uniform share; unstructured /
+N:M zeros.
+
+The table scores the file export ships (the deploy rule of ``measured_latency.
+deployable_format``): a candidate whose every layer has <= 8 bits ships as ``model.int8.onnx``
+(whole-model QDQ), any other as the fp32 ``model.onnx`` (its low bits live only in
+``model.packed``). So a candidate's latency is
 
     total = measured dense
           + sum over groups of the single-group delta(kept channels)       (interpolated)
           + interaction: gamma(keep) * sum over layers of w_l (1 - k_in)(1 - k_out)
-          + int8: whole-model entry when every layer is int8, else
-                  sum over int8 layers of its kernel change * k_in k_out
-                  + sum over int8/fp32 edges of the Q/DQ boundary cost * k_edge
+          + every layer int8: the whole-model int8 entry at the mean kept share
+            (some layers int8, others not: nothing, it ships as fp32)
 
 Why the interaction term: a layer's kernel costs ~ c_in * c_out, so pruning its input group and
 its output group together saves less than the two single-group deltas add up to; the missing
 part is (1 - k_in)(1 - k_out) of the layer's cost. ``w_l`` are the analytic profile's dense
 per-layer latencies (only their proportions matter) and ``gamma`` is fitted so that the uniformly
-shrunk models measured are predicted exactly. The int8 terms come from two measurements per
-layer: alone (kernel + its boundaries to fp32 neighbours) and in an int8 context (kernel minus
-them), so kernel = their mean and the boundary cost per edge = half their difference spread over
-the layer's edges. Whole-model int8 is its own measured entry because onnxruntime runs it
-differently (adds and pools quantized too, most QDQ convs left in float).
+shrunk models measured are predicted exactly. Whole-model int8 is measured as a whole because
+onnxruntime runs it differently from a sum of int8 layers (adds and pools quantized too, most
+QDQ convs left in float). Per-layer int8 inside an fp32 model (QDQ on some nodes) is a file
+nobody deploys, so it is neither measured nor scored; the analytic profiles still model
+per-layer mixed precision for their target devices.
 
-Where the table has no entry for a layer's choice (e.g. int16, or a pattern measured on other
-layers only), that layer takes the analytic profile's delta for the same single change, and says
-so. Pure (no numpy/torch): the search side and the cost report read it like the layer table.
+Where the table has no entry for a layer's choice (a pattern measured on other layers only),
+that layer takes the analytic profile's delta for the same single change (at fp32 when the
+candidate ships as fp32), and says so; an all-int8 candidate without a whole-model int8 entry
+takes the profile's delta for each layer's full choice. Pure (no numpy/torch): the search side
+and the cost report read it like the layer table.
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ TABLE_FILE = "latency-table.json"  # written beside the study: runs/<name>/laten
 FORMAT = 2  # 1: single-layer deltas only (no uniform shrinks, no whole-model int8 at them)
 TABLE, ANALYTIC = "table", "analytic"
 INT8_BITS = 8  # onnxruntime's CPU integer kernels: any weight of <= 8 bits runs on int8
+INT8, FP32 = "int8", "fp32"  # the file scored: model.int8.onnx or model.onnx (as measured_latency)
+
+
+def ships_int8(table: LayerTable, candidate: Candidate) -> bool:
+    """Whether export ships ``candidate`` as ``model.int8.onnx``: every layer of the table at
+    <= 8 bits (``measured_latency.deployable_format``, which imports torch; a test keeps the
+    two equal). Else it ships as the fp32 ``model.onnx``."""
+    return all(candidate.get_choice(name).bits <= INT8_BITS for name in table.names)
 
 
 def model_digest(table: LayerTable) -> str:
@@ -83,47 +96,23 @@ class LayerEntry:
     """What was measured for one layer: changing only this layer (its group, for channels).
 
     ``channels``: kept channel counts of the group this layer leads (the full count with delta 0
-    included). ``int8``: this layer alone in int8 among fp32 layers; ``int8_context``: this
-    layer's switch to int8 when every other layer is already int8 (no Q/DQ at its borders then).
-    ``patterns``: pattern -> points by sparsity (onnxruntime has no sparse kernels: expect ~0).
+    included). ``patterns``: pattern -> points by sparsity (onnxruntime has no sparse kernels:
+    expect ~0). No per-layer int8: a candidate with some int8 layers ships as fp32.
     """
 
     channels: tuple[Point, ...] = ()
-    int8: Point | None = None
-    int8_context: Point | None = None
     patterns: Mapping[str, tuple[Point, ...]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"channels": _pts(self.channels),
-                "int8": None if self.int8 is None else _pts([self.int8])[0],
-                "int8_context": None if self.int8_context is None else _pts([self.int8_context])[0],
                 "patterns": {k: _pts(v) for k, v in self.patterns.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "LayerEntry":
-        def one(row):
-            return None if row is None else _from_rows([row])[0]
-
+        # a format-2 file written before the deploy rule also holds per-layer "int8" /
+        # "int8_context" points: what they measured is not scored any more, so they are skipped
         return cls(channels=_from_rows(data.get("channels", ())),
-                   int8=one(data.get("int8")), int8_context=one(data.get("int8_context")),
                    patterns={k: _from_rows(v) for k, v in data.get("patterns", {}).items()})
-
-    @property
-    def int8_kernel_us(self) -> float | None:
-        """The layer's own int8 change with its boundaries to fp32 neighbours taken out (the
-        mean of the isolated and in-context entries); the isolated entry without a context."""
-        if self.int8 is None:
-            return None
-        if self.int8_context is None:
-            return self.int8.delta_us
-        return (self.int8.delta_us + self.int8_context.delta_us) / 2
-
-    @property
-    def int8_boundary_us(self) -> float:
-        """Q/DQ cost of all this layer's edges to other weight layers, when they run fp32."""
-        if self.int8 is None or self.int8_context is None:
-            return 0.0
-        return (self.int8.delta_us - self.int8_context.delta_us) / 2
 
 
 @dataclass(frozen=True)
@@ -145,7 +134,6 @@ class LatencyTable:
     dense_us: float
     dense_spread: float
     entries: Mapping[str, LayerEntry]
-    all_int8_us: float | None = None  # every layer's node in int8 (QDQ per node), if measured
     uniform: tuple[Point, ...] = ()
     uniform_layers: tuple[str, ...] = ()
     whole_int8: tuple[Point, ...] = ()
@@ -156,7 +144,7 @@ class LatencyTable:
             "format": FORMAT, "model_digest": self.model_digest, "layers": list(self.layers),
             "machine": self.machine, "onnxruntime": self.onnxruntime, "profile": self.profile,
             "dense_us": self.dense_us, "dense_spread": self.dense_spread,
-            "all_int8_us": self.all_int8_us, "uniform": _pts(self.uniform),
+            "uniform": _pts(self.uniform),
             "uniform_layers": list(self.uniform_layers), "whole_int8": _pts(self.whole_int8),
             "settings": dict(self.settings),
             "entries": {name: entry.to_dict() for name, entry in self.entries.items()},
@@ -175,7 +163,6 @@ class LatencyTable:
                        machine=data["machine"], onnxruntime=data["onnxruntime"],
                        profile=data["profile"], dense_us=float(data["dense_us"]),
                        dense_spread=float(data.get("dense_spread", 0.0)),
-                       all_int8_us=data.get("all_int8_us"),
                        uniform=_from_rows(data.get("uniform", ())),
                        uniform_layers=tuple(data.get("uniform_layers", ())),
                        whole_int8=_from_rows(data.get("whole_int8", ())),
@@ -244,11 +231,13 @@ def interpolate(points: tuple[Point, ...], x: float) -> float:
 
 @dataclass(frozen=True)
 class TableLatency:
-    """A candidate's latency from the table: total, per layer (µs), and each layer's source."""
+    """A candidate's latency from the table: total, per layer (µs), each layer's source, and
+    ``format``: the file it is the latency of (``int8``: model.int8.onnx, ``fp32``: model.onnx)."""
 
     total_ms: float
     layer_us: Mapping[str, float]
     source: Mapping[str, str]
+    format: str = FP32
 
     def counts(self) -> dict[str, int]:
         return {kind: sum(1 for s in self.source.values() if s == kind) for kind in (TABLE, ANALYTIC)}
@@ -260,35 +249,21 @@ class TableLatency:
 
 @dataclass(frozen=True)
 class _Shape:
-    """Per layer: the group it reads (first one) and writes; edges between weight layers."""
+    """Per layer: the group it reads (first one) and writes."""
 
     reads: Mapping[str, ChannelGroup]
     writes: Mapping[str, ChannelGroup]
-    edges: tuple[tuple[str, str, ChannelGroup | None], ...]  # None: not a group's edge
 
     @classmethod
     def of(cls, table: LayerTable) -> "_Shape":
         reads: dict[str, ChannelGroup] = {}
         writes: dict[str, ChannelGroup] = {}
-        edges: dict[tuple[str, str], ChannelGroup | None] = {}
-        names = set(table.names)
         for group in channel_groups(table):
             for producer in group.producers:
                 writes.setdefault(producer, group)
             for consumer, _ in group.consumers:
                 reads.setdefault(consumer, group)
-                for producer in group.producers:
-                    if producer != consumer and {producer, consumer} <= names:
-                        edges.setdefault((producer, consumer), group)
-        order = table.names  # a layer the groups connect to nothing (a table built by hand):
-        linked = {n for pair in edges for n in pair}  # its neighbours in table order
-        for i, name in enumerate(order):
-            if name not in linked:
-                for j in (i - 1, i + 1):
-                    if 0 <= j < len(order):
-                        u, v = sorted((name, order[j]), key=order.index)
-                        edges.setdefault((u, v), writes.get(u))
-        return cls(reads, writes, tuple((u, v, g) for (u, v), g in edges.items()))
+        return cls(reads, writes)
 
     def kept(self, table: LayerTable, candidate: Mapping[str, LayerChoice]
              ) -> tuple[dict[str, float], dict[str, tuple[float, float, bool]]]:
@@ -370,7 +345,7 @@ class _Lookup:
         for point in lt.uniform:
             candidate = _uniform(lt, point.x)
             share, kept = self.shape.kept(table, candidate)
-            layer_us, _ = self.parts(candidate, kept, whole_int8=False)
+            layer_us, _ = self.parts(candidate)
             rest = point.delta_us - (sum(layer_us.values()) - sum(map(self.base_us, layer_us)))
             weight, keep = _interaction(self.weights, kept)
             if weight > 0:
@@ -409,28 +384,24 @@ class _Lookup:
             return None
         return interpolate((Point(0.0, 0.0), *points), choice.sparsity)
 
-    def parts(self, candidate: Candidate, kept: Mapping[str, tuple[float, float, bool]],
-              whole_int8: bool) -> tuple[dict[str, float], dict[str, str]]:
-        """Per layer: its dense share + its single-change delta (table, else analytic) + its
-        int8 kernel change unless the whole model is int8; and where each came from."""
+    def parts(self, candidate: Candidate, int8_analytic: bool = False
+              ) -> tuple[dict[str, float], dict[str, str]]:
+        """Per layer: its dense share + its single structural change's delta at fp32 (table,
+        else analytic), and where each came from. Bits do not enter: a candidate ships as
+        fp32, or as whole-model int8, whose entry ``table_latency`` adds. ``int8_analytic``: an
+        all-int8 candidate with no whole-model entry, every layer the profile's full delta."""
         layer_us, source = {}, {}
         for name in self.table.names:
             choice = candidate.get_choice(name)
-            delta = self.structural_delta(name, choice)
-            entry = self.lt.entries.get(name)
-            int8_ok = choice.bits == FLOAT_BITS or whole_int8 or (
-                choice.bits <= INT8_BITS and entry is not None
-                and entry.int8_kernel_us is not None)
-            if delta is None or not int8_ok:
+            delta = None if int8_analytic else self.structural_delta(name, choice)
+            if delta is None:
                 source[name] = ANALYTIC
-                alone = (LayerChoice.make(choice.pattern, choice.sparsity, FLOAT_BITS)
-                         if whole_int8 else choice)  # whole-model int8 is the measured entry's
+                alone = (choice if int8_analytic
+                         else LayerChoice.make(choice.pattern, choice.sparsity, FLOAT_BITS))
                 delta = analytic_delta_us(self.table, Candidate({name: alone}), name,
                                           self.fallback, self.dense_total_us)
             else:
                 source[name] = TABLE
-                if choice.bits <= INT8_BITS and not whole_int8:
-                    delta += entry.int8_kernel_us * _compute_share(kept[name])
             layer_us[name] = self.base_us(name) + delta
         return layer_us, source
 
@@ -447,22 +418,23 @@ def analytic_delta_us(table: LayerTable, candidate: Candidate, name: str,
 
 def table_latency(lt: LatencyTable, table: LayerTable, candidate: Candidate,
                   fallback: HardwareProfile) -> TableLatency:
-    """Latency of ``candidate`` from the table (module docstring), the ``fallback`` profile's
-    single-change delta for a layer whose choice has no entry. Raises ConfigError when the
-    table was measured on another model.
+    """Latency of the file export ships for ``candidate`` (module docstring): model.int8.onnx
+    when every layer has <= 8 bits, else the fp32 model.onnx with the candidate's channel and
+    pattern choices; the ``fallback`` profile's single-change delta for a layer whose choice has
+    no entry. Raises ConfigError when the table was measured on another model.
 
     Per-layer figures split the measured dense total in the proportions the analytic profile
     gives the dense layers, plus each layer's own terms (its group's delta on its leader, its
-    interaction, its int8 kernel, half of each cut edge): they sum, with the fixed share, to
-    the total.
+    interaction, its share of whole-model int8 by kernel work): they sum, with the fixed share,
+    to the total.
     """
     lt.check_model(table)
     look = _Lookup(lt, table, fallback)
     weights = look.weights
     share, kept = look.shape.kept(table, candidate)
-    low = {name for name in table.names if candidate.get_choice(name).bits <= INT8_BITS}
-    whole_int8 = bool(look.whole) and low == set(table.names)
-    layer_us, source = look.parts(candidate, kept, whole_int8)
+    int8 = ships_int8(table, candidate)
+    whole_int8 = int8 and bool(look.whole)
+    layer_us, source = look.parts(candidate, int8_analytic=int8 and not whole_int8)
 
     # interaction of pruned input and output groups, fitted on the uniform shrinks
     weight, keep = _interaction(weights, kept)
@@ -483,26 +455,10 @@ def table_latency(lt: LatencyTable, table: LayerTable, candidate: Candidate,
         total_work = sum(work.values()) or 1.0
         for name in table.names:
             layer_us[name] += delta * work[name] / total_work
-    elif low:  # Q/DQ on every edge between an int8 and an fp32 layer
-        per_edge = {}
-        for name in table.names:
-            entry = lt.entries.get(name)
-            count = sum(1 for u, v, _ in look.shape.edges if name in (u, v))
-            if entry is not None and entry.int8_context is not None and count:
-                per_edge[name] = entry.int8_boundary_us / count
-        for u, v, group in look.shape.edges:
-            if (u in low) == (v in low) or source[u if u in low else v] == ANALYTIC:
-                continue  # an analytic int8 layer's own single-change delta has its borders
-            estimates = [per_edge[n] for n in (u, v) if n in per_edge]
-            if estimates:
-                kept_share = share.get(group.name, 1.0) if group is not None else 1.0
-                cost = sum(estimates) / len(estimates) * kept_share
-                layer_us[u] += cost / 2
-                layer_us[v] += cost / 2
     dense_cost = look.dense_cost
     shared_us = (dense_cost.fixed_s + dense_cost.ops_s) * 1e6 * look.scale  # ops between layers
     total_us = sum(layer_us.values()) + shared_us
-    return TableLatency(total_us / 1e3, layer_us, source)
+    return TableLatency(total_us / 1e3, layer_us, source, INT8 if int8 else FP32)
 
 
 def find_latency_table(folder: str | Path, table: LayerTable, profile: HardwareProfile | None,

@@ -1,6 +1,7 @@
 """The table's model against hand-made tables: 2-D channel interpolation with the in/out
-interaction, clamping, the int8 kernel and Q/DQ boundary terms, whole-model int8, and the
-refusal of an older format. No timing: every expected figure is worked out by hand."""
+interaction, clamping, the deploy rule (a candidate with some int8 layers is its fp32 file, an
+all-int8 one the whole-model int8 entry), and the refusal of an older format. No timing: every
+expected figure is worked out by hand."""
 
 import json
 
@@ -8,6 +9,8 @@ import pytest
 
 from autosparse.candidate import Candidate, LayerChoice
 from autosparse.hardware import load_profile
+from autosparse.latency_table import FP32 as FP32_FILE
+from autosparse.latency_table import INT8 as INT8_FILE  # the file scored; INT8 below: a choice
 from autosparse.latency_table import (TABLE, LatencyTable, LayerEntry, Point, model_digest,
                                       table_latency)
 from autosparse.layers import ChannelGroup, LayerInfo, LayerTable
@@ -33,9 +36,10 @@ def table(entries=None, **fields) -> LatencyTable:
     return LatencyTable(**{**base, **fields})
 
 
-def us(lt: LatencyTable, choices: dict) -> float:
+def us(lt: LatencyTable, choices: dict, scored: str | None = None) -> float:
     result = table_latency(lt, MLP, Candidate(choices), PROFILE)
     assert set(result.source.values()) == {TABLE}
+    assert scored is None or result.format == scored
     return result.total_ms * 1e3
 
 
@@ -73,40 +77,60 @@ def test_uniform_shrinks_are_exact_and_fix_the_interaction_of_inputs_and_outputs
     assert us(lt, {"b": channel(0.5)}) == pytest.approx(97.0)
 
 
-def int8_entries() -> dict[str, LayerEntry]:
-    # kernel = mean of alone and in context, boundaries = half their difference
-    return {"a": LayerEntry(channels=CHANNELS["a"], int8=Point(0, 4.0), int8_context=Point(0, 0.0)),
-            "b": LayerEntry(channels=CHANNELS["b"], int8=Point(0, 5.0), int8_context=Point(0, -1.0)),
-            "c": LayerEntry(int8=Point(0, 3.0), int8_context=Point(0, 1.0))}
+UNIFORM = dict(uniform=(Point(0.25, -8.0), Point(0.5, -6.0)), uniform_layers=("a", "b"),
+               whole_int8=(Point(0.5, 1.0), Point(1.0, 7.0)))
 
 
-def test_int8_kernels_and_qdq_boundaries_per_edge():
-    lt = table(int8_entries())
-    assert lt.entries["b"].int8_kernel_us == 2.0 and lt.entries["b"].int8_boundary_us == 3.0
-    # per edge: a's 2 on its one edge, b's 3 over two edges, c's 1 on one; an edge's cost is
-    # the mean of its two ends' estimates: (a,b) 1.75, (b,c) 1.25
-    assert us(lt, {"a": INT8}) == pytest.approx(100 + 2 + 1.75)
-    assert us(lt, {"b": INT8}) == pytest.approx(100 + 2 + 1.75 + 1.25)
-    assert us(lt, {"a": INT8, "b": INT8}) == pytest.approx(100 + 4 + 1.25)  # (a,b) is inside
-    # no whole-model entry: all three int8 is the kernels alone, no edge cut
-    assert us(lt, {"a": INT8, "b": INT8, "c": INT8}) == pytest.approx(106.0)
-    # channels scale the kernel by k_in k_out and the edge by its group's kept share
-    assert us(lt, {"a": channel(0.5, 8)}) == pytest.approx(100 - 4 + 2 * 0.5 + 1.75 * 0.5)
+def test_a_candidate_with_some_int8_layers_is_exactly_its_fp32_file():
+    lt = table(**UNIFORM)
+    for choices in ({"a": channel(0.5, 8), "b": channel(0.5)},
+                    {"a": channel(0.625, 8), "b": channel(0.5, 4),
+                     "c": LayerChoice.make("dense", 0.0, 16)},  # c not <= 8 bits: fp32 file
+                    {"a": channel(0.75), "b": channel(0.25, 8)}):
+        fp32 = {name: channel(c.sparsity) for name, c in choices.items() if c.pattern == "channel"}
+        assert us(lt, choices, FP32_FILE) == pytest.approx(us(lt, fp32, FP32_FILE),
+                                                           abs=1e-12), choices
+    # the interaction fitted on the shrinks applies as for fp32: 94 at both groups 8 kept
+    assert us(lt, {"a": channel(0.5, 8), "b": channel(0.5)}) == pytest.approx(94.0)
+    # no channel change: the dense fp32 file, whatever the bits of a and b
+    assert us(lt, {"a": INT8, "b": INT8}, FP32_FILE) == pytest.approx(100.0)
 
 
 def test_whole_model_int8_is_its_own_entry_at_each_uniform_share():
-    lt = table(int8_entries(), uniform=(Point(0.5, -6.0),), uniform_layers=("a", "b"),
+    lt = table(uniform=(Point(0.5, -6.0),), uniform_layers=("a", "b"),
                whole_int8=(Point(0.5, 1.0), Point(1.0, 7.0)))
     every = {"a": INT8, "b": INT8, "c": INT8}
-    assert us(lt, every) == pytest.approx(107.0)  # not the per-layer 106
-    assert us(lt, {"a": channel(0.5, 8), "b": channel(0.5, 8), "c": INT8}) == pytest.approx(101.0)
-    assert us(lt, {"a": INT8, "b": INT8}) == pytest.approx(105.25)  # c fp32: per layer again
+    assert us(lt, every, INT8_FILE) == pytest.approx(107.0)  # dense + the full-width entry
+    assert us(lt, {"a": channel(0.5, 8), "b": channel(0.5, 8), "c": INT8},
+              INT8_FILE) == pytest.approx(101.0)  # the 50 % shrink's whole-int8 entry
+    # 4 bits run on onnxruntime's int8 kernels too: the same file
+    assert us(lt, {"a": LayerChoice.make("dense", 0.0, 4), "b": INT8, "c": INT8}) == \
+        pytest.approx(107.0)
+    # one layer at 16 bits: export ships the fp32 file, so no int8 entry at all
+    assert us(lt, {"a": INT8, "b": INT8, "c": LayerChoice.make("dense", 0.0, 16)},
+              FP32_FILE) == pytest.approx(100.0)
+
+
+def test_whole_int8_is_spread_over_the_layers_by_kernel_work():
+    lt = table(whole_int8=(Point(1.0, 7.0),))
+    every = Candidate({"a": INT8, "b": INT8, "c": INT8})
+    dense = table_latency(lt, MLP, Candidate({}), PROFILE)
+    result = table_latency(lt, MLP, every, PROFILE)
+    extra = {n: result.layer_us[n] - dense.layer_us[n] for n in MLP.names}
+    assert sum(extra.values()) == pytest.approx(7.0)
+    assert all(v > 0 for v in extra.values())
 
 
 def test_json_round_trip_keeps_the_new_parts_and_an_old_format_is_refused():
-    lt = table(int8_entries(), uniform=(Point(0.5, -6.0),), uniform_layers=("a", "b"),
+    lt = table(uniform=(Point(0.5, -6.0),), uniform_layers=("a", "b"),
                whole_int8=(Point(1.0, 7.0),))
     assert LatencyTable.from_json(lt.to_json()) == lt
+    # a format-2 file written before the deploy rule also holds per-layer int8 points: they are
+    # skipped (nothing deploys that file), the rest reads and scores the same
+    earlier = json.loads(lt.to_json())
+    earlier["all_int8_us"] = 104.0
+    earlier["entries"]["a"].update(int8=[0, 4.0, 0.0], int8_context=[0, 0.0, 0.0])
+    assert LatencyTable.from_json(json.dumps(earlier)) == lt
     old = json.loads(lt.to_json())
     old["format"] = 1
     with pytest.raises(ConfigError, match=r"format 1, this autosparse reads format 2.*"

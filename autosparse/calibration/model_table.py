@@ -3,12 +3,13 @@
 Every variant is the *whole* model exported to ONNX with one kind of change: one channel group
 physically narrower (removed by ``export.shrink``, as export deploys it) at each kept-channel
 level; every searched group narrower at once at the same kept shares (the interaction of pruned
-inputs and outputs); one layer alone in int8 (QDQ on its node only); one layer back in fp32
-inside an otherwise int8 model (the Q/DQ at its borders); the whole model in int8 as export
-quantizes it, at full width and at each uniform kept share; one layer's weights zeroed by an
-unstructured / N:M pattern. All variants and the dense model are timed in the same interleaved
-rounds (``timing.time_variants``: onnxruntime, one thread), so machine drift hits them alike and
-each delta is a difference of two medians from the same rounds. They go into a
+inputs and outputs); the whole model in int8 as export quantizes it, at full width and at each
+uniform kept share (only where the space lets every layer take <= 8 bits: export ships int8
+only then, and a candidate with some int8 layers ships as fp32, so no per-layer int8 file is
+measured); one layer's weights zeroed by an unstructured / N:M pattern. All variants and the
+dense model are timed in the same interleaved rounds (``timing.time_variants``: onnxruntime,
+one thread), so machine drift hits them alike and each delta is a difference of two medians
+from the same rounds. They go into a
 :class:`~autosparse.latency_table.LatencyTable`, whose docstring gives the model built on them.
 
 Layer rule: torch / onnx / onnxruntime, never optuna or mlflow.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,10 +35,10 @@ from ..compress import bake, compress_model
 from ..export.onnx_export import quantize_onnx_int8
 from ..export.shrink import shrink_as_compressed
 from ..hardware import HardwareProfile
-from ..latency_table import INT8_BITS, LatencyTable, LayerEntry, Point, model_digest
+from ..latency_table import (INT8_BITS, LatencyTable, LayerEntry, Point, model_digest,
+                             ships_int8)
 from .machine import this_machine
 from ..export.onnx_export import export_onnx as _export_as_shipped
-from .export import WEIGHT_OPS, quantize_layers
 from .timing import DEFAULT_CALLS, DEFAULT_ROUNDS, Measurement, time_variants
 
 if TYPE_CHECKING:  # the runner imports optuna: only its type is needed here
@@ -62,7 +63,7 @@ class _Variant:
     onnx_path: Path
     input_shape: tuple[int, ...]
     layer: str = ""
-    kind: str = "dense"  # dense | channel | int8 | int8_context | all_int8 | pattern:<p>
+    kind: str = "dense"  # dense | channel | uniform | whole_int8 | pattern:<p>
     x: float = 0.0
 
 
@@ -79,43 +80,6 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path
             node.input[:] = ["x" if name == old else name for name in node.input]
         onnx.save(proto, str(path))
     return path
-
-
-def _scope_path(node_name: str) -> str:
-    """``/blocks/blocks.2/shortcut/shortcut.0/Conv`` -> ``blocks.2.shortcut.0``: the legacy
-    exporter names a child of a container by its dotted name under the container's scope."""
-    path: list[str] = []
-    for segment in node_name.strip("/").split("/")[:-1]:
-        if path and segment.startswith(path[-1] + "."):
-            path[-1] = segment
-        else:
-            path.append(segment)
-    return ".".join(path)
-
-
-def weight_nodes(graph: onnx.GraphProto, layers: Collection[str]) -> dict[str, onnx.NodeProto]:
-    """Torch layer name -> its Conv/Gemm/MatMul node: by weight initializer name, else (a batch
-    norm folded into the conv renames the weight) by the node's scope path."""
-    out: dict[str, onnx.NodeProto] = {}
-    wanted = set(layers)
-    for node in graph.node:
-        if node.op_type not in WEIGHT_OPS or len(node.input) < 2:
-            continue
-        by_weight = node.input[1].removesuffix(".weight")
-        name = by_weight if by_weight in wanted else _scope_path(node.name)
-        if name in wanted and name not in out:
-            out[name] = node
-    return out
-
-
-def quantize_nodes(fp32_path: Path, out_path: Path, layers: Collection[str],
-                   input_shape: tuple[int, ...], seed: int = 0, whole_model: bool = False) -> Path:
-    """QDQ int8 (U8S8, per-channel weights) on exactly ``layers``' nodes and the Relu each one
-    feeds alone, found by weight name or scope path (batch-norm folding renames weights);
-    ``whole_model``: every op the quantizer takes, as export's ``quantize_onnx_int8``."""
-    return quantize_layers(fp32_path, out_path, layers, input_shape, seed,
-                           whole_model=whole_model,
-                           find_nodes=lambda graph: weight_nodes(graph, layers))
 
 
 def whole_int8(fp32_path: Path, out_path: Path, input_shape: tuple[int, ...],
@@ -165,8 +129,15 @@ def channel_leaders(model: TableModel) -> list[str]:
     return [n for n, (pats, _, _) in model.allowed.items() if CHANNEL in pats and n in groups]
 
 
+def int8_everywhere(model: TableModel) -> bool:
+    """Whether the space lets every layer of the table take <= 8 bits: only then can a
+    candidate ship as model.int8.onnx (a layer outside the space stays fp32)."""
+    return all(name in model.allowed and any(b <= INT8_BITS for b in model.allowed[name][2])
+               for name in model.table.names)
+
+
 def plan_variants(model: TableModel, folder: Path, levels: Sequence[float] = KEEP_LEVELS,
-                  int8: bool = True, int8_context: bool = True, patterns: bool = True,
+                  int8: bool = True, patterns: bool = True,
                   printer: Callable[[str], None] = print) -> list[_Variant]:
     """Export every change the table measures (module docstring); the dense model first."""
     shape = model.input_shape
@@ -201,26 +172,11 @@ def plan_variants(model: TableModel, folder: Path, levels: Sequence[float] = KEE
             variants.append(_Variant(f"uniform:{keep:g}", path, shape, "", "uniform", keep))
     printer(f"  {len(variants) - 1} channel variants exported")
 
-    graph = onnx.load(str(dense_path)).graph
-    found = weight_nodes(graph, allowed)  # layers the quantizer can find a node for
-    quantized = [n for n, (_, _, bits) in allowed.items()
-                 if any(b <= INT8_BITS for b in bits) and n in found]
-    if int8 and quantized:
-        for name in quantized:
-            path = quantize_nodes(dense_path, folder / f"int8-{name}.onnx", [name], shape)
-            variants.append(_Variant(f"int8:{name}", path, shape, name, "int8"))
-        if int8_context and len(quantized) > 1:
-            path = quantize_nodes(dense_path, folder / "int8-all.onnx", quantized, shape)
-            variants.append(_Variant("int8:all", path, shape, "", "all_int8"))
-            for name in quantized:
-                others = [n for n in quantized if n != name]
-                path = quantize_nodes(dense_path, folder / f"int8-but-{name}.onnx", others, shape)
-                variants.append(_Variant(f"int8_context:{name}", path, shape, name,
-                                         "int8_context"))
-        for keep, fp32 in {1.0: dense_path, **uniform}.items():  # whole model, as export ships
+    if int8 and int8_everywhere(model):  # the whole model, as export ships model.int8.onnx
+        for keep, fp32 in {1.0: dense_path, **uniform}.items():
             path = whole_int8(fp32, folder / f"whole-int8-{keep:g}.onnx", shape)
             variants.append(_Variant(f"whole_int8:{keep:g}", path, shape, "", "whole_int8", keep))
-        printer(f"  int8 variants of {len(quantized)} layers exported")
+        printer(f"  {1 + len(uniform)} whole-model int8 variants exported")
 
     if patterns:
         by_macs = sorted(allowed, key=lambda n: -table[n].macs)[:PATTERN_LAYERS]
@@ -245,7 +201,7 @@ def plan_variants(model: TableModel, folder: Path, levels: Sequence[float] = KEE
 def build_latency_table(context: "SearchContext | TableModel", profile: HardwareProfile, *,
                         rounds: int = DEFAULT_ROUNDS, calls: int = DEFAULT_CALLS,
                         warmup: int = DEFAULT_WARMUP, levels: Sequence[float] = KEEP_LEVELS,
-                        int8: bool = True, int8_context: bool = True, patterns: bool = True,
+                        int8: bool = True, patterns: bool = True,
                         seed: int = 0, workdir: Path | None = None, sessions: int = SESSIONS,
                         printer: Callable[[str], None] = print) -> LatencyTable:
     """Measure the model's dense latency and each change in context (module docstring) and
@@ -256,7 +212,7 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         printer(f"exporting the variants of {model.name} ...")
-        variants = plan_variants(model, Path(tmp), levels, int8, int8_context, patterns, printer)
+        variants = plan_variants(model, Path(tmp), levels, int8, patterns, printer)
         exported = time.perf_counter() - start
         printer(f"timing {len(variants)} models in {rounds} interleaved rounds x {calls} calls "
                 f"(onnxruntime, 1 thread, {sessions} sessions each) ...")
@@ -273,8 +229,6 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
         m = by_name[variant.name]
         return Point(variant.x, m.median_seconds * 1e6 - base_us, m.spread)
 
-    all_int8 = next((v for v in variants if v.kind == "all_int8"), None)
-    all_int8_us = by_name[all_int8.name].median_seconds * 1e6 if all_int8 else None
     parts: dict[str, dict] = {}
     for v in variants:
         if not v.layer:
@@ -282,11 +236,6 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
         part = parts.setdefault(v.layer, {"channels": [], "patterns": {}})
         if v.kind == "channel":
             part["channels"].append(delta(v))
-        elif v.kind == "int8":
-            part["int8"] = delta(v)
-        elif v.kind == "int8_context":  # all int8 minus (all but this layer int8)
-            m = by_name[v.name]
-            part["int8_context"] = Point(0.0, all_int8_us - m.median_seconds * 1e6, m.spread)
         elif v.kind.startswith("pattern:"):
             part["patterns"].setdefault(v.kind.removeprefix("pattern:"), []).append(delta(v))
     groups = {g.producers[0]: g for g in model.table.channel_groups}
@@ -296,15 +245,14 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
         if channels:  # the dense model is the full-width point
             channels = [*channels, Point(groups[name].channels, 0.0, dense.spread)]
         entries[name] = LayerEntry(
-            channels=tuple(sorted(channels, key=lambda p: p.x)), int8=part.get("int8"),
-            int8_context=part.get("int8_context"),
+            channels=tuple(sorted(channels, key=lambda p: p.x)),
             patterns={k: tuple(sorted(v, key=lambda p: p.x)) for k, v in part["patterns"].items()})
     uniform = tuple(delta(v) for v in variants if v.kind == "uniform")
     whole = tuple(delta(v) for v in variants if v.kind == "whole_int8")
     return LatencyTable(
         model_digest=model_digest(model.table), layers=tuple(model.table.names),
         machine=this_machine()["cpu"], onnxruntime=ort.__version__, profile=profile.name,
-        dense_us=dense_us, dense_spread=dense.spread, entries=entries, all_int8_us=all_int8_us,
+        dense_us=dense_us, dense_spread=dense.spread, entries=entries,
         uniform=tuple(sorted(uniform, key=lambda p: p.x)),
         uniform_layers=tuple(channel_leaders(model)) if uniform else (),
         whole_int8=tuple(sorted(whole, key=lambda p: p.x)),
@@ -319,15 +267,13 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
 
 
 def candidate_onnx(model: TableModel, candidate: Candidate, path: Path) -> Path:
-    """The candidate as it deploys for timing: channel groups physically removed; every layer
-    int8 -> the whole model quantized as export ships it, some -> QDQ on those layers' nodes
-    (their weights zeroed by other patterns stay dense tensors)."""
+    """The file export ships for the candidate, for timing: channel groups physically removed;
+    every layer int8 -> the whole model quantized as model.int8.onnx, else the fp32 file (a
+    candidate with some int8 layers ships as model.onnx; weights zeroed by other patterns stay
+    dense tensors)."""
     shape = model.input_shape
     fp32 = export_onnx(_shrunk(model, candidate).eval(), shape, path.with_suffix(".fp32.onnx"))
-    int8 = [n for n in model.table.names if candidate.get_choice(n).bits <= INT8_BITS]
-    if len(int8) == len(model.table.names):
-        return whole_int8(fp32, path, shape)
-    return quantize_nodes(fp32, path, int8, shape) if int8 else fp32
+    return whole_int8(fp32, path, shape) if ships_int8(model.table, candidate) else fp32
 
 
 def measure_candidates(context: "SearchContext | TableModel", candidates: Sequence[Candidate], *,

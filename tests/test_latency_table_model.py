@@ -1,7 +1,8 @@
 """The table's model against hand-made tables: 2-D channel interpolation with the in/out
-interaction, clamping, the deploy rule (a candidate with some int8 layers is its fp32 file, an
-all-int8 one the whole-model int8 entry), and the refusal of an older format. No timing: every
-expected figure is worked out by hand."""
+interaction, measured pairs of groups, clamping, the deploy rule (a candidate with some int8
+layers is its fp32 file, an all-int8 one the whole-model int8 entry), and the refusal of an
+older format. Every expected figure is worked out by hand; one tiny real calibration checks
+which pairs are measured, and at which level."""
 
 import json
 
@@ -11,8 +12,8 @@ from autosparse.candidate import Candidate, LayerChoice
 from autosparse.hardware import load_profile
 from autosparse.latency_table import FP32 as FP32_FILE
 from autosparse.latency_table import INT8 as INT8_FILE  # the file scored; INT8 below: a choice
-from autosparse.latency_table import (TABLE, LatencyTable, LayerEntry, Point, model_digest,
-                                      table_latency)
+from autosparse.latency_table import (TABLE, LatencyTable, LayerEntry, Pair, Point, linked_pairs,
+                                      model_digest, table_latency)
 from autosparse.layers import ChannelGroup, LayerInfo, LayerTable
 from autosparse.validation import ConfigError
 
@@ -133,6 +134,94 @@ def test_json_round_trip_keeps_the_new_parts_and_an_old_format_is_refused():
     assert LatencyTable.from_json(json.dumps(earlier)) == lt
     old = json.loads(lt.to_json())
     old["format"] = 1
-    with pytest.raises(ConfigError, match=r"format 1, this autosparse reads format 2.*"
+    with pytest.raises(ConfigError, match=r"format 1, this autosparse reads format 3.*"
                                           r"calibrate --config"):
         LatencyTable.from_json(json.dumps(old), "runs/x/latency-table.json")
+    # format 2 had no measured pairs and its gamma was fitted without them: refused as well
+    old["format"] = 2
+    with pytest.raises(ConfigError, match=r"format 2, .*no measured pairs.*calibrate --config"):
+        LatencyTable.from_json(json.dumps(old), "runs/x/latency-table.json")
+
+
+# b reads ga and writes gb: the one pair of groups a layer links. Measured with both groups at
+# 8 of 16 kept: -5, against singles -4 and -3, so I = -5 - (-4 - 3) = +2
+PAIR = Pair("a", "b", 8, 8, -5.0)
+
+
+def test_the_pairs_measured_are_the_groups_a_layer_reads_and_writes():
+    assert linked_pairs(MLP) == {("a", "b"): ("b",)}
+
+
+def test_pair_terms_scale_bilinearly_and_vanish_when_either_group_is_unpruned():
+    lt = table(pairs=(PAIR,))
+    assert us(lt, {"a": channel(0.5), "b": channel(0.5)}) == pytest.approx(100 - 4 - 3 + 2)
+    # a keeps 4 (d_a = 0.75), b 8 (0.5): I * (0.75 * 0.5) / (0.5 * 0.5) = 3
+    assert us(lt, {"a": channel(0.75), "b": channel(0.5)}) == pytest.approx(100 - 6 - 3 + 3)
+    # a keeps 12 (single interpolated: -2), b 4 (-5): I * (0.25 * 0.75) / 0.25 = 1.5
+    assert us(lt, {"a": channel(0.25), "b": channel(0.75)}) == pytest.approx(100 - 2 - 5 + 1.5)
+    # one group unpruned: (1 - k) = 0 on its side, so the single delta alone
+    assert us(lt, {"a": channel(0.5)}) == pytest.approx(96.0)
+    assert us(lt, {"b": channel(0.75)}) == pytest.approx(95.0)
+    # narrower than any width measured (a keeps 2 < 4): clamped like the single delta
+    assert us(lt, {"a": channel(0.875), "b": channel(0.5)}) == pytest.approx(100 - 6 - 3 + 3)
+    # the pair term is the linking layer's: b carries it, a and c do not
+    with_pair = table_latency(lt, MLP, Candidate({"a": channel(0.5), "b": channel(0.5)}), PROFILE)
+    without = table_latency(table(), MLP, Candidate({"a": channel(0.5), "b": channel(0.5)}),
+                            PROFILE)
+    assert {n: round(with_pair.layer_us[n] - without.layer_us[n], 9) for n in MLP.names} == \
+        {"a": 0.0, "b": 2.0, "c": 0.0}
+
+
+def test_with_pairs_the_uniform_shrinks_stay_exact_and_gamma_fits_what_they_leave():
+    uniform = dict(uniform=(Point(0.25, -8.0), Point(0.5, -6.0)), uniform_layers=("a", "b"))
+    lt = table(pairs=(PAIR,), **uniform)
+    assert us(lt, {"a": channel(0.5), "b": channel(0.5)}) == pytest.approx(94.0)
+    assert us(lt, {"a": channel(0.75), "b": channel(0.75)}) == pytest.approx(92.0)
+    # off the grid: pair term I (0.625 * 0.5) / 0.25 = 2.5, then gamma per unit of b's
+    # (1 - k_in)(1 - k_out) from what the grid leaves after singles and pair terms:
+    # 25 % kept: -8 - (-6 - 5) - 2 * 0.5625 / 0.25 = -1.5 over 0.5625; 50 %: -6 + 7 - 2 = -1 over
+    # 0.25 (b's weight w cancels, as in the test without pairs)
+    g_quarter, g_half = -1.5 / 0.5625, -1.0 / 0.25
+    keep = (0.375 * 0.5) ** 0.5
+    gamma = g_quarter + (keep - 0.25) / 0.25 * (g_half - g_quarter)
+    expected = 100.0 - 5.0 - 3.0 + 2.5 + gamma * 0.625 * 0.5
+    assert us(lt, {"a": channel(0.625), "b": channel(0.5)}) == pytest.approx(expected)
+    # a pair entry no layer of this model links (b, c: c writes no group) is not read
+    stray = table(pairs=(PAIR, Pair("b", "c", 8, 2, -50.0)), **uniform)
+    assert us(stray, {"a": channel(0.625), "b": channel(0.5)}) == pytest.approx(expected)
+
+
+def test_pairs_survive_the_json_round_trip():
+    lt = table(pairs=(PAIR,), uniform=(Point(0.5, -6.0),), uniform_layers=("a", "b"))
+    assert LatencyTable.from_json(lt.to_json()) == lt
+    assert json.loads(lt.to_json())["pairs"] == [["a", "b", 8, 8, -5.0, 0.0]]
+
+
+def test_calibration_measures_each_linked_pair_at_a_level_its_singles_were_measured_at(tmp_path):
+    """A real (tiny, untimed-quality) table of DigitsCNN: conv2 reads conv1's group and writes
+    its own, and so on down the chain; each such pair is one more model, shrunk at the level
+    of ``levels`` nearest PAIR_KEEP, and scored through its measured interaction."""
+    from autosparse.calibration.model_table import TableModel, build_latency_table
+    from autosparse.discovery import discover
+    from autosparse.models import DigitsCNN
+
+    model = DigitsCNN(1, 8, 8, 10).eval()
+    layers, graph = discover(model, (1, 8, 8))
+    allowed = {name: (("dense", "channel"), (0.5,), (32,)) for name in layers.names}
+    target = TableModel(model, layers, graph, (1, 8, 8), allowed, "digits-cnn-pairs")
+    lt = build_latency_table(target, PROFILE, rounds=2, calls=3, warmup=1, levels=(0.5,),
+                             int8=False, patterns=False, workdir=tmp_path, printer=lambda _: None)
+    linked = linked_pairs(layers)
+    assert {(p.a, p.b) for p in lt.pairs} == set(linked) == {
+        ("conv1", "conv2"), ("conv2", "conv3"), ("conv3", "fc1")}
+    groups = {g.producers[0]: g for g in layers.channel_groups}
+    for pair in lt.pairs:  # both at the 50 % level, as the singles
+        assert (pair.kept_a, pair.kept_b) == (groups[pair.a].channels // 2,
+                                              groups[pair.b].channels // 2)
+        assert pair.kept_a in [p.x for p in lt.entries[pair.a].channels]
+    # 3 dense copies + 4 singles + 1 uniform shrink + 3 pairs
+    assert lt.settings["variants"] == 11
+    candidate = Candidate({"conv1": channel(0.5), "conv2": channel(0.5)})
+    result = table_latency(lt, layers, candidate, PROFILE)
+    alone = table_latency(lt, layers, Candidate({"conv1": channel(0.5)}), PROFILE)
+    assert result.total_ms > 0 and alone.total_ms > 0

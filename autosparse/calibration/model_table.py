@@ -3,14 +3,17 @@
 Every variant is the *whole* model exported to ONNX with one kind of change: one channel group
 physically narrower (removed by ``export.shrink``, as export deploys it) at each kept-channel
 level; every searched group narrower at once at the same kept shares (the interaction of pruned
-inputs and outputs); the whole model in int8 as export quantizes it, at full width and at each
-uniform kept share (only where the space lets every layer take <= 8 bits: export ships int8
-only then, and a candidate with some int8 layers ships as fp32, so no per-layer int8 file is
-measured); one layer's weights zeroed by an unstructured / N:M pattern. All variants and the
-dense model are timed in the same interleaved rounds (``timing.time_variants``: onnxruntime,
-one thread), so machine drift hits them alike and each delta is a difference of two medians
-from the same rounds. They go into a
-:class:`~autosparse.latency_table.LatencyTable`, whose docstring gives the model built on them.
+inputs and outputs); each pair of groups some layer reads and writes (a ResNet block's stage
+and inner groups, two stages a downsample conv links) narrower together at ``PAIR_KEEP``, so
+that pair's interaction is measured, not apportioned by the analytic profile; the whole
+model in int8 as export quantizes it, at full width and at each uniform kept share (only where
+the space lets every layer take <= 8 bits: export ships int8 only then, and a candidate with
+some int8 layers ships as fp32, so no per-layer int8 file is measured); one layer's weights
+zeroed by an unstructured / N:M pattern. All variants and the dense model are timed in the
+same interleaved rounds (``timing.time_variants``: onnxruntime, one thread), so machine drift
+hits them alike and each delta is a difference of two medians from the same rounds. They go
+into a :class:`~autosparse.latency_table.LatencyTable`, whose docstring gives the model built
+on them.
 
 Layer rule: torch / onnx / onnxruntime, never optuna or mlflow.
 """
@@ -35,8 +38,8 @@ from ..compress import bake, compress_model
 from ..export.onnx_export import quantize_onnx_int8
 from ..export.shrink import shrink_as_compressed
 from ..hardware import HardwareProfile
-from ..latency_table import (INT8_BITS, LatencyTable, LayerEntry, Point, model_digest,
-                             ships_int8)
+from ..latency_table import (INT8_BITS, LatencyTable, LayerEntry, Pair, Point, linked_pairs,
+                             model_digest, ships_int8)
 from .machine import this_machine
 from ..export.onnx_export import export_onnx as _export_as_shipped
 from .timing import DEFAULT_CALLS, DEFAULT_ROUNDS, Measurement, time_variants
@@ -48,6 +51,9 @@ if TYPE_CHECKING:  # the runner imports optuna: only its type is needed here
 KEEP_LEVELS = (0.75, 0.5, 0.25)  # kept share of each group's channels (plus 1.0, the dense model)
 # measured by default besides the space's own channel sparsities, so that a search point is
 # exact and anything between measured counts is interpolated
+PAIR_KEEP = 0.25  # both groups of a pair kept at the level nearest this share: 25 % gave a
+# larger interaction against the timing noise than 50 % (ResNet-18, latency_fidelity.py), and
+# no candidate's pair term is then scaled up from it by more than the clamp allows
 PATTERN_LAYERS = 2  # sparse patterns are measured on this many of the largest layers only
 DEFAULT_WARMUP = 10  # fewer than calibrate's 20: a table times ~100 variants
 SESSIONS = 3  # sessions per variant, used in turn: one session's memory placement alone made
@@ -63,8 +69,9 @@ class _Variant:
     onnx_path: Path
     input_shape: tuple[int, ...]
     layer: str = ""
-    kind: str = "dense"  # dense | channel | uniform | whole_int8 | pattern:<p>
+    kind: str = "dense"  # dense | channel | uniform | pair | whole_int8 | pattern:<p>
     x: float = 0.0
+    pair: tuple = ()  # kind pair: (leader a, leader b, kept a, kept b)
 
 
 def export_onnx(model: torch.nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
@@ -170,6 +177,22 @@ def plan_variants(model: TableModel, folder: Path, levels: Sequence[float] = KEE
                                folder / f"uniform-{keep:g}.onnx")
             uniform[keep] = path
             variants.append(_Variant(f"uniform:{keep:g}", path, shape, "", "uniform", keep))
+    # each pair some layer reads and writes, shrunk together at a level its singles are
+    # measured at (so I_ab = d_ab - d_a - d_b is three measurements, nothing interpolated)
+    pair_keep = min(levels, key=lambda level: abs(level - PAIR_KEEP)) if levels else PAIR_KEEP
+    for a, b in linked_pairs(table):
+        if a not in channel or b not in channel:
+            continue
+        kept = tuple(groups[n].channels - groups[n].pruned_channels(1.0 - pair_keep)
+                     for n in (a, b))
+        if any(k >= groups[n].channels for k, n in zip(kept, (a, b))):
+            continue  # a group too small to shrink at that level
+        candidate = Candidate({n: LayerChoice.make(CHANNEL, 1.0 - pair_keep, FLOAT_BITS)
+                               for n in (a, b)})
+        path = export_onnx(_shrunk(model, candidate).eval(), shape,
+                           folder / f"pair-{a}-{b}.onnx")
+        variants.append(_Variant(f"pair:{a}:{b}", path, shape, "", "pair", pair_keep,
+                                 (a, b, *kept)))
     printer(f"  {len(variants) - 1} channel variants exported")
 
     if int8 and int8_everywhere(model):  # the whole model, as export ships model.int8.onnx
@@ -249,13 +272,15 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
             patterns={k: tuple(sorted(v, key=lambda p: p.x)) for k, v in part["patterns"].items()})
     uniform = tuple(delta(v) for v in variants if v.kind == "uniform")
     whole = tuple(delta(v) for v in variants if v.kind == "whole_int8")
+    pairs = tuple(Pair(*v.pair, delta(v).delta_us, delta(v).spread)
+                  for v in variants if v.kind == "pair")
     return LatencyTable(
         model_digest=model_digest(model.table), layers=tuple(model.table.names),
         machine=this_machine()["cpu"], onnxruntime=ort.__version__, profile=profile.name,
         dense_us=dense_us, dense_spread=dense.spread, entries=entries,
         uniform=tuple(sorted(uniform, key=lambda p: p.x)),
         uniform_layers=tuple(channel_leaders(model)) if uniform else (),
-        whole_int8=tuple(sorted(whole, key=lambda p: p.x)),
+        whole_int8=tuple(sorted(whole, key=lambda p: p.x)), pairs=pairs,
         settings={"rounds": rounds, "calls": calls, "warmup": warmup, "levels": list(levels),
                   "variants": len(variants), "sessions": sessions,
                   "export_seconds": round(exported, 1),

@@ -29,6 +29,7 @@ from .ga import GeneticSampler
 from .grid import GridSampler, UniformGridSampler
 from .knapsack import KnapsackSampler
 from .screening import AllocationPredictor, ScreenedSampler, gene_weights
+from .seeding import TrialSeededRandomSampler, TrialSeededTPESampler
 
 __all__ = ["GeneticSampler", "GridSampler", "UniformGridSampler", "make_sampler"]
 
@@ -61,7 +62,7 @@ def make_sampler(
             raise ValueError("strategy 'grid-global' needs its grid (SearchSpace.global_grid_candidates)")
         return GridSampler(points=grid.points, decoder=grid, seed=seed)
     if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
+        return TrialSeededRandomSampler(seed=seed)
     if name == "ga":
         return GeneticSampler(
             space=space,
@@ -79,7 +80,7 @@ def make_sampler(
         with warnings.catch_warnings():
             # ``group`` is an experimental argument: expected, not news to the user.
             warnings.simplefilter("ignore", ExperimentalWarning)
-            tpe = optuna.samplers.TPESampler(
+            tpe = TrialSeededTPESampler(
                 seed=seed,
                 multivariate=strategy.bo_kind == "tpe",
                 group=strategy.bo_kind == "tpe",

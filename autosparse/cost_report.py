@@ -11,7 +11,7 @@ from .candidate import Candidate
 from .cost import ModelCost, estimate_cost
 from .footprint import model_footprint
 from .hardware import HardwareProfile
-from .latency_table import ANALYTIC, LatencyTable, TableLatency, table_latency
+from .latency_table import ANALYTIC, INT8, LatencyTable, TableLatency, table_latency
 from .layers import LayerTable
 
 
@@ -74,7 +74,7 @@ def format_cost_report(table: LayerTable, candidate: Candidate, profile: Hardwar
                      f"{profile.name} for {counts['analytic']} (dense measured "
                      f"{latency_table.dense_us:.4g} µs on {latency_table.machine}); the "
                      "latency of " + ("model.int8.onnx (every layer <= 8 bits)"
-                                      if measured.format == "int8" else
+                                      if measured.format == INT8 else
                                       "model.onnx (fp32: export ships int8 only when every "
                                       "layer has <= 8 bits)"))
     return "\n".join(lines)

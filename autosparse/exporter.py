@@ -38,8 +38,8 @@ from .cost import estimate_cost
 from .evaluate import evaluate
 from .export.input_spec import input_markdown, input_spec, sizes_markdown
 from .discovery import example_input
-from .export.onnx_export import (export_onnx, input_array, onnx_outputs, quantize_onnx_int8,
-                                 time_onnx_files)
+from .export.onnx_export import (export_onnx, input_array, onnx_outputs, onnx_session,
+                                 quantize_onnx_int8, time_onnx_files)
 from .export.folder import (DIGEST_KEY, export_digest, folder_state, publish, read_report,
                             staging_folder, update_report)
 from .export.packed import load_packed, save_packed
@@ -159,7 +159,8 @@ def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
 
 
 def _onnx_logits(path: Path, context: SearchContext) -> np.ndarray:
-    return np.concatenate([onnx_outputs(path, x) for x, _ in _batches(context, "test")])
+    session = onnx_session(path)
+    return np.concatenate([onnx_outputs(session, x) for x, _ in _batches(context, "test")])
 
 
 def _output_error(logits: np.ndarray, reference: np.ndarray) -> float:
@@ -286,7 +287,8 @@ class _Scored(torch.nn.Module):
 
 
 def _onnx_run(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: torch.from_numpy(onnx_outputs(path, x.numpy()))
+    session = onnx_session(path)
+    return lambda x: torch.from_numpy(onnx_outputs(session, x.numpy()))
 
 
 def metric_key(task: Task, key: str) -> str:

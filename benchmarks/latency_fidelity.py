@@ -50,15 +50,14 @@ import pandas as pd
 import torch
 
 from autosparse.calibration.fit import prediction_stats
-from autosparse.calibration.model_table import (TableModel, _Variant, build_latency_table,
-                                                candidate_onnx, mixed_candidates)
-from autosparse.calibration.timing import time_variants
+from autosparse.calibration.model_table import (TableModel, build_latency_table, candidate_onnx,
+                                                mixed_candidates)
 from autosparse.latency_table import ships_int8, table_latency
 from autosparse.candidate import CHANNEL, Candidate, LayerChoice
 from autosparse.compress import bake, compress_model, structural_keep
 from autosparse.cost import estimate_cost
 from autosparse.discovery import discover, example_input
-from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8
+from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8, time_onnx_files
 from autosparse.export.shrink import shrink_model
 from autosparse.hardware import load_profile
 from autosparse.models import DigitsConv1d, DigitsMLP, DigitsMobileNet, DigitsResNet18, DigitsViT
@@ -152,15 +151,6 @@ def fused_kernels(path: Path, work: Path) -> tuple[int, int]:
                                 "FusedMatMul") for op in ops)
 
 
-def time_files(files: dict, shape, rounds: int, calls: int, seed: int, sessions: int) -> dict:
-    """Seconds per call of each file, timed together (the calibration's timer) with
-    ``sessions`` sessions per file used in turn: one session's memory placement alone moved a
-    ResNet-18 by up to 10 % here."""
-    variants = [_Variant(name, Path(path), tuple(shape)) for name, path in files.items()]
-    measured = time_variants(variants, rounds=rounds, calls=calls, seed=seed, sessions=sessions)
-    return {m.name: m.median_seconds for m in measured}
-
-
 def run(args) -> pd.DataFrame:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")  # tracer warnings of transformers' ViT at export
@@ -204,7 +194,10 @@ def run(args) -> pd.DataFrame:
                                                   sessions=args.sessions,
                                                   workdir=Path(tmp), printer=lambda _: None))
                 table_seconds.append(time.perf_counter() - begin)
-                runs.append(time_files(files, shape, args.rounds, args.calls, r, args.sessions))
+                runs.append(time_onnx_files(files, shape, args.rounds, args.calls, seed=r,
+                                            sessions=args.sessions))
+            dense_table_ms = [table_latency(lt, table, Candidate({}), fallback).total_ms
+                              for lt in tables]
             for name, (kind, candidate) in meta.items():
                 timed = timed_as.get(name, name)
                 row = {"arch": label, "variant": name, "kind": kind, "timed_file": timed,
@@ -224,9 +217,7 @@ def run(args) -> pd.DataFrame:
                 for r, lt in enumerate(tables):
                     row[f"pred_ms_table_{r}"] = table_latency(lt, table, candidate,
                                                               fallback).total_ms
-                    row[f"pred_speedup_table_{r}"] = (
-                        table_latency(lt, table, Candidate({}), fallback).total_ms
-                        / row[f"pred_ms_table_{r}"])
+                    row[f"pred_speedup_table_{r}"] = dense_table_ms[r] / row[f"pred_ms_table_{r}"]
                 row["table_variants"] = tables[0].settings["variants"]
                 row["table_seconds"] = statistics.median(table_seconds)
                 rows.append(row)

@@ -20,7 +20,6 @@ Layer rule: torch / onnx / onnxruntime, never optuna or mlflow.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,13 +34,13 @@ import torch
 
 from ..candidate import CHANNEL, DENSE, FLOAT_BITS, Candidate, LayerChoice, parse_nm
 from ..compress import bake, compress_model
+from ..export.onnx_export import export_onnx as _export_as_shipped
 from ..export.onnx_export import quantize_onnx_int8
 from ..export.shrink import shrink_as_compressed
 from ..hardware import HardwareProfile
 from ..latency_table import (INT8_BITS, LatencyTable, LayerEntry, Pair, Point, linked_pairs,
                              model_digest, ships_int8)
 from .machine import this_machine
-from ..export.onnx_export import export_onnx as _export_as_shipped
 from .timing import DEFAULT_CALLS, DEFAULT_ROUNDS, Measurement, time_variants
 
 if TYPE_CHECKING:  # the runner imports optuna: only its type is needed here
@@ -243,9 +242,7 @@ def build_latency_table(context: "SearchContext | TableModel", profile: Hardware
                                  sessions=sessions)
     by_name = {m.name: m for m in measured}
     copies = [m for m in measured if m.name.split(":")[0] == "dense"]
-    pooled = tuple(v for m in copies for v in m.round_medians)
-    q1, middle, q3 = statistics.quantiles(pooled, n=4) if len(pooled) > 1 else (pooled[0],) * 3
-    dense = Measurement("dense", statistics.median(pooled), pooled, (q3 - q1) / middle)
+    dense = Measurement.of("dense", [v for m in copies for v in m.round_medians])
     dense_us = dense.median_seconds * 1e6
 
     def delta(variant: _Variant, base_us: float = dense_us) -> Point:

@@ -38,6 +38,12 @@ class Measurement:
     round_medians: tuple[float, ...]
     spread: float
 
+    @classmethod
+    def of(cls, name: str, round_medians: Sequence[float]) -> "Measurement":
+        """The median and spread of ``round_medians``."""
+        return cls(name, statistics.median(round_medians), tuple(round_medians),
+                   _spread(round_medians))
+
 
 def make_session(path: str) -> ort.InferenceSession:
     """One thread, sequential, full graph optimisation, no spinning: the setting calibrated for.
@@ -133,10 +139,7 @@ def time_variants(
     finally:
         if enabled:
             gc.enable()
-    return [
-        Measurement(name, statistics.median(values), tuple(values), _spread(values))
-        for name, values in zip(names, per_round)
-    ]
+    return [Measurement.of(name, values) for name, values in zip(names, per_round)]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from onnxruntime.quantization import (
 from torch import nn
 
 from ..calibration.export import OPSET, _quiet_quantizer
-from ..calibration.timing import DEFAULT_WARMUP, make_session, time_variants
+from ..calibration.timing import DEFAULT_SESSIONS, DEFAULT_WARMUP, make_session, time_variants
 from ..discovery import token_embedding
 
 INPUT_NAME = "input"
@@ -298,9 +298,11 @@ def _run(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
     return session.run([session.get_outputs()[0].name], feed)[0]
 
 
-def onnx_outputs(path: str | Path, x: np.ndarray) -> np.ndarray:
-    """The model's first output (the logits) for the batch ``x``."""
-    return _run(onnx_session(path), x)
+def onnx_outputs(model: str | Path | ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+    """The model's first output (the logits) for the batch ``x``; ``model`` is the file, or a
+    session already open on it (:func:`onnx_session`, one for a loop over batches)."""
+    session = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
+    return _run(session, x)
 
 
 def evaluate_onnx(path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -346,10 +348,13 @@ def time_onnx_files(
     calls: int,
     warmup: int = DEFAULT_WARMUP,
     seed: int = 0,
+    sessions: int = DEFAULT_SESSIONS,
 ) -> dict[str, float]:
     """Median seconds per batch-1 call of several models timed in interleaved rounds, so that
-    load on a shared machine hits them alike and their ratios hold."""
+    load on a shared machine hits them alike and their ratios hold; ``sessions`` sessions per
+    file used in turn (``time_variants``)."""
     shape = tuple(int(d) for d in input_shape)
     targets = [_OnnxFile(name, Path(path), shape) for name, path in paths.items()]
-    measurements = time_variants(targets, rounds=rounds, calls=calls, warmup=warmup, seed=seed)
+    measurements = time_variants(targets, rounds=rounds, calls=calls, warmup=warmup, seed=seed,
+                                 sessions=sessions)
     return {target.name: m.median_seconds for target, m in zip(targets, measurements)}

@@ -9,8 +9,8 @@ Placement: one worker per GPU. Two workers on one GPU compete for its memory and
 and are slower together than one, so they share a GPU only when the config lists it twice
 (``devices: [0, 0]``); more workers than GPUs is an error, not a silent doubling-up.
 
-Layer rule: torch only (never optuna or mlflow); only :func:`present_devices` and
-:func:`amp_mode` touch torch, lazily.
+Layer rule: torch only (never optuna or mlflow); only :func:`present_devices`,
+:func:`amp_mode` and :func:`device_of` touch torch, lazily.
 """
 
 from __future__ import annotations
@@ -18,12 +18,28 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .validation import ConfigError
 
-__all__ = ["AmpMode", "amp_mode", "place_workers", "present_devices", "resolve_device"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["AmpMode", "amp_mode", "device_of", "place_workers", "present_devices",
+           "resolve_device"]
 
 _CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+def device_of(module: "torch.nn.Module") -> "torch.device":
+    """Where ``module`` lives: its first parameter's device, else its first buffer's, else cpu."""
+    import torch
+
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
 
 
 def present_devices() -> list[str]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .devices import device_of
 from .task import model_outputs
 
 if TYPE_CHECKING:
@@ -34,11 +35,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             module.training = training
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 def evaluate(model: nn.Module, loader: Iterable, task: "Task | None" = None) -> float:
     """Top-1 accuracy in percent (0-100) over ``(x, y)`` batches; eval mode, no gradients.
 
@@ -46,7 +42,7 @@ def evaluate(model: nn.Module, loader: Iterable, task: "Task | None" = None) -> 
     """
     if task is not None and not task.is_default:
         return task.evaluate(model, loader)
-    device = _device_of(model)
+    device = device_of(model)
     correct = total = 0
     with eval_mode(model), torch.no_grad():
         for x, y in loader:

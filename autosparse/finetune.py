@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FinetuneConfig
-from .devices import amp_mode
+from .devices import amp_mode, device_of
 
 if TYPE_CHECKING:
     from .task import Task
@@ -145,14 +145,6 @@ def distill_loss(
     return loss
 
 
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
 def _cycle(loader: Iterable):
     """Batches of ``loader``, epoch after epoch (re-iterating it, so shuffling re-draws)."""
     while True:
@@ -203,7 +195,7 @@ class FinetuneSession:
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self._task = task  # None: classification through distill_loss (the historic path)
         self._loader = train_loader
-        self._device = _device_of(student)
+        self._device = device_of(student)
         self._amp = amp_mode(self._device.type, cfg.amp)
         self._scaler = torch.amp.GradScaler(self._device.type) if self._amp.scale_loss else None
         self._step = 0

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import threading
@@ -83,9 +84,10 @@ class SearchContext:
     device: str = "cpu"  # where this process trains and evaluates (the dense model lives there)
     placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
 
-    @property
+    @functools.cached_property
     def task(self) -> Task:
-        """The task's loss, metric, name and direction (classification by default)."""
+        """The task's loss, metric, name and direction (classification by default); built
+        once (a user's loss and metric are imported then)."""
         return build_task(self.config.task)
 
     @property

@@ -34,6 +34,7 @@ from .compress import compress_model, taylor_scores
 from .graph import ChannelGraph
 from .config import FinetuneConfig, SensitivityConfig
 from .data import DataSplits
+from .devices import device_of
 from .evaluate import eval_mode
 from .space import Decision, SearchSpace
 from .task import Task
@@ -44,11 +45,6 @@ __all__ = ["validation_subset", "dense_baseline", "measure_sensitivity", "fisher
 Batches = list[tuple[Tensor, Tensor]]
 OnDecision = Callable[[str, list[ChoiceSensitivity]], None]
 _PER_SAMPLE_FLOATS = 2 ** 26
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def validation_subset(data: DataSplits, cfg: SensitivityConfig,
@@ -101,7 +97,7 @@ def _loss_and_accuracy(model: nn.Module, batches: Batches,
 def dense_baseline(dense: nn.Module, data: DataSplits, cfg: SensitivityConfig,
                    task: Task | None = None) -> tuple[float, float]:
     """(loss, accuracy) of the dense model on the sensitivity subset."""
-    return _loss_and_accuracy(dense, validation_subset(data, cfg, _device_of(dense)), task)
+    return _loss_and_accuracy(dense, validation_subset(data, cfg, device_of(dense)), task)
 
 
 def measured_choices(decision: Decision) -> list[LayerChoice]:
@@ -267,7 +263,7 @@ def measure_sensitivity(
     todo = [d for d in space.decisions if d.name not in skip]
     if not todo:
         return []
-    device = _device_of(dense)
+    device = device_of(dense)
     batches = validation_subset(data, cfg, device)
     dense_modules = dict(dense.named_modules())
     out: list[ChoiceSensitivity] = []

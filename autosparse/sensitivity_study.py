@@ -47,6 +47,7 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
                        parent_run_id: str | None = None) -> SensitivityTable:
     """The study's sensitivity table for the context's space and config, measuring what is missing."""
     cfg = context.config.sensitivity
+    task = getattr(context, "task", None)
     samples_used = min(cfg.samples, context.data.samples("validation"))
     header, stored = stored_sensitivity(study)
     if header is not None and (header.get("method"), header.get("samples")) != (cfg.method, cfg.samples):
@@ -61,8 +62,7 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
     if todo:
         start = time.perf_counter()
         if header is None:
-            baseline = dense_baseline(context.dense, context.data, cfg,
-                                      getattr(context, "task", None))
+            baseline = dense_baseline(context.dense, context.data, cfg, task)
         else:
             baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))
 
@@ -83,12 +83,11 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
 
         taylor = any("taylor" in d.criteria for d in todo)
         scores = scores_for_space(context.dense, context.data, context.space,
-                                  context.config.finetune,
-                                  getattr(context, "task", None)) if taylor else None
+                                  context.config.finetune, task) if taylor else None
         measure_sensitivity(context.dense, context.data, context.space, cfg, scores=scores,
                             skip=frozenset(usable), on_decision=on_decision, baseline=baseline,
                             graph=getattr(context, "graph", None),
-                            task=getattr(context, "task", None))
+                            task=task)
         seconds = save_header(True)
     else:
         baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))
@@ -106,7 +105,6 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
               "measured": [d.name for d in todo], "reused": sorted(reused)})
     printer(summary_line(table))
     if tracker is not None and parent_run_id is not None:
-        task = getattr(context, "task", None)
         log_sensitivity(tracker, parent_run_id, table, *metric_of(task))
     return table
 

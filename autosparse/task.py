@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TaskConfig
-from .validation import ConfigError
+from .config import TASK_METRICS, TaskConfig
+from .devices import device_of
 
 __all__ = ["Task", "build_task", "CLASSIFICATION", "model_outputs", "import_callable"]
 
@@ -57,11 +57,6 @@ def model_outputs(output: Any) -> Tensor:
         return output[0]
     raise TypeError(f"the model returned {type(output).__name__}; expected a tensor, an object "
                     "with .logits, or a tuple whose first element is a tensor")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 # ------------------------------------------------------------------ built-in losses and metrics
@@ -126,8 +121,6 @@ def _token_stat(outputs: Tensor, targets: Tensor) -> tuple[float, int]:
 class _Builtin:
     stat: BatchStat
     finish: Callable[[float], float]
-    direction: str
-    percent: bool = False  # a percentage in 0..100 (its drop is in points)
 
 
 def _percent(mean: float) -> float:
@@ -137,19 +130,17 @@ def _percent(mean: float) -> float:
 def _builtin_metric(kind: str, name: str) -> _Builtin | None:
     if kind == "classification":
         if name == "accuracy":
-            return _Builtin(_topk_stat(1), _percent, "maximize", percent=True)
+            return _Builtin(_topk_stat(1), _percent)
         match = re.fullmatch(r"top([1-9][0-9]*)", name)
         if match:
-            return _Builtin(_topk_stat(int(match[1])), _percent, "maximize", percent=True)
+            return _Builtin(_topk_stat(int(match[1])), _percent)
     if kind == "regression" and name in ("mse", "mae"):
-        return _Builtin(_squared_stat if name == "mse" else _absolute_stat, float, "minimize")
+        return _Builtin(_squared_stat if name == "mse" else _absolute_stat, float)
     if kind == "language-model" and name == "perplexity":
-        return _Builtin(_token_stat, math.exp, "minimize")
+        return _Builtin(_token_stat, math.exp)
     return None
 
 
-DEFAULT_METRIC = {"classification": "accuracy", "regression": "mse",
-                  "language-model": "perplexity"}
 _LOSSES: dict[str, LossFn] = {
     "classification": F.cross_entropy,
     "regression": lambda outputs, targets: F.mse_loss(outputs, _like(targets, outputs)),
@@ -162,10 +153,7 @@ def import_callable(spec: str, what: str) -> Callable[..., Any]:
     """``package.module:function`` -> the function; errors name the config field ``what``."""
     from .models import _import_factory  # the one resolver of user import paths
 
-    try:
-        return _import_factory(spec)
-    except ConfigError as err:
-        raise ConfigError(str(err).replace("model.factory", what)) from None
+    return _import_factory(spec, what)
 
 
 # ------------------------------------------------------------------------------------ the task
@@ -250,7 +238,7 @@ class Task:
         if self._builtin is None:
             raise ValueError(f"task metric {self.name!r} is the user's function: it scores a "
                              "whole loader, not batches")
-        device = _device_of(model)
+        device = device_of(model)
         total, count = 0.0, 0
         for x, y in batches:
             outputs = model_outputs(model(x.to(device)))
@@ -286,7 +274,7 @@ def build_task(cfg: TaskConfig | None) -> Task:
         kwargs = dict(cfg.loss_kwargs)
         loss_fn = (lambda outputs, targets: user_loss(outputs, targets, **kwargs)) \
             if kwargs else user_loss
-    metric = cfg.metric or DEFAULT_METRIC[kind]
+    metric = cfg.metric or next(iter(TASK_METRICS[kind]))  # the kind's default, as metric_spec
     metric_fn = import_callable(metric, "task.metric") if ":" in metric else None
     builtin = None if metric_fn is not None else _builtin_metric(kind, metric)
     loss_spec = None if cfg.loss is None else json.dumps(

@@ -26,6 +26,7 @@ DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn
                 "synthetic-tokens")
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
+_IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")  # 'package.module:function'
 
 
 class ModelConfig(Strict):
@@ -44,7 +45,7 @@ class ModelConfig(Strict):
         if (self.builtin is None) == (self.factory is None):
             raise ValueError(f"give exactly one of 'builtin' ({', '.join(BUILTIN_MODELS)}) "
                              "or 'factory'")
-        if self.factory is not None and not re.match(r"^[\w.]+:[\w.]+$", self.factory):
+        if self.factory is not None and not _IMPORT_RE.match(self.factory):
             raise ValueError(
                 f"factory {self.factory!r} must look like 'package.module:function'"
             )
@@ -123,7 +124,7 @@ class DataConfig(Strict):
             if self.kwargs:
                 raise ValueError("'kwargs' are the arguments of 'factory'; give 'factory' too")
             return self
-        if not re.match(r"^[\w.]+:[\w.]+$", self.factory):
+        if not _IMPORT_RE.match(self.factory):
             raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
         extra = sorted(self.model_fields_set - {"factory", "kwargs"})
         if extra:
@@ -380,7 +381,6 @@ TASK_METRICS: dict[str, dict[str, tuple[str, bool]]] = {
     "language-model": {"perplexity": ("minimize", False)},
 }
 _TOPK_RE = re.compile(r"^top[1-9][0-9]*$")
-_IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")
 
 
 class TaskConfig(Strict):

@@ -17,7 +17,6 @@ Layer rule: torch only, never optuna or mlflow.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -28,7 +27,7 @@ from torch.utils.data import Dataset, IterableDataset
 
 from .config import DataConfig
 from .data import SPLITS, DataSplits
-from .models import _import_factory
+from .models import _call_factory, _import_factory
 from .validation import ConfigError
 
 __all__ = ["factory_stamp", "load_factory"]
@@ -39,18 +38,8 @@ _FIELD = "data.factory"
 def load_factory(cfg: DataConfig) -> DataSplits:
     """Call the factory and check what it returned; one ConfigError line when it is wrong."""
     spec = str(cfg.factory)
-    make = _import_factory(spec, _FIELD)
-    try:
-        inspect.signature(make).bind(**cfg.kwargs)
-    except TypeError as err:
-        raise ConfigError(f"data.kwargs do not fit {spec}: {err}") from None
-    except ValueError:  # no signature (some builtins): let the call decide
-        pass
-    try:
-        returned = make(**cfg.kwargs)
-    except Exception as err:  # the user's code failed: name it, not our frames
-        raise ConfigError(f"{_FIELD}: {spec}(**data.kwargs) raised {type(err).__name__}: "
-                          f"{_first_line(err)}") from None
+    returned = _call_factory(_import_factory(spec, _FIELD), spec, cfg.kwargs, "data",
+                             f"{spec}(**data.kwargs)")
     loaders = _three_loaders(spec, returned)
     x, y = _first_batch(spec, "train", loaders["train"])
     input_shape = tuple(int(d) for d in x.shape[1:])
@@ -77,11 +66,6 @@ def factory_stamp(spec: str) -> list:
         stat = os.stat(path)
         return [spec, stat.st_size, stat.st_mtime_ns]
     return [spec, hashlib.sha1(spec.encode()).hexdigest()[:8]]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "(no message)"
 
 
 def _three_loaders(spec: str, returned: Any) -> dict[str, Iterable]:

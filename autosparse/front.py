@@ -59,7 +59,8 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     extra columns exist.
     """
     reevaluations = stored_reevaluations(study)
-    maximize = _quality_direction(study, objectives) == "maximize"
+    quality_direction = _quality_direction(study, objectives)
+    maximize = quality_direction == "maximize"
     by_key = {r["candidate_key"]: r for r in reevaluations.values() if r.get("candidate_key")}
     rows = []
     for trial in study.get_trials(deepcopy=False, states=FINISHED):
@@ -89,8 +90,7 @@ def trials_frame(study: optuna.Study, objectives: list[str]) -> pd.DataFrame:
     for name in objectives:
         if OBJECTIVES[name].metric not in frame:
             frame[OBJECTIVES[name].metric] = np.nan
-    values, directions = _objective_matrix(frame, objectives, _quality_direction(study,
-                                                                             objectives))
+    values, directions = _objective_matrix(frame, objectives, quality_direction)
     usable = frame["feasible"].to_numpy(bool) & np.isfinite(values).all(axis=1)
     frame["on_front"] = pareto_mask(values, directions, usable) if len(frame) else []
     return frame

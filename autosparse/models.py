@@ -359,19 +359,26 @@ def _import_factory(spec: str, field: str = "model.factory") -> Callable[..., An
     return target
 
 
-def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
-    factory = _import_factory(spec)
+def _call_factory(make: Callable[..., Any], spec: str, kwargs: Mapping[str, Any],
+                  section: str, called: str) -> Any:
+    """``make(**kwargs)`` for ``<section>.factory``: kwargs that do not fit its signature, and
+    an exception the user's code raised, become one ConfigError line (``called`` names the
+    call in it)."""
     try:
-        inspect.signature(factory).bind(**kwargs)
+        inspect.signature(make).bind(**kwargs)
     except TypeError as err:
-        raise ConfigError(f"model.kwargs do not fit {spec}: {err}") from None
+        raise ConfigError(f"{section}.kwargs do not fit {spec}: {err}") from None
     except ValueError:  # no signature available (some builtins): let the call decide
         pass
     try:
-        model = factory(**kwargs)
+        return make(**kwargs)
     except Exception as err:  # the user's code failed: name it and the error, not our frames
-        raise ConfigError(f"model.factory: {spec} raised {type(err).__name__}: "
+        raise ConfigError(f"{section}.factory: {called} raised {type(err).__name__}: "
                           f"{_first_line(err)}") from None
+
+
+def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:
+    model = _call_factory(_import_factory(spec), spec, kwargs, "model", spec)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             f"model.factory: {spec} returned {type(model).__name__}, not a torch.nn.Module"

@@ -419,7 +419,7 @@ def pareto_figure(trials: pd.DataFrame, objectives: list[str], dense: dict | Non
             for a, b, number in zip(xs[keep], ys[keep], numbers[keep]):
                 ax.annotate(_trial_label(number), (a, b), xytext=(4, 4),
                             textcoords="offset points", fontsize=7, color="#7a1414", zorder=6)
-        outside = int((~inside).sum())
+        outside = limits.outside
         if outside:
             _edge_marks(ax, limits, xs[~inside], ys[~inside], inverted=not maximize)
         if dense_xy is not None:

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .candidate import Candidate
 from .layers import LayerTable
-from .objectives import shown_metric, shown_metrics
+from .objectives import OBJECTIVES, shown_metric, shown_metrics
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -993,8 +993,6 @@ class Tracker:
                 self._log_batch(run_id, metrics=spread)
 
         # the runs table's view with the metric columns (an experiment tag; see VIEW_TAG)
-        from .objectives import OBJECTIVES
-
         view = json.dumps(view_state(shown_metric(key, metric_name) for key in (
             *(OBJECTIVES[o].metric for o in objectives if o in OBJECTIVES), *_VIEW_EXTRA_METRICS)))
         experiment = self._retry(lambda: client.get_experiment(experiment_id))

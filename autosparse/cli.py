@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError, load_config
+from autosparse.config.schema import ConfigError, load_config
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,7 +30,7 @@ RUNS_DIR = Path("runs")
 
 def _print_front(front: pd.DataFrame) -> None:
     """The front as a table no wider than the terminal (whole in a pipe or a file)."""
-    from .progress import fit_table, terminal_width
+    from autosparse.tracking.progress import fit_table, terminal_width
 
     if front.empty:
         print("no feasible finished trial yet: the front is empty")
@@ -58,7 +58,7 @@ def _search(args: argparse.Namespace) -> int:
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
     load_config(args.config)  # file-only checks before the heavy imports
-    from .runner import run_search
+    from autosparse.search.runner import run_search
 
     outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
                          extend=args.extend, threads=args.threads)
@@ -72,7 +72,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _sensitivity(args: argparse.Namespace) -> int:
     load_config(args.config)  # file-only checks before the heavy imports
-    from .runner import run_sensitivity
+    from autosparse.search.runner import run_sensitivity
 
     run_sensitivity(args.config, args.runs_dir, print)
     return 0
@@ -80,8 +80,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
 def _front(args: argparse.Namespace) -> int:
     config = load_config(args.config)  # file-only checks before the heavy imports
-    from .runner import report_front
-    from .study import require_study
+    from autosparse.search.runner import report_front
+    from autosparse.search.study import require_study
 
     require_study(config, args.runs_dir)
     outcome = report_front(args.config, runs_dir=args.runs_dir)
@@ -95,8 +95,8 @@ def _space(args: argparse.Namespace) -> int:
     load_config(args.config)  # file-only checks before the heavy imports
     import pandas as pd
 
-    from .runner import prepare
-    from .structure import describe_group
+    from autosparse.search.runner import prepare
+    from autosparse.space.structure import describe_group
 
     context = prepare(args.config, args.runs_dir)
     decision_of = {name: d for d in context.space.decisions for name in d.layers}
@@ -130,7 +130,7 @@ def _space(args: argparse.Namespace) -> int:
 
 
 def _profile(args: argparse.Namespace) -> int:
-    from .hardware import builtin_profiles, load_profile
+    from autosparse.config.hardware import builtin_profiles, load_profile
 
     hardware = args.hardware or load_config(args.config).cost_profile()  # measure: planning
     if hardware is None:
@@ -138,16 +138,16 @@ def _profile(args: argparse.Namespace) -> int:
                           f"(built-in profiles: {', '.join(builtin_profiles())})")
     import pandas as pd
 
-    from .cost_report import format_cost_report
-    from .runner import candidate_from_reference, prepare
+    from autosparse.cost.report import format_cost_report
+    from autosparse.search.runner import candidate_from_reference, prepare
 
     context = prepare(args.config, args.runs_dir)
     candidate = candidate_from_reference(context, args.candidate)
     unknown = sorted(set(candidate) - set(context.table.names))
     if unknown:
         raise ConfigError(f"the candidate names layers the model does not have: {unknown}")
-    from .calibration.machine import this_machine
-    from .latency_table import find_latency_table
+    from autosparse.cost.calibration.machine import this_machine
+    from autosparse.cost.latency_table import find_latency_table
 
     profile = load_profile(hardware)
     latency_table, note = find_latency_table(args.runs_dir / context.config.name, context.table,
@@ -166,9 +166,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.finetune_steps is not None and args.finetune_steps < 1:
         raise ConfigError(f"--finetune-steps {args.finetune_steps}: must be at least 1")
     config = load_config(args.config)  # file-only checks before the heavy imports
-    from .export.onnx_export import ExportError
-    from .exporter import ExportCheckFailed, ExportRequest, run_export
-    from .study import require_study
+    from autosparse.cost.onnx_files import ExportError
+    from autosparse.export.exporter import ExportCheckFailed, ExportRequest, run_export
+    from autosparse.search.study import require_study
 
     require_study(config, args.runs_dir)
     request = ExportRequest(trial=args.trial, max_drop=args.max_drop, minimize=args.minimize,
@@ -214,14 +214,14 @@ def _export(args: argparse.Namespace) -> int:
 def _calibrate_model(args: argparse.Namespace) -> int:
     """``calibrate --config``: the per-layer latency table of the config's own model."""
     load_config(args.config)  # file-only checks before the heavy imports
-    from .calibration.model_table import build_latency_table
-    from .hardware import load_profile
-    from .latency_table import TABLE_FILE
-    from .runner import prepare
+    from autosparse.config.hardware import load_profile
+    from autosparse.cost.calibration.model_table import build_latency_table
+    from autosparse.cost.latency_table import TABLE_FILE
+    from autosparse.search.runner import prepare
 
     context = prepare(args.config, args.runs_dir)
     profile = context.profile or load_profile(args.base)
-    table = build_latency_table(context, profile, rounds=args.rounds, calls=args.calls,
+    table = build_latency_table(context.table_model(), profile, rounds=args.rounds, calls=args.calls,
                                 seed=args.seed)
     path = args.runs_dir / context.config.name / TABLE_FILE
     existed = path.is_file()
@@ -242,11 +242,16 @@ def _calibrate_model(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     if args.config is not None:
         return _calibrate_model(args)
-    from .calibrate import (DEFAULT_ARCHITECTURES, CalibrationSettings, log_calibration,
-                            run_calibration, summary_lines)
-    from .calibration.architectures import ARCHITECTURES
-    from .tracking import resolve_tracking_uri
-    from .validation import did_you_mean
+    from autosparse.config.validation import did_you_mean
+    from autosparse.cost.calibrate import (
+        DEFAULT_ARCHITECTURES,
+        CalibrationSettings,
+        run_calibration,
+        summary_lines,
+    )
+    from autosparse.cost.calibration.architectures import ARCHITECTURES
+    from autosparse.tracking.calibration_run import log_calibration
+    from autosparse.tracking.mlflow_tracker import resolve_tracking_uri
 
     args.architectures = args.architectures or list(DEFAULT_ARCHITECTURES)
     for name in args.architectures:  # checked here, not by argparse: its list imports torch
@@ -270,7 +275,12 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .tracking import resolve_tracking_uri, runs_table_urls, ui_command, ui_environment
+    from autosparse.tracking.mlflow_tracker import (
+        resolve_tracking_uri,
+        runs_table_urls,
+        ui_command,
+        ui_environment,
+    )
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be a TCP port from 1 to 65535")

@@ -17,15 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
-from autosparse.allocation.knapsack import solve
-from autosparse.allocation.problem import AllocationProblem, additive_error, build_problem
-from autosparse.allocation.table import ChoiceSensitivity, SensitivityTable, choice_id
-from autosparse.candidate import DENSE_FP32, Candidate
-from autosparse.config import load_config
-from autosparse.footprint import footprint_metrics
-from autosparse.hardware import builtin_profiles, load_profile
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.space import SearchSpace
+from autosparse.compress.footprint import footprint_metrics
+from autosparse.config.hardware import builtin_profiles, load_profile
+from autosparse.config.schema import load_config
+from autosparse.search.allocation.knapsack import solve
+from autosparse.search.allocation.problem import (
+    AllocationProblem,
+    additive_error,
+    build_problem,
+)
+from autosparse.search.allocation.table import (
+    ChoiceSensitivity,
+    SensitivityTable,
+    choice_id,
+)
+from autosparse.space.candidate import DENSE_FP32, Candidate
+from autosparse.space.layers import LayerInfo, LayerTable
+from autosparse.space.search_space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = LayerTable(

@@ -27,20 +27,20 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autosparse.calibration.timing import time_variants
-from autosparse.calibration.variants import Variant
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep
-from autosparse.cost import estimate_cost
-from autosparse.discovery import discover, example_input
-from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8
+from autosparse.compress.apply import bake, compress_model, structural_keep
+from autosparse.compress.footprint import footprint_metrics
+from autosparse.compress.shrink import shrink_model
+from autosparse.compress.storage import model_zeros
+from autosparse.config.hardware import load_profile
+from autosparse.cost.calibration.timing import time_variants
+from autosparse.cost.calibration.variants import Variant
+from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.onnx_files import export_onnx, quantize_onnx_int8
 from autosparse.export.packed import save_packed
-from autosparse.export.shrink import shrink_model
-from autosparse.footprint import footprint_metrics
-from autosparse.storage import model_zeros
-from autosparse.hardware import load_profile
-from autosparse.models import DigitsCNN
-from autosparse.structure import leaders
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover, example_input
+from autosparse.space.structure import leaders
+from autosparse.workload.models import DigitsCNN
 
 MEASURED = Path("benchmarks/results/calibration/measured-ci-epyc.yaml")
 

@@ -24,11 +24,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import compress_model
-from autosparse.evaluate import evaluate
-from autosparse.finetune import CandidateDiverged, FinetuneSession
-from autosparse.runner import prepare
+from autosparse.compress.apply import compress_model
+from autosparse.compress.finetune import CandidateDiverged, FinetuneSession
+from autosparse.search.runner import prepare
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.workload.evaluate import evaluate
 
 SHORT, FULL = 40, 150
 RECIPES = {  # name -> FinetuneConfig fields over the config's own

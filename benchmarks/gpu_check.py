@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from autosparse.runner import run_search
+from autosparse.search.runner import run_search
 
 
 def _run(config: dict, device: str, args: argparse.Namespace, runs_dir: Path) -> dict:

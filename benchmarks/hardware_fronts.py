@@ -28,13 +28,13 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from autosparse.calibration.architectures import ARCHITECTURES
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.discovery import discover_layers
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.cost import estimate_cost
-from autosparse.hardware import load_profile
-from autosparse.runner import prepare, run_search
+from autosparse.config.hardware import load_profile
+from autosparse.cost.calibration.architectures import ARCHITECTURES
+from autosparse.cost.estimate import estimate_cost
+from autosparse.search.runner import prepare, run_search
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover_layers
+from autosparse.space.layers import LayerInfo, LayerTable
 
 MAX_DROP = 1.0
 

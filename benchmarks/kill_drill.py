@@ -40,9 +40,9 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from autosparse.front import trials_frame  # noqa: E402
-from autosparse.objective import CACHED_ATTR, KEY_ATTR  # noqa: E402
-from autosparse.study import RERUN_OF_ATTR, counted_trials, is_interrupted  # noqa: E402
+from autosparse.search.front import trials_frame  # noqa: E402
+from autosparse.search.objective import CACHED_ATTR, KEY_ATTR  # noqa: E402
+from autosparse.search.study import RERUN_OF_ATTR, counted_trials, is_interrupted  # noqa: E402
 
 PROGRESS = re.compile(r"^\[(\d+)/(\d+)\] failed (\d+)")
 

@@ -49,19 +49,29 @@ import numpy as np
 import pandas as pd
 import torch
 
-from autosparse.calibration.fit import prediction_stats
-from autosparse.calibration.model_table import (TableModel, build_latency_table, candidate_onnx,
-                                                mixed_candidates)
-from autosparse.latency_table import ships_int8, table_latency
-from autosparse.candidate import CHANNEL, Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep
-from autosparse.cost import estimate_cost
-from autosparse.discovery import discover, example_input
-from autosparse.export.onnx_export import export_onnx, quantize_onnx_int8, time_onnx_files
-from autosparse.export.shrink import shrink_model
-from autosparse.hardware import load_profile
-from autosparse.models import DigitsConv1d, DigitsMLP, DigitsMobileNet, DigitsResNet18, DigitsViT
-from autosparse.structure import leaders
+from autosparse.compress.apply import bake, compress_model, structural_keep
+from autosparse.compress.shrink import shrink_model
+from autosparse.config.hardware import load_profile
+from autosparse.cost.calibration.fit import prediction_stats
+from autosparse.cost.calibration.model_table import (
+    TableModel,
+    build_latency_table,
+    candidate_onnx,
+    mixed_candidates,
+)
+from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.latency_table import ships_int8, table_latency
+from autosparse.cost.onnx_files import export_onnx, quantize_onnx_int8, time_onnx_files
+from autosparse.space.candidate import CHANNEL, Candidate, LayerChoice
+from autosparse.space.discovery import discover, example_input
+from autosparse.space.structure import leaders
+from autosparse.workload.models import (
+    DigitsConv1d,
+    DigitsMLP,
+    DigitsMobileNet,
+    DigitsResNet18,
+    DigitsViT,
+)
 
 SHIPPED = {"ci_epyc": "benchmarks/results/calibration/measured-ci-epyc.yaml",
            "datasheet": "x86-server-vnni"}

@@ -85,7 +85,7 @@ def method_config(base: dict, method: str, *, seed: int, fine_tunes: int, steps:
 
 def normalised(frame: pd.DataFrame, objectives: list[str], dense: dict[str, float],
                accuracy_column: str = "accuracy") -> np.ndarray:
-    from autosparse.objectives import OBJECTIVES
+    from autosparse.config.objectives import OBJECTIVES
 
     columns = []
     for name in objectives:
@@ -99,8 +99,8 @@ def normalised(frame: pd.DataFrame, objectives: list[str], dense: dict[str, floa
 
 def hypervolume_at(points: np.ndarray, objectives: list[str], dense_accuracy: float,
                    margin: float) -> float:
-    from autosparse.objectives import OBJECTIVES
-    from autosparse.pareto import hypervolume
+    from autosparse.config.objectives import OBJECTIVES
+    from autosparse.search.pareto import hypervolume
 
     if len(points) == 0:
         return 0.0
@@ -111,7 +111,7 @@ def hypervolume_at(points: np.ndarray, objectives: list[str], dense_accuracy: fl
 
 def seconds_per_step(context: Any) -> float:
     """Median wall time of one fine-tune step here, from three short fine-tunes of a candidate."""
-    from autosparse.candidate import Candidate, LayerChoice
+    from autosparse.space.candidate import Candidate, LayerChoice
 
     candidate = Candidate({n: LayerChoice.make("unstructured", 0.5, 8)
                            for n in context.space.layer_names})
@@ -127,8 +127,8 @@ def seconds_per_step(context: Any) -> float:
 
 def test_scores(context: Any, frame: pd.DataFrame) -> dict[int, float]:
     """Test accuracy of each validation-front point: its model rebuilt (same seed) and scored."""
-    from autosparse.candidate import Candidate
-    from autosparse.evaluate import evaluate
+    from autosparse.space.candidate import Candidate
+    from autosparse.workload.evaluate import evaluate
 
     evaluator = context.objective().evaluator
     out = {}
@@ -148,7 +148,7 @@ def best_compression(frame: pd.DataFrame, max_drop: float) -> pd.Series | None:
 
 def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, runs_dir: Path,
             model_tag: str, step_seconds: float) -> tuple[dict, pd.DataFrame]:
-    from autosparse.runner import prepare, run_search, run_sensitivity
+    from autosparse.search.runner import prepare, run_search, run_sensitivity
 
     charged, sensitivity_seconds = 0, 0.0
     path = method_config(base, method, seed=seed, fine_tunes=fine_tunes, steps=steps,
@@ -206,8 +206,8 @@ def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, 
 def hypervolume_history(frame: pd.DataFrame, objectives: list[str], dense: dict, charged: int
                         ) -> pd.DataFrame:
     """Validation hypervolume (dense - 5 points) after each trial against the steps spent."""
-    from autosparse.objectives import OBJECTIVES
-    from autosparse.pareto import hypervolume_history as history
+    from autosparse.config.objectives import OBJECTIVES
+    from autosparse.search.pareto import hypervolume_history as history
 
     frame = frame.sort_values("trial")
     values = normalised(frame, objectives, dense)
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
         import torch
 
-        from autosparse.runner import prepare
+        from autosparse.search.runner import prepare
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         torch.set_num_threads(1)

@@ -74,9 +74,9 @@ def delete_previous(config_path: Path, runs_dir: Path) -> None:
     Without the MLflow part a re-run would find the old parent run (matched by study name) and
     the old terminal child runs ``trial-<n>``, skip logging them, and under-count MLflow time.
     """
-    from autosparse.config import load_config
-    from autosparse.study import storage_url
-    from autosparse.tracking import resolve_tracking_uri
+    from autosparse.config.schema import load_config
+    from autosparse.search.study import storage_url
+    from autosparse.tracking.mlflow_tracker import resolve_tracking_uri
 
     config = load_config(config_path)
     url = storage_url(config, runs_dir)
@@ -123,10 +123,10 @@ def best_compression(trials: pd.DataFrame, max_drop: float) -> tuple[float, int 
 
 def test_accuracy(context: Any, candidate_json: str) -> tuple[float, float]:
     """Re-run the trial's fine-tune (same seed) and score validation and test accuracy."""
-    from autosparse.candidate import Candidate
-    from autosparse.compress import compress_model, taylor_scores
-    from autosparse.evaluate import evaluate
-    from autosparse.finetune import finetune
+    from autosparse.compress.apply import compress_model, taylor_scores
+    from autosparse.compress.finetune import finetune
+    from autosparse.space.candidate import Candidate
+    from autosparse.workload.evaluate import evaluate
 
     candidate = Candidate.from_json(candidate_json)
     cfg = context.config.finetune
@@ -143,7 +143,7 @@ def test_accuracy(context: Any, candidate_json: str) -> tuple[float, float]:
 
 def run_one(base: dict, *, strategy: str, seed: int, trials: int, runs_dir: Path,
             name: str, with_test: bool = True) -> dict[str, Any]:
-    from autosparse.runner import prepare, run_search
+    from autosparse.search.runner import prepare, run_search
 
     config_path = write_config(base, name=name, strategy=strategy, seed=seed, trials=trials,
                                runs_dir=runs_dir)
@@ -322,9 +322,10 @@ def coarse_of(label: str) -> str:
 def instrument(timers: ExclusiveTimers) -> None:
     """Monkeypatch timers around the loop's parts (undone by ``timers.restore()``)."""
     import optuna
-    from autosparse import objective as objective_mod
-    from autosparse import runner
-    from autosparse.tracking import Tracker
+
+    from autosparse.search import objective as objective_mod
+    from autosparse.search import runner
+    from autosparse.tracking.mlflow_tracker import Tracker
 
     timers.patch(runner, "_work", "loop", root=True)
     timers.patch(runner.Progress, "__call__", "progress / front")
@@ -670,7 +671,7 @@ def _what_to_optimise(profile: pd.DataFrame, meta: dict) -> list[str]:
     bench = meta.get("storage_microbench")
     if bench:
         lines.append(
-            f"- Measured SQLite write cost through `autosparse.study.make_storage` on this machine "
+            f"- Measured SQLite write cost through `autosparse.search.study.make_storage` on this machine "
             f"(`--microbench-only`): `set_trial_param` {bench['default_set_trial_param_ms']:.2f} ms"
             f" as configured vs {bench['wal_set_trial_param_ms']:.2f} ms with `PRAGMA "
             f"journal_mode=WAL; synchronous=NORMAL`; `set_trial_user_attr` "
@@ -822,7 +823,7 @@ def storage_microbench(reps: int = 5, calls: int = 50) -> dict[str, float]:
     from optuna.distributions import CategoricalDistribution
     from sqlalchemy import event
 
-    from autosparse.study import make_storage
+    from autosparse.search.study import make_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -880,8 +881,8 @@ def write_meta(path: Path, meta: dict) -> None:
 
 def validation_images(config_path: str | os.PathLike) -> int | None:
     try:
-        from autosparse.config import load_config
-        from autosparse.data import load_data
+        from autosparse.config.schema import load_config
+        from autosparse.workload.data import load_data
 
         return len(load_data(load_config(config_path).data).split("validation"))
     except Exception:  # noqa: BLE001 - only a note in the report

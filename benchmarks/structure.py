@@ -48,22 +48,27 @@ import torch
 import yaml
 from torch.nn import functional as F
 
-from autosparse.calibrate import CalibrationSettings, run_calibration
-from autosparse.candidate import CHANNEL, Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep, taylor_scores
-from autosparse.cost import estimate_cost
-from autosparse.discovery import discover, example_input
-from autosparse.evaluate import evaluate
-from autosparse.export.onnx_export import export_onnx, onnx_outputs, time_onnx_files
+from autosparse.compress.apply import (
+    bake,
+    compress_model,
+    structural_keep,
+    taylor_scores,
+)
+from autosparse.compress.footprint import model_footprint
+from autosparse.compress.shrink import shrink_model
+from autosparse.compress.storage import model_zeros
+from autosparse.config.hardware import load_profile
+from autosparse.cost.calibrate import CalibrationSettings, run_calibration
+from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.onnx_files import export_onnx, onnx_outputs, time_onnx_files
 from autosparse.export.packed import save_packed
-from autosparse.export.shrink import shrink_model
-from autosparse.footprint import model_footprint
-from autosparse.hardware import load_profile
-from autosparse.models import DigitsResNet18
-from autosparse.storage import model_zeros
-from autosparse.runner import prepare, run_search
-from autosparse.selection import knee
-from autosparse.structure import leaders, parameter_count, pruned_by_group
+from autosparse.search.runner import prepare, run_search
+from autosparse.search.selection import knee
+from autosparse.space.candidate import CHANNEL, Candidate, LayerChoice
+from autosparse.space.discovery import discover, example_input
+from autosparse.space.structure import leaders, parameter_count, pruned_by_group
+from autosparse.workload.evaluate import evaluate
+from autosparse.workload.models import DigitsResNet18
 
 MEASURED = Path("benchmarks/results/calibration/measured-ci-epyc.yaml")
 DATASHEET = "x86-server-vnni"

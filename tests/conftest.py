@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from autosparse.layers import LayerInfo, LayerTable
+from autosparse.space.layers import LayerInfo, LayerTable
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autosparse.candidate import Candidate, LayerChoice
+from autosparse.space.candidate import Candidate, LayerChoice
 
 
 class TinyNet(nn.Module):

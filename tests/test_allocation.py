@@ -10,23 +10,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from autosparse.allocation.knapsack import allocation_weight, brute_force, cheapest, solve
-from autosparse.allocation.planner import BudgetPlanner, Observation, planner_for
-from autosparse.allocation.predictor import PRIOR_SCALE, fit, prior
-from autosparse.allocation.problem import (
+from autosparse.compress.footprint import footprint_metrics
+from autosparse.config.hardware import load_profile
+from autosparse.config.schema import ChoiceSet, LayerRule, SpaceConfig, load_config
+from autosparse.cost.estimate import estimate_cost
+from autosparse.search.allocation.knapsack import (
+    allocation_weight,
+    brute_force,
+    cheapest,
+    solve,
+)
+from autosparse.search.allocation.planner import BudgetPlanner, Observation, planner_for
+from autosparse.search.allocation.predictor import PRIOR_SCALE, fit, prior
+from autosparse.search.allocation.problem import (
     AllocationProblem,
     additive_error,
     build_problem,
     cost_objectives,
 )
-from autosparse.allocation.table import ChoiceSensitivity, SensitivityTable, choice_id
-from autosparse.candidate import DENSE_FP32, Candidate
-from autosparse.config import ChoiceSet, LayerRule, SpaceConfig, load_config
-from autosparse.cost import estimate_cost
-from autosparse.footprint import footprint_metrics
-from autosparse.hardware import load_profile
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.space import SearchSpace
+from autosparse.search.allocation.table import (
+    ChoiceSensitivity,
+    SensitivityTable,
+    choice_id,
+)
+from autosparse.space.candidate import DENSE_FP32, Candidate
+from autosparse.space.layers import LayerInfo, LayerTable
+from autosparse.space.search_space import SearchSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 import yaml
 
-from autosparse.candidate import Candidate
-from autosparse.exporter import ExportRequest, run_export
-from autosparse.runner import prepare, run_search
-from autosparse.structure import leaders
+from autosparse.export.exporter import ExportRequest, run_export
+from autosparse.search.runner import prepare, run_search
+from autosparse.space.candidate import Candidate
+from autosparse.space.structure import leaders
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

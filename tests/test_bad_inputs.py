@@ -9,7 +9,6 @@ need the model's layers run on an untrained copy, so no dense model is trained o
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,8 +206,8 @@ def _torch_save(obj):
 def _truncated_checkpoint(path: Path) -> None:
     import torch
 
-    from autosparse.models import build_model
-    from autosparse.config import ModelConfig
+    from autosparse.config.schema import ModelConfig
+    from autosparse.workload.models import build_model
 
     torch.save(build_model(ModelConfig(builtin="digits-cnn"), (1, 8, 8), 10).state_dict(), path)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from chromium import INSTALL_SWITCH, Browser, find_chromium
 
 pytestmark = pytest.mark.integration
@@ -74,7 +73,7 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory, one_thread):
-    from autosparse.runner import run_search
+    from autosparse.search.runner import run_search
 
     runs_dir = tmp_path_factory.mktemp("window")
     config = runs_dir / "window.yaml"
@@ -185,7 +184,7 @@ def test_pareto_html_hover_and_view_switch_work(browser, tmp_path):
     the cost objective (three objectives here, so three panels)."""
     from test_plots import make_trials
 
-    from autosparse.plots import pareto_figure_html
+    from autosparse.tracking.plots import pareto_figure_html
 
     path = tmp_path / "pareto.html"
     pareto_figure_html(make_trials(), ["accuracy", "size", "macs", "bops"], path)

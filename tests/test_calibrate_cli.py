@@ -15,10 +15,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from autosparse import calibrate as calibrate_module
-from autosparse.calibration.fit import FREE_CONSTANTS, fit_with_blocks
 from autosparse.cli import main
-from autosparse.hardware import load_profile
+from autosparse.config.hardware import load_profile
+from autosparse.cost import calibrate as calibrate_module
+from autosparse.cost.calibration.fit import FREE_CONSTANTS, fit_with_blocks
 
 pytestmark = pytest.mark.integration
 

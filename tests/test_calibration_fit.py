@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import yaml
 
-from autosparse.calibration.fit import (
+from autosparse.config.hardware import load_profile, parse_profile
+from autosparse.cost.calibration.fit import (
     FREE_CONSTANTS,
     OPTIONAL_CONSTANTS,
     Sample,
@@ -23,10 +24,9 @@ from autosparse.calibration.fit import (
     prediction_stats,
     split_samples,
 )
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.cost import estimate_cost
-from autosparse.hardware import load_profile, parse_profile
-from autosparse.layers import LayerInfo, LayerTable
+from autosparse.cost.estimate import estimate_cost
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import LayerInfo, LayerTable
 
 BASE = load_profile("x86-server-vnni")
 TRUE_BLOCKS = (8, 16)
@@ -233,7 +233,7 @@ def test_apply_constants_scales_every_bandwidth_and_sets_the_blocks():
 
 
 def test_local_cache_sizes_read_from_sysfs_and_replace_the_bounded_levels(tmp_path):
-    from autosparse.calibrate import local_cache_sizes, with_local_caches
+    from autosparse.cost.calibrate import local_cache_sizes, with_local_caches
 
     for index, (level, kind, size) in enumerate(
             [(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K"),
@@ -256,8 +256,8 @@ def test_local_cache_sizes_read_from_sysfs_and_replace_the_bounded_levels(tmp_pa
 
 # --- depthwise, Conv1d, per-precision efficiency and ops between layers ------------------------
 
-from autosparse.calibration.fit import informed_constants  # noqa: E402
-from autosparse.layers import OpInfo  # noqa: E402
+from autosparse.cost.calibration.fit import informed_constants  # noqa: E402
+from autosparse.space.layers import OpInfo  # noqa: E402
 
 
 def dw_table(c: int, side: int = 8) -> LayerTable:

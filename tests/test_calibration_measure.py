@@ -6,17 +6,17 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from autosparse.calibration.architectures import ARCHITECTURES
-from autosparse.calibration.export import layer_nodes, quantized_layers
-from autosparse.calibration.timing import (
+from autosparse.cost.calibration.architectures import ARCHITECTURES
+from autosparse.cost.calibration.export import layer_nodes, quantized_layers
+from autosparse.cost.calibration.timing import (
     Measurement,
     compare_runs,
     fixed_input,
     make_session,
     time_variants,
 )
-from autosparse.calibration.variants import VariantSpec, build_variant, draw_specs
-from autosparse.discovery import discover_layers
+from autosparse.cost.calibration.variants import VariantSpec, build_variant, draw_specs
+from autosparse.space.discovery import discover_layers
 
 
 def total_macs(model, input_shape):
@@ -63,7 +63,7 @@ def run_onnx(path, x):
 
 def torch_output(spec, x, seed=0):
     """The same model built again in torch (the variant does not keep the module)."""
-    from autosparse.calibration.export import zero_smallest
+    from autosparse.cost.calibration.export import zero_smallest
 
     model = ARCHITECTURES[spec.architecture].build(spec.widths, seed=seed)
     zero_smallest(model, spec.sparsity)

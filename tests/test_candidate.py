@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from autosparse.candidate import DENSE_FP32, Candidate, LayerChoice
+from autosparse.space.candidate import DENSE_FP32, Candidate, LayerChoice
 
 
 def test_canonical_forms_hash_alike():

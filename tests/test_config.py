@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from autosparse.config import ConfigError, load_config, parse_config
+from autosparse.config.schema import ConfigError, load_config, parse_config
 
 BASE = {"name": "t", "model": {"builtin": "digits-cnn"}}
 

@@ -6,10 +6,10 @@ import random
 
 import pytest
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.cost import cost_metrics, estimate_cost
-from autosparse.hardware import builtin_profiles, load_profile, parse_profile
-from autosparse.layers import LayerInfo, LayerTable
+from autosparse.config.hardware import builtin_profiles, load_profile, parse_profile
+from autosparse.cost.estimate import cost_metrics, estimate_cost
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import LayerInfo, LayerTable
 
 US = 1e-6
 PJ = 1e-12
@@ -494,7 +494,7 @@ def test_mcu_reads_weights_from_flash():
 
 # --- ops between weight layers, depthwise kind, per-precision efficiency -----------------------
 
-from autosparse.layers import OpInfo  # noqa: E402
+from autosparse.space.layers import OpInfo  # noqa: E402
 
 OPS_TABLE = LayerTable(layers=HAND_TABLE.layers, ops=(
     OpInfo("add", 600, after_layer="conv"),  # a residual add on conv's 300 outputs: 2 reads + 1 write

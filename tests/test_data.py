@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from autosparse.config import ConfigError, DataConfig
-from autosparse.data import DataSplits, load_data, stratified_split
+from autosparse.config.schema import ConfigError, DataConfig
+from autosparse.workload.data import load_data, stratified_split
+from autosparse.workload.splits import DataSplits
 
 
 def _tensors(splits: DataSplits, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +304,7 @@ def test_torchvision_missing_gives_clear_error(monkeypatch, tmp_path):
 
 
 def test_fingerprint_ignores_batch_size_but_not_split_seed():
-    from autosparse.data import data_fingerprint
+    from autosparse.workload.data import data_fingerprint
 
     base = DataConfig()
     assert data_fingerprint(base) == data_fingerprint(DataConfig(batch_size=7))
@@ -312,7 +313,7 @@ def test_fingerprint_ignores_batch_size_but_not_split_seed():
 
 def test_data_batch_size_is_the_evaluation_batch():
     """``data.batch_size`` is read: validation, test and export score in batches of it."""
-    from autosparse.evaluate import evaluate
+    from autosparse.workload.evaluate import evaluate
 
     splits = load_data(DataConfig(batch_size=7))
     assert splits.batch_size == 7

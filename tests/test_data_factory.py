@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import textwrap
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -15,10 +13,10 @@ import torch
 import yaml
 
 from autosparse.cli import main
-from autosparse.config import DataConfig
-from autosparse.data import data_fingerprint, load_data
-from autosparse.runner import run_search
-from autosparse.validation import ConfigError
+from autosparse.config.schema import DataConfig
+from autosparse.config.validation import ConfigError
+from autosparse.search.runner import run_search
+from autosparse.workload.data import data_fingerprint, load_data
 
 EXAMPLE = "autosparse.examples.custom_loader:make_loaders"
 TINY = {"batch_size": 32, "limit": 300}  # 300 train, 300 validation (of 359), 300 test (of 360)

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autosparse import dense
-from autosparse.config import DataConfig, ModelConfig
-from autosparse.data import DataSplits, load_data
-from autosparse.evaluate import eval_mode, evaluate
+from autosparse.config.schema import DataConfig, ModelConfig
+from autosparse.workload import dense
+from autosparse.workload.data import load_data
+from autosparse.workload.devices import eval_mode
+from autosparse.workload.evaluate import evaluate
+from autosparse.workload.splits import DataSplits
 
 
 @pytest.fixture(scope="module")

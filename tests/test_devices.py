@@ -10,11 +10,16 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.config import FinetuneConfig, parse_config
-from autosparse.devices import amp_mode, place_workers, present_devices, resolve_device
-from autosparse.finetune import FinetuneSession
-from autosparse.study import _signature
-from autosparse.validation import ConfigError
+from autosparse.compress.finetune import FinetuneSession
+from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.config.validation import ConfigError
+from autosparse.search.study import _signature
+from autosparse.workload.devices import (
+    amp_mode,
+    place_workers,
+    present_devices,
+    resolve_device,
+)
 
 CPU = ["cpu"]
 TWO_GPUS = ["cpu", "cuda:0", "cuda:1"]
@@ -143,7 +148,7 @@ def test_study_signature_does_not_name_the_device():
 def test_search_places_workers_before_any_work(tmp_path, monkeypatch):
     """run_search checks the placement against the devices present first: three workers on a
     (faked) two-GPU machine stop at once, with nothing trained or written."""
-    from autosparse import runner
+    from autosparse.search import runner
 
     monkeypatch.setattr(runner, "present_devices", lambda: TWO_GPUS)
     config = tmp_path / "c.yaml"

@@ -6,10 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.config import ModelConfig
-from autosparse.discovery import discover_layers, global_magnitude_allocation, unused_layers
-from autosparse.layers import LayerTable
-from autosparse.models import build_model
+from autosparse.config.schema import ModelConfig
+from autosparse.space.discovery import (
+    discover_layers,
+    global_magnitude_allocation,
+    unused_layers,
+)
+from autosparse.space.layers import LayerTable
+from autosparse.workload.models import build_model
 
 
 class Tiny(nn.Module):
@@ -173,8 +177,8 @@ def test_bad_targets():
 
 def test_with_searchable_equals_discovering_again_with_searchable():
     """prepare() narrows the global allocation without tracing the model a second time."""
-    from autosparse.discovery import discover, with_searchable
-    from autosparse.models import DigitsCNN
+    from autosparse.space.discovery import discover, with_searchable
+    from autosparse.workload.models import DigitsCNN
 
     model = DigitsCNN(1, 8, 8, 10).eval()
     table, _ = discover(model, (1, 8, 8))

@@ -23,14 +23,14 @@ import torch
 import yaml
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from autosparse import selection
-from autosparse.candidate import Candidate
 from autosparse.cli import main
+from autosparse.config.validation import ConfigError
+from autosparse.export.exporter import SAME_PREDICTIONS
 from autosparse.export.packed import load_packed
-from autosparse.exporter import SAME_PREDICTIONS
-from autosparse.models import build_model
-from autosparse.runner import prepare, run_search
-from autosparse.validation import ConfigError
+from autosparse.search import selection
+from autosparse.search.runner import prepare, run_search
+from autosparse.space.candidate import Candidate
+from autosparse.workload.models import build_model
 
 FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "report.json", "report.md"}
 FORMATS = ("pytorch", "pytorch_shrunk", "packed", "onnx", "onnx_int8")
@@ -458,7 +458,7 @@ def test_failure_mid_export_leaves_nothing_behind(searched, exported, monkeypatc
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("autosparse.exporter.export_onnx", broken)
+    monkeypatch.setattr("autosparse.export.exporter.export_onnx", broken)
     versions_before = len(mlflow_client(runs_dir).search_model_versions())
     target = runs_dir / "broken" / f"trial-{number}"
     with pytest.raises(RuntimeError, match="disk full"):
@@ -498,9 +498,8 @@ def test_export_folder_alone_is_enough_to_predict(exported):
     """Only the folder and its documented input spec: raw digits, normalised as report.json
     says, fed to model.onnx, predict as well as the export measured (the whole data set
     includes train images, so at least the test accuracy less a margin)."""
-    from sklearn.datasets import load_digits
-
     import onnxruntime as ort
+    from sklearn.datasets import load_digits
 
     _, out, report = exported
     spec = report["input"]

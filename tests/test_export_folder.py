@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from autosparse.config import ConfigError
-from autosparse.export.folder import (DIGEST_KEY, export_digest, folder_state, publish,
-                                      staging_folder, update_report)
+from autosparse.config.schema import ConfigError
+from autosparse.export.folder import (
+    DIGEST_KEY,
+    export_digest,
+    folder_state,
+    publish,
+    staging_folder,
+    update_report,
+)
 
 
 def _export(folder: Path, digest: str, registered: bool = True) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.export.onnx_export import (
+from autosparse.cost.onnx_files import (
     ExportError,
     evaluate_onnx,
     export_onnx,
@@ -17,7 +17,7 @@ from autosparse.export.onnx_export import (
     quantize_onnx_int8,
     time_onnx,
 )
-from autosparse.models import DigitsCNN
+from autosparse.workload.models import DigitsCNN
 
 SHAPE = (1, 8, 8)
 

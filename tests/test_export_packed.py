@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep
-from autosparse.discovery import discover, example_input
+from autosparse.compress.apply import bake, compress_model, structural_keep
+from autosparse.compress.footprint import (
+    footprint_metrics,
+    model_footprint,
+    storage_options,
+)
+from autosparse.compress.shrink import shrink_model
+from autosparse.compress.storage import model_zeros
 from autosparse.export.bitpack import _BitReader, _row_scales, _uint_bits
 from autosparse.export.packed import (
     MAGIC,
@@ -20,11 +25,10 @@ from autosparse.export.packed import (
     read_header,
     save_packed,
 )
-from autosparse.export.shrink import shrink_model
-from autosparse.storage import model_zeros
-from autosparse.footprint import footprint_metrics, model_footprint, storage_options
-from autosparse.models import DigitsCNN, DigitsMLP, DigitsResNet
-from autosparse.structure import leaders, pruned_by_group
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover, example_input
+from autosparse.space.structure import leaders, pruned_by_group
+from autosparse.workload.models import DigitsCNN, DigitsMLP, DigitsResNet
 
 SHAPE = (1, 8, 8)
 

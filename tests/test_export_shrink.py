@@ -1,4 +1,4 @@
-"""Physical removal of channel groups (autosparse.export.shrink): the shrunk model computes what
+"""Physical removal of channel groups (autosparse.compress.shrink): the shrunk model computes what
 the compressed model computes, has the parameters the footprint predicts, and keeps residual,
 depthwise and attention groups consistent.
 
@@ -15,13 +15,18 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, structural_keep
-from autosparse.discovery import discover, example_input
-from autosparse.export.shrink import (ShrinkError, ShrinkReport, expected_shapes,
-                                      predicted_parameters, shrink_model)
-from autosparse.models import DigitsCNN, DigitsResNet
-from autosparse.structure import pruned_by_group
+from autosparse.compress.apply import bake, compress_model, structural_keep
+from autosparse.compress.shrink import (
+    ShrinkError,
+    ShrinkReport,
+    expected_shapes,
+    predicted_parameters,
+    shrink_model,
+)
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover, example_input
+from autosparse.space.structure import pruned_by_group
+from autosparse.workload.models import DigitsCNN, DigitsResNet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

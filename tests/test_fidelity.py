@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import optuna
-import pytest
-from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from autosparse.config import Constraint, parse_config
-from autosparse.fidelity import LOW_ATTR, STEPS_ATTR, FidelityPlan, steps_used
-from autosparse.pareto import nondominated_rank
+from autosparse.config.schema import Constraint, parse_config
+from autosparse.search.fidelity import LOW_ATTR, STEPS_ATTR, FidelityPlan, steps_used
+from autosparse.search.pareto import nondominated_rank
 
 MAX_MIN = ["maximize", "minimize"]
 

@@ -1,4 +1,4 @@
-"""Fast distillation fine-tuning of compressed candidates (autosparse.finetune)."""
+"""Fast distillation fine-tuning of compressed candidates (autosparse.compress.finetune)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TinyNet
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, qmax_for_bits, weight_mask
-from autosparse.config import FinetuneConfig
-from autosparse.finetune import CandidateDiverged, FinetuneResult, distill_loss, finetune
-
-from helpers import TinyNet
+from autosparse.compress.apply import bake, compress_model, qmax_for_bits, weight_mask
+from autosparse.compress.finetune import (
+    CandidateDiverged,
+    FinetuneResult,
+    distill_loss,
+    finetune,
+)
+from autosparse.config.schema import FinetuneConfig
+from autosparse.space.candidate import Candidate, LayerChoice
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 

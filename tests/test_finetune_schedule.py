@@ -8,19 +8,26 @@ from collections import deque
 import pytest
 import torch
 import yaml
+from helpers import TinyNet
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import compress_model
-from autosparse.config import FinetuneConfig, parse_config
-from autosparse.data import DataSplits
-from autosparse.discovery import discover_layers
-from autosparse.finetune import (EXPLODE_FACTOR, CandidateDiverged, FinetuneSession, _cycle,
-                                 distill_loss, finetune, learning_rate, lr_multiplier,
-                                 resolve_steps)
-from autosparse.objective import CandidateEvaluator
-
-from helpers import TinyNet
+from autosparse.compress.apply import compress_model
+from autosparse.compress.finetune import (
+    EXPLODE_FACTOR,
+    CandidateDiverged,
+    FinetuneSession,
+    _cycle,
+    distill_loss,
+    finetune,
+    learning_rate,
+    lr_multiplier,
+    resolve_steps,
+)
+from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.search.objective import CandidateEvaluator
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover_layers
+from autosparse.workload.splits import DataSplits
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")
 COS_QUARTER = (1 + math.cos(math.pi / 4)) / 2  # 0.8535...

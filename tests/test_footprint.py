@@ -2,9 +2,13 @@
 
 import pytest
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.footprint import footprint_metrics, layer_footprint, model_footprint
-from autosparse.layers import LayerInfo, LayerTable
+from autosparse.compress.footprint import (
+    footprint_metrics,
+    layer_footprint,
+    model_footprint,
+)
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import LayerInfo, LayerTable
 
 FC = LayerInfo("fc", "Linear", (10, 64), True, macs=640)
 

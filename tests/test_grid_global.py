@@ -2,16 +2,19 @@
 
 import optuna
 import torch
+from helpers import TinyNet
 from torch.nn.utils import prune
 
-from autosparse.candidate import UNSTRUCTURED
-from autosparse.compress import compress_model, weight_mask
-from autosparse.config import SpaceConfig, StrategyConfig
-from autosparse.discovery import discover_layers, find_layers, global_magnitude_allocation
-from autosparse.samplers import GridSampler, make_sampler
-from autosparse.space import GRID_PARAM, GridSpace, SearchSpace
-
-from helpers import TinyNet
+from autosparse.compress.apply import compress_model, weight_mask
+from autosparse.config.schema import SpaceConfig, StrategyConfig
+from autosparse.search.samplers import GridSampler, make_sampler
+from autosparse.space.candidate import UNSTRUCTURED
+from autosparse.space.discovery import (
+    discover_layers,
+    find_layers,
+    global_magnitude_allocation,
+)
+from autosparse.space.search_space import GRID_PARAM, GridSpace, SearchSpace
 
 SPACE_CFG = SpaceConfig(default={"patterns": ["unstructured", "channel", "2:4"],
                                  "sparsity": [0.0, 0.5, 0.8], "bits": [4, 8, 32]})

@@ -6,14 +6,14 @@ import math
 import pytest
 import yaml
 
-from autosparse.hardware import (
+from autosparse.config.hardware import (
     HardwareProfile,
     builtin_profiles,
     horowitz_mac_pj,
     load_profile,
     parse_profile,
 )
-from autosparse.validation import ConfigError
+from autosparse.config.validation import ConfigError
 
 SHIPPED = ["x86-server-vnni", "edge-arm-a76", "gpu-h100", "mcu-cortex-m7", "accel-bitfusion"]
 

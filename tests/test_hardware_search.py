@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from autosparse.config import ConfigError
-from autosparse.runner import run_search
+from autosparse.config.schema import ConfigError
+from autosparse.search.runner import run_search
 
 pytestmark = pytest.mark.integration
 LAYERS = ("conv1", "conv2", "conv3", "fc1", "fc2")

@@ -18,11 +18,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from autosparse.config import ConfigError, HeartbeatConfig, parse_config
-from autosparse.objective import WORKER_ATTR, start_trial
-from autosparse.study import (RERUN_OF_ATTR, await_other_hosts, counted_trials,
-                              fail_interrupted_trials, fail_stale_trials, is_interrupted,
-                              make_storage, requeue_interrupted)
+from autosparse.config.schema import ConfigError, HeartbeatConfig, parse_config
+from autosparse.search.objective import WORKER_ATTR, start_trial
+from autosparse.search.study import (
+    RERUN_OF_ATTR,
+    await_other_hosts,
+    counted_trials,
+    fail_interrupted_trials,
+    fail_stale_trials,
+    is_interrupted,
+    make_storage,
+    requeue_interrupted,
+)
 
 FAST = HeartbeatConfig(interval=1, grace=2)
 STALE_AFTER_S = FAST.grace + 1.2  # past the grace on a clock with one-second steps
@@ -121,7 +128,7 @@ def test_bad_heartbeat_settings_are_config_errors(heartbeat, words):
 def test_next_search_reruns_a_stale_trial_and_ends_at_the_budget(tmp_path, one_thread):
     import mlflow
 
-    from autosparse.runner import prepare, run_search
+    from autosparse.search.runner import prepare, run_search
 
     runs = tmp_path / "runs"
     config = {"name": "heartbeat", "model": {"builtin": "digits-cnn", "train_epochs": 1},
@@ -165,7 +172,7 @@ def test_next_search_reruns_a_stale_trial_and_ends_at_the_budget(tmp_path, one_t
 def test_a_second_worker_taking_the_last_trial_stops_it_uncounted(tmp_path):
     """Workers read the budget, then ask: both may take the last trial. The one numbered
     behind a full budget is cut short (INTERRUPTED: not counted, not a failure)."""
-    from autosparse.study import cut_short, trials_ahead
+    from autosparse.search.study import cut_short, trials_ahead
 
     study = _study(tmp_path)
     with warnings.catch_warnings():

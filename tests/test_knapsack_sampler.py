@@ -10,12 +10,16 @@ import random
 
 import optuna
 import pytest
-
-from autosparse.allocation.planner import BudgetPlanner, planner_for
-from autosparse.allocation.problem import build_problem
-from autosparse.footprint import footprint_metrics
-from autosparse.samplers.knapsack import METRICS_ATTR, KnapsackSampler, seed_candidates
 from test_allocation import DIGITS, QUICKSTART, sensitivity_for, synthetic_loss
+
+from autosparse.compress.footprint import footprint_metrics
+from autosparse.search.allocation.planner import BudgetPlanner, planner_for
+from autosparse.search.allocation.problem import build_problem
+from autosparse.search.samplers.knapsack import (
+    METRICS_ATTR,
+    KnapsackSampler,
+    seed_candidates,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -177,7 +181,7 @@ def test_seed_candidates_and_constructor_checks():
 
 
 def test_metrics_attr_matches_the_objective():
-    from autosparse.objective import METRICS_ATTR as REAL
+    from autosparse.search.objective import METRICS_ATTR as REAL
 
     assert METRICS_ATTR == REAL
 
@@ -186,8 +190,8 @@ def test_allocation_and_sampler_do_not_import_torch_or_optuna():
     import subprocess
     import sys
 
-    code = ("import sys, autosparse.allocation.planner; "
+    code = ("import sys, autosparse.search.allocation.planner; "
             "bad = any(m in sys.modules for m in ('torch', 'optuna', 'mlflow')); "
-            "import autosparse.samplers.knapsack; "
+            "import autosparse.search.samplers.knapsack; "
             "sys.exit(int(bad or 'torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

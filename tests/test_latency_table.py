@@ -6,15 +6,27 @@ from pathlib import Path
 
 import pytest
 
-from autosparse.calibration.machine import fingerprint, this_machine
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.cost import estimate_cost
-from autosparse.hardware import load_profile
-from autosparse.latency_table import (ANALYTIC, FP32, INT8, TABLE, LatencyTable, LayerEntry,
-                                      Point, analytic_delta_us, find_latency_table,
-                                      interpolate, model_digest, ships_int8, table_latency)
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.validation import ConfigError
+from autosparse.config.hardware import load_profile
+from autosparse.config.validation import ConfigError
+from autosparse.cost.calibration.machine import fingerprint, this_machine
+from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.latency_table import (
+    ANALYTIC,
+    FP32,
+    INT8,
+    TABLE,
+    LatencyTable,
+    LayerEntry,
+    Point,
+    analytic_delta_us,
+    find_latency_table,
+    interpolate,
+    model_digest,
+    ships_int8,
+    table_latency,
+)
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import LayerInfo, LayerTable
 
 PROFILE = load_profile("x86-server-vnni")
 LAYERS = LayerTable((
@@ -74,7 +86,7 @@ def test_some_int8_layers_ship_as_fp32_and_are_scored_as_the_fp32_file():
 
 
 def test_the_scored_file_follows_exports_deploy_rule():
-    from autosparse.measured_latency import deployable_format
+    from autosparse.cost.measured_latency import deployable_format
 
     int8, fp32 = LayerChoice.make("dense", 0, 8), LayerChoice.make("dense", 0, 32)
     for choices in ({}, {"a": int8}, {"a": int8, "b": LayerChoice.make("2:4", 0.5, 4)},
@@ -146,7 +158,7 @@ def test_table_machine_is_the_fingerprint_cpu_from_a_cpuinfo_file(tmp_path: Path
 
 
 def test_objective_metrics_take_latency_from_the_table():
-    from autosparse.objective import cost_metrics
+    from autosparse.search.objective import cost_metrics
 
     candidate = Candidate({"a": channel(0.5), "b": channel(0.5, 8)})
     metrics = cost_metrics(LAYERS, candidate, PROFILE, latency_table=hand_table())
@@ -159,7 +171,7 @@ def test_objective_metrics_take_latency_from_the_table():
 
 
 def test_profile_report_names_the_scored_file_and_each_layers_source():
-    from autosparse.cost_report import format_cost_report
+    from autosparse.cost.report import format_cost_report
 
     lt = hand_table()
     mixed = format_cost_report(LAYERS, Candidate({"a": channel(0.5, 8), "b": channel(0.5)}),
@@ -173,23 +185,21 @@ def test_profile_report_names_the_scored_file_and_each_layers_source():
 
 def test_real_measurement_on_digits_cnn(tmp_path: Path):
     """One small real table of DigitsCNN (untrained weights: timing does not need training)."""
-    from types import SimpleNamespace
-
-    from autosparse.calibration.model_table import build_latency_table
-    from autosparse.config import SpaceConfig
-    from autosparse.discovery import discover
-    from autosparse.models import DigitsCNN
-    from autosparse.space import SearchSpace
+    from autosparse.config.schema import SpaceConfig
+    from autosparse.cost.calibration.model_table import TableModel, build_latency_table
+    from autosparse.space.discovery import discover
+    from autosparse.space.search_space import SearchSpace
+    from autosparse.workload.models import DigitsCNN
 
     model = DigitsCNN(1, 8, 8, 10).eval()
     table, graph = discover(model, (1, 8, 8))
     space = SearchSpace.build(SpaceConfig.model_validate(
         {"default": {"sparsity": [0.0, 0.5], "patterns": ["channel", "2:4"], "bits": [8, 32]}}),
         table)
-    context = SimpleNamespace(dense=model, table=table, graph=graph, space=space,
-                              data=SimpleNamespace(input_shape=(1, 8, 8)),
-                              config=SimpleNamespace(name="digits-cnn-test"))
-    lt = build_latency_table(context, PROFILE, rounds=2, calls=3, warmup=1, levels=(0.5,),
+    allowed = {name: (d.patterns, d.sparsities, d.bits)
+               for d in space.decisions for name in d.layers}
+    target = TableModel(model, table, graph, (1, 8, 8), allowed, "digits-cnn-test")
+    lt = build_latency_table(target, PROFILE, rounds=2, calls=3, warmup=1, levels=(0.5,),
                              workdir=tmp_path, printer=lambda _: None)
     assert lt.dense_us > 0 and math.isfinite(lt.dense_us)
     lt.check_model(table)
@@ -216,7 +226,7 @@ def test_real_measurement_on_digits_cnn(tmp_path: Path):
 def test_whole_model_int8_is_measured_only_where_every_layer_may_take_8_bits():
     """A layer outside the space, or one the space keeps above 8 bits, stays fp32: no candidate
     can then ship as model.int8.onnx, so calibrate does not time that file."""
-    from autosparse.calibration.model_table import TableModel, int8_everywhere
+    from autosparse.cost.calibration.model_table import TableModel, int8_everywhere
 
     both = (("dense",), (0.0,), (8, 32))
     model = lambda allowed: TableModel(None, LAYERS, None, (1, 8), allowed, "t")  # noqa: E731

@@ -8,14 +8,24 @@ import json
 
 import pytest
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.hardware import load_profile
-from autosparse.latency_table import FP32 as FP32_FILE
-from autosparse.latency_table import INT8 as INT8_FILE  # the file scored; INT8 below: a choice
-from autosparse.latency_table import (TABLE, LatencyTable, LayerEntry, Pair, Point, linked_pairs,
-                                      model_digest, table_latency)
-from autosparse.layers import ChannelGroup, LayerInfo, LayerTable
-from autosparse.validation import ConfigError
+from autosparse.config.hardware import load_profile
+from autosparse.config.validation import ConfigError
+from autosparse.cost.latency_table import FP32 as FP32_FILE
+from autosparse.cost.latency_table import (
+    INT8 as INT8_FILE,  # the file scored; INT8 below: a choice
+)
+from autosparse.cost.latency_table import (
+    TABLE,
+    LatencyTable,
+    LayerEntry,
+    Pair,
+    Point,
+    linked_pairs,
+    model_digest,
+    table_latency,
+)
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.layers import ChannelGroup, LayerInfo, LayerTable
 
 PROFILE = load_profile("x86-server-vnni")
 # a -> b -> c, three Linear layers; a's 16 outputs (group ga) feed b, b's 16 (gb) feed c
@@ -201,9 +211,9 @@ def test_calibration_measures_each_linked_pair_at_a_level_its_singles_were_measu
     """A real (tiny, untimed-quality) table of DigitsCNN: conv2 reads conv1's group and writes
     its own, and so on down the chain; each such pair is one more model, shrunk at the level
     of ``levels`` nearest PAIR_KEEP, and scored through its measured interaction."""
-    from autosparse.calibration.model_table import TableModel, build_latency_table
-    from autosparse.discovery import discover
-    from autosparse.models import DigitsCNN
+    from autosparse.cost.calibration.model_table import TableModel, build_latency_table
+    from autosparse.space.discovery import discover
+    from autosparse.workload.models import DigitsCNN
 
     model = DigitsCNN(1, 8, 8, 10).eval()
     layers, graph = discover(model, (1, 8, 8))

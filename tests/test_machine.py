@@ -11,17 +11,25 @@ from pathlib import Path
 
 import pytest
 
-from autosparse import calibrate
-from autosparse.calibration import machine
-from autosparse.calibration.fit import FitResult
-from autosparse.calibration.machine import (CacheReport, ProfileMachineWarning, Sweep,
-                                            bandwidth_sweep, effective_caches, fingerprint,
-                                            fingerprint_mismatch, last_level_capacity,
-                                            recorded_fingerprint, sysfs_caches,
-                                            warn_if_other_machine)
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.cost import estimate_cost
-from autosparse.hardware import load_profile
+from autosparse.config.hardware import load_profile
+from autosparse.cost import calibrate
+from autosparse.cost.calibration import machine
+from autosparse.cost.calibration.fit import FitResult
+from autosparse.cost.calibration.machine import (
+    CacheReport,
+    ProfileMachineWarning,
+    Sweep,
+    bandwidth_sweep,
+    effective_caches,
+    fingerprint,
+    fingerprint_mismatch,
+    last_level_capacity,
+    recorded_fingerprint,
+    sysfs_caches,
+    warn_if_other_machine,
+)
+from autosparse.cost.estimate import estimate_cost
+from autosparse.space.candidate import Candidate, LayerChoice
 
 KIB, MIB = 1024, 1024 ** 2
 COMMITTED = (Path(__file__).resolve().parents[1]
@@ -266,7 +274,7 @@ def test_provenance_records_machine_caches_and_spread():
 def load_profile_from_text(text: str, folder: Path):
     import yaml
 
-    from autosparse.hardware import parse_profile
+    from autosparse.config.hardware import parse_profile
     return parse_profile(yaml.safe_load(text), str(folder))
 
 
@@ -274,7 +282,7 @@ def load_profile_from_text(text: str, folder: Path):
 
 @pytest.fixture(scope="module")
 def exporter():
-    from autosparse import exporter as module
+    from autosparse.export import exporter as module
     return module
 
 

@@ -1,4 +1,4 @@
-"""Direct latency measurement (autosparse.measured_latency, ``hardware: measure``).
+"""Direct latency measurement (autosparse.cost.measured_latency, ``hardware: measure``).
 
 Unit: CandidateTimer on a DigitsCNN with few rounds, asserting structure only (which file is
 timed, what is cached, the ratio's definition), never speed. Config: the errors name the field.
@@ -13,18 +13,22 @@ import math
 import optuna
 import pytest
 import torch
-
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import compress_model, taylor_scores
-from autosparse.config import MEASURE, parse_config
-from autosparse.discovery import discover
-from autosparse.measured_latency import INT8, FP32, CandidateTimer, deployable_format
-from autosparse.models import DigitsCNN
-from autosparse.objective import KEY_ATTR, METRICS_ATTR
-from autosparse.runner import run_search
-from autosparse.validation import ConfigError
-
 from test_search_integration import load_study, write_config
+
+from autosparse.compress.apply import compress_model, taylor_scores
+from autosparse.config.schema import MEASURE, parse_config
+from autosparse.config.validation import ConfigError
+from autosparse.cost.measured_latency import (
+    FP32,
+    INT8,
+    CandidateTimer,
+    deployable_format,
+)
+from autosparse.search.objective import KEY_ATTR, METRICS_ATTR
+from autosparse.search.runner import run_search
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover
+from autosparse.workload.models import DigitsCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPE = (1, 8, 8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.config import ConfigError, ModelConfig
-from autosparse.discovery import find_layers
-from autosparse.models import build_model, is_builtin, model_name
+from autosparse.config.schema import ConfigError, ModelConfig
+from autosparse.space.discovery import find_layers
+from autosparse.workload.models import build_model, is_builtin, model_name
 
 
 @pytest.fixture(autouse=True)

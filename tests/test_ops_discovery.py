@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autosparse.discovery import discover_layers
-from autosparse.models import DigitsConv1d
+from autosparse.space.discovery import discover_layers
+from autosparse.workload.models import DigitsConv1d
 
 
 class _Residual(nn.Module):

@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.compress import bake, compress_model, layer_sparsity
-from autosparse.config import SpaceConfig
-from autosparse.discovery import discover
+from autosparse.compress.apply import bake, compress_model, layer_sparsity
+from autosparse.compress.footprint import model_footprint
+from autosparse.compress.storage import model_zeros
+from autosparse.config.schema import SpaceConfig
 from autosparse.export.packed import load_packed, save_packed
-from autosparse.footprint import model_footprint
-from autosparse.space import SearchSpace
-from autosparse.storage import model_zeros
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.discovery import discover
+from autosparse.space.search_space import SearchSpace
 
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402

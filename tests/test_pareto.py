@@ -4,7 +4,7 @@ import moocore
 import numpy as np
 import pytest
 
-from autosparse.pareto import hypervolume, hypervolume_history, pareto_mask
+from autosparse.search.pareto import hypervolume, hypervolume_history, pareto_mask
 
 MIN2 = ["minimize", "minimize"]
 

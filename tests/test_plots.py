@@ -7,16 +7,15 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import two_conv_candidate  # noqa: E402
 
-from autosparse.plots import (
+from autosparse.tracking.plots import (
     front_table,
     layers_summary,
     metric_columns,
     pareto_figure_html,
     pareto_figure_png,
 )
-
-from helpers import two_conv_candidate  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -110,7 +109,7 @@ def test_html_is_self_contained_and_shows_the_trials(tmp_path):
 
 def test_html_axes_fit_the_feasible_points():
     """Trial 4 (infeasible, 40 %, 2 kB) must not stretch the axes: it sits on the edge."""
-    from autosparse.pareto_page import fit_axes
+    from autosparse.tracking.pareto_page import fit_axes
 
     frame = make_trials()
     frame = frame[frame["state"] == "COMPLETE"]
@@ -157,7 +156,7 @@ def test_html_without_completed_trials_still_renders(tmp_path):
 
 
 def test_ticks_are_round_and_inside():
-    from autosparse.pareto_page import ticks
+    from autosparse.tracking.pareto_page import ticks
 
     assert ticks(94.8, 98.2) == [95.0, 96.0, 97.0, 98.0]
     assert ticks(0.0, 1.0) == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -174,7 +173,7 @@ def test_png_is_a_png(tmp_path, objectives):
 
 
 def test_png_labels_front_points_and_fits_the_axes():
-    from autosparse.plots import pareto_figure
+    from autosparse.tracking.plots import pareto_figure
 
     ax = pareto_figure(make_trials(), ["accuracy", "size"], dense=DENSE).axes[0]
     labels = {t.get_text() for t in ax.texts}
@@ -205,7 +204,7 @@ def test_missing_metric_column_is_named(tmp_path):
 def test_projection_of_a_three_objective_front_is_a_staircase(tmp_path):
     """With three objectives, a front point can be dominated in one 2-D view; the step line
     must only join the points that form the staircase of that view."""
-    from autosparse.plots import _front_2d
+    from autosparse.tracking.plots import _front_2d
 
     frame = pd.DataFrame({"size_kb": [10.0, 20.0, 30.0], "accuracy": [90.0, 85.0, 95.0]})
     outline = _front_2d(frame, "size_kb", "accuracy")

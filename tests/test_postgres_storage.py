@@ -20,8 +20,8 @@ import optuna
 import pytest
 import yaml
 
-from autosparse.config import ConfigError
-from autosparse.runner import run_search
+from autosparse.config.schema import ConfigError
+from autosparse.search.runner import run_search
 
 POSTGRES_URL = os.environ.get("AUTOSPARSE_TEST_POSTGRES_URL", "")
 pytestmark = [

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from autosparse.candidate import Candidate, LayerChoice
 from autosparse.cli import main
-from autosparse.hardware import builtin_profiles
-from autosparse.runner import run_search
+from autosparse.config.hardware import builtin_profiles
+from autosparse.search.runner import run_search
+from autosparse.space.candidate import Candidate, LayerChoice
 
 pytestmark = pytest.mark.integration
 LAYERS = ("conv1", "conv2", "conv3", "fc1", "fc2")

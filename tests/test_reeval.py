@@ -20,13 +20,13 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.config import SearchConfig
-from autosparse.data import DataSplits
-from autosparse.front import REEVAL_PREFIX, stored_reevaluations, trials_frame
-from autosparse.pareto import pareto_mask
-from autosparse.plots import front_table
-from autosparse.reeval import reevaluate_front, wanted_seeds
+from autosparse.config.schema import SearchConfig
+from autosparse.search.front import REEVAL_PREFIX, stored_reevaluations, trials_frame
+from autosparse.search.pareto import pareto_mask
+from autosparse.search.reeval import reevaluate_front, wanted_seeds
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.tracking.plots import front_table
+from autosparse.workload.splits import DataSplits
 
 DENSE = 98.0
 OBJECTIVES = ["accuracy", "size"]
@@ -263,7 +263,7 @@ def test_zero_seeds_is_off():
 
 @pytest.mark.integration
 def test_tiny_search_reevaluates_its_front(tmp_path, one_thread):
-    from autosparse.runner import run_search
+    from autosparse.search.runner import run_search
 
     config = {
         "name": "reeval-e2e", "model": {"builtin": "digits-cnn", "train_epochs": 2},
@@ -318,7 +318,7 @@ def test_tiny_search_reevaluates_its_front(tmp_path, one_thread):
         assert "test_accuracy" in metrics and "accuracy_std" in metrics
 
     # export checks its rebuild against the trial's own seed and reports the mean beside it
-    from autosparse.exporter import ExportRequest, run_export
+    from autosparse.export.exporter import ExportRequest, run_export
 
     number = int(front["trial"].iloc[0])
     row = frame.set_index("trial").loc[number]

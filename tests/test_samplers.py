@@ -11,13 +11,13 @@ import optuna
 import pytest
 from deap import creator
 
-from autosparse.allocation import ChoiceSensitivity, SensitivityTable, choice_id
-from autosparse.allocation.planner import planner_for
-from autosparse.config import SpaceConfig, StrategyConfig
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.pareto import hypervolume
-from autosparse.samplers import GeneticSampler, UniformGridSampler, make_sampler
-from autosparse.space import SearchSpace
+from autosparse.config.schema import SpaceConfig, StrategyConfig
+from autosparse.search.allocation import ChoiceSensitivity, SensitivityTable, choice_id
+from autosparse.search.allocation.planner import planner_for
+from autosparse.search.pareto import hypervolume
+from autosparse.search.samplers import GeneticSampler, UniformGridSampler, make_sampler
+from autosparse.space.layers import LayerInfo, LayerTable
+from autosparse.space.search_space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -255,7 +255,7 @@ def test_ga_proposes_few_duplicates():
 def test_ga_deduplicates_when_the_population_converges():
     """In a small space (1,296 candidates) a converging population re-breeds its own members;
     without the duplicate check this run repeats ~15-20 of 60 candidates."""
-    from autosparse.config import ChoiceSet
+    from autosparse.config.schema import ChoiceSet
 
     small = SearchSpace.build(
         SpaceConfig(default=ChoiceSet(sparsity=[0.0, 0.5, 0.75], patterns=["unstructured"],
@@ -341,7 +341,7 @@ def test_search_modules_do_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, autosparse.samplers, autosparse.pareto, autosparse.space; "
+    code = ("import sys, autosparse.search.samplers, autosparse.search.pareto, autosparse.space.search_space; "
             "sys.exit(int(any(m in sys.modules for m in ('torch', 'mlflow'))))")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
-from autosparse.candidate import Candidate
-from autosparse.config import SpaceConfig
-from autosparse.layers import LayerInfo, LayerTable
-from autosparse.samplers import GeneticSampler
-from autosparse.samplers.ga import _normalised_weights
-from autosparse.samplers.screening import pick_most_promising
-from autosparse.space import SearchSpace
+from autosparse.config.schema import SpaceConfig
+from autosparse.search.samplers import GeneticSampler
+from autosparse.search.samplers.ga import _normalised_weights
+from autosparse.search.samplers.screening import pick_most_promising
+from autosparse.space.candidate import Candidate
+from autosparse.space.layers import LayerInfo, LayerTable
+from autosparse.space.search_space import SearchSpace
 
 MAX_MIN = ["maximize", "minimize"]
 

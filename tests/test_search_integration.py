@@ -18,9 +18,9 @@ import optuna
 import pytest
 import yaml
 
-from autosparse.candidate import Candidate
 from autosparse.cli import main
-from autosparse.runner import run_search
+from autosparse.search.runner import run_search
+from autosparse.space.candidate import Candidate
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,23 +12,34 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from helpers import TinyNet
 from torch.utils.data import TensorDataset
 
-from autosparse.allocation.table import ChoiceSensitivity, SensitivityTable, choice_id
-from autosparse.candidate import DENSE, FLOAT_BITS
 from autosparse.cli import main
-from autosparse.compress import compress_model, taylor_scores
-from autosparse.config import SearchConfig, SensitivityConfig
-from autosparse.data import DataSplits
-from autosparse.discovery import discover_layers
-from autosparse.sensitivity import (dense_baseline, fisher_diagonal, measure_sensitivity,
-                                    measured_choices, validation_subset)
-from autosparse.sensitivity_study import ensure_sensitivity
-from autosparse.space import SearchSpace
-from autosparse.study import (store_sensitivity_decision, store_sensitivity_header,
-                              stored_sensitivity)
-
-from helpers import TinyNet
+from autosparse.compress.apply import compress_model, taylor_scores
+from autosparse.config.schema import SearchConfig, SensitivityConfig
+from autosparse.search.allocation.table import (
+    ChoiceSensitivity,
+    SensitivityTable,
+    choice_id,
+)
+from autosparse.search.sensitivity import (
+    dense_baseline,
+    fisher_diagonal,
+    measure_sensitivity,
+    measured_choices,
+    validation_subset,
+)
+from autosparse.search.sensitivity_study import ensure_sensitivity
+from autosparse.search.study import (
+    store_sensitivity_decision,
+    store_sensitivity_header,
+    stored_sensitivity,
+)
+from autosparse.space.candidate import DENSE, FLOAT_BITS
+from autosparse.space.discovery import discover_layers
+from autosparse.space.search_space import SearchSpace
+from autosparse.workload.splits import DataSplits
 
 SPACE = {
     "default": {"sparsity": [0.0, 0.5], "patterns": ["unstructured", "channel", "2:4"],

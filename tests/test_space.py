@@ -5,9 +5,9 @@ import itertools
 import optuna
 import pytest
 
-from autosparse.candidate import Candidate, LayerChoice
-from autosparse.config import ConfigError, SpaceConfig
-from autosparse.space import SearchSpace
+from autosparse.config.schema import ConfigError, SpaceConfig
+from autosparse.space.candidate import Candidate, LayerChoice
+from autosparse.space.search_space import SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -126,9 +126,9 @@ def test_every_distinct_choice_has_params(small_table, patterns, sparsity):
 
 
 def test_a_rule_that_matches_no_layer_is_an_error_with_a_close_match():
-    from autosparse.config import ConfigError, SpaceConfig
-    from autosparse.discovery import discover
-    from autosparse.models import DigitsCNN
+    from autosparse.config.schema import ConfigError, SpaceConfig
+    from autosparse.space.discovery import discover
+    from autosparse.workload.models import DigitsCNN
 
     table, _ = discover(DigitsCNN(1, 8, 8, 10).eval(), (1, 8, 8))
     for space, where in [({"rules": [{"layers": ["convv1"], "bits": [8]}]}, "space.rules[0].layers"),

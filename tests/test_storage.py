@@ -6,9 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from autosparse.export.bitpack import _BitReader, _relative_mask, _uint_bits, relative_codes
-from autosparse.footprint import StoredZeros, cheapest_storage, storage_options
-from autosparse.storage import kept_part, stored_zeros
+from autosparse.compress.footprint import StoredZeros, cheapest_storage, storage_options
+from autosparse.compress.storage import kept_part, stored_zeros
+from autosparse.export.bitpack import (
+    _BitReader,
+    _relative_mask,
+    _uint_bits,
+    relative_codes,
+)
 
 
 def test_fillers_by_hand():

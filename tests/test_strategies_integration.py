@@ -10,14 +10,13 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
-from autosparse.candidate import Candidate
-from autosparse.fidelity import FIDELITY_ATTR, LOW_ATTR, STEPS_ATTR
-from autosparse.objective import CANDIDATE_ATTR, KEY_ATTR, WORKER_ATTR
-from autosparse.runner import prepare, run_search
-from autosparse.samplers.knapsack import seed_candidates
-
 from test_search_integration import ROOT, load_study, mlflow_runs, write_config
+
+from autosparse.search.fidelity import LOW_ATTR, STEPS_ATTR
+from autosparse.search.objective import CANDIDATE_ATTR, KEY_ATTR, WORKER_ATTR
+from autosparse.search.runner import prepare, run_search
+from autosparse.search.samplers.knapsack import seed_candidates
+from autosparse.space.candidate import Candidate
 
 pytestmark = pytest.mark.integration
 QUIET = dict(printer=lambda line: None)
@@ -36,7 +35,7 @@ def test_knapsack_measures_sensitivity_once_and_logs_it(runs_dir):
     assert outcome.trials["candidate"].nunique() == 5, "a duplicate never costs a trial"
     assert any(line.startswith("sensitivity:") and "reused" not in line for line in lines)
     study = load_study(runs_dir, "knap")
-    assert json.loads(study.user_attrs["autosparse.sensitivity"])["complete"]
+    assert json.loads(study.user_attrs["autosparse.search.sensitivity"])["complete"]
     client, parents, children = mlflow_runs(runs_dir, "knap")
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"sensitivity.csv", "sensitivity.png"} <= artifacts

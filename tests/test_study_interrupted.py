@@ -5,8 +5,12 @@ import socket
 
 import optuna
 
-from autosparse.objective import WORKER_ATTR
-from autosparse.study import counted_trials, fail_interrupted_trials, is_interrupted
+from autosparse.search.objective import WORKER_ATTR
+from autosparse.search.study import (
+    counted_trials,
+    fail_interrupted_trials,
+    is_interrupted,
+)
 
 
 def _study(tmp_path) -> optuna.Study:
@@ -43,8 +47,8 @@ def test_dead_workers_trial_on_this_host_is_failed(tmp_path):
 def test_enqueued_seed_cut_before_its_first_suggest_is_requeued_with_its_params(tmp_path):
     """A warm-start seed popped from the queue and killed before any suggest has no params,
     only Optuna's fixed_params: resume must still re-run it, exactly once."""
-    from autosparse.front import trials_frame
-    from autosparse.study import requeue_interrupted
+    from autosparse.search.front import trials_frame
+    from autosparse.search.study import requeue_interrupted
 
     study = _study(tmp_path)
     study.enqueue_trial({"x": 0.25})
@@ -62,8 +66,8 @@ def test_enqueued_seed_cut_before_its_first_suggest_is_requeued_with_its_params(
 
 
 def test_a_new_study_names_its_metrics_for_optuna_dashboard(tmp_path):
-    from autosparse.config import parse_config
-    from autosparse.study import open_study
+    from autosparse.config.schema import parse_config
+    from autosparse.search.study import open_study
 
     config = parse_config({"name": "named", "model": {"builtin": "digits-cnn"},
                            "objectives": ["accuracy", "size"]})

@@ -14,15 +14,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autosparse.config import FinetuneConfig, parse_config
-from autosparse.discovery import example_input
-from autosparse.evaluate import evaluate
-from autosparse.finetune import FinetuneSession, distill_loss
-from autosparse.front import HypervolumeSpec
-from autosparse.objectives import shown_metric, shown_metrics
-from autosparse.task import CLASSIFICATION, build_task, model_outputs
-from autosparse.task_builtins import TinyLM, markov_tokens
-from autosparse.validation import ConfigError
+from autosparse.compress.finetune import FinetuneSession, distill_loss
+from autosparse.config.objectives import shown_metric, shown_metrics
+from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.config.validation import ConfigError
+from autosparse.search.front import HypervolumeSpec
+from autosparse.space.discovery import example_input
+from autosparse.workload.evaluate import evaluate
+from autosparse.workload.task import CLASSIFICATION, build_task, model_outputs
+from autosparse.workload.task_builtins import TinyLM, markov_tokens
 
 BASE = {"name": "t", "model": {"builtin": "digits-mlp"}}
 
@@ -279,7 +279,7 @@ def test_hypervolume_of_a_minimised_metric_is_normalised_by_dense():
 
 
 def test_taylor_scores_use_the_task_loss():
-    from autosparse.compress import taylor_scores
+    from autosparse.compress.apply import taylor_scores
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))

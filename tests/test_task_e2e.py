@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from autosparse.config import load_config
-from autosparse.runner import run_search
+from autosparse.config.schema import load_config
+from autosparse.search.runner import run_search
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def test_a_transformers_gpt2_returning_logits_objects_is_searched(tmp_path):
     """transformers' causal LM returns an output object (``.logits``) and stores its weights
     as ``Conv1D``: the search scores its perplexity all the same."""
     torch.set_num_threads(1)
-    config = {"name": "gpt2-e2e", "model": {"factory": "autosparse.task_builtins:tiny_gpt2"},
+    config = {"name": "gpt2-e2e", "model": {"factory": "autosparse.workload.task_builtins:tiny_gpt2"},
               "data": {"source": "synthetic-tokens"}, "task": {"kind": "language-model"},
               "space": {"default": {"sparsity": [0.0, 0.5], "patterns": ["unstructured"],
                                     "bits": [8, 32]}},

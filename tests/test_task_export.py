@@ -24,18 +24,23 @@ import torch
 import yaml
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-from autosparse import dense as dense_module
-from autosparse import selection
-from autosparse.allocation.table import ChoiceSensitivity, SensitivityTable
 from autosparse.cli import main
-from autosparse.config import ModelConfig, TaskConfig
+from autosparse.config.schema import ModelConfig, TaskConfig
+from autosparse.export.exporter import (
+    INT8_MAX_WORSE,
+    SEARCH_MARGIN_RELATIVE,
+    int8_margin,
+    rebuild_margin,
+)
 from autosparse.export.packed import load_packed
-from autosparse.exporter import INT8_MAX_WORSE, SEARCH_MARGIN_RELATIVE, int8_margin, rebuild_margin
-from autosparse.models import build_model
-from autosparse.plots import front_table, pareto_figure, pareto_figure_html
-from autosparse.runner import prepare, run_search
-from autosparse.sensitivity_study import format_sensitivity, sensitivity_csv
-from autosparse.task import CLASSIFICATION, build_task
+from autosparse.search import selection
+from autosparse.search.allocation.table import ChoiceSensitivity, SensitivityTable
+from autosparse.search.runner import prepare, run_search
+from autosparse.search.sensitivity_study import format_sensitivity, sensitivity_csv
+from autosparse.tracking.plots import front_table, pareto_figure, pareto_figure_html
+from autosparse.workload import dense as dense_module
+from autosparse.workload.models import build_model
+from autosparse.workload.task import CLASSIFICATION, build_task
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "report.json", "report.md"}
@@ -171,7 +176,7 @@ def test_a_gpt2_factory_model_is_refused_in_one_line_before_the_rebuild(tmp_path
     """transformers' GPT-2 uses an operator the ONNX exporter cannot express: one clear error
     line (exit 2) naming it and its layer, before any fine-tune."""
     torch.set_num_threads(1)
-    config = {"name": "gpt2-export", "model": {"factory": "autosparse.task_builtins:tiny_gpt2"},
+    config = {"name": "gpt2-export", "model": {"factory": "autosparse.workload.task_builtins:tiny_gpt2"},
               "data": {"source": "synthetic-tokens"}, "task": {"kind": "language-model"},
               "space": {"default": {"sparsity": [0.0, 0.5], "patterns": ["unstructured"],
                                     "bits": [8]}},
@@ -283,8 +288,8 @@ def test_sensitivity_table_and_csv_name_the_task_metric():
 
 
 def test_dense_cache_key_includes_a_users_loss_and_keeps_the_default_key(tmp_path):
-    from autosparse.data import load_data
-    from autosparse.config import DataConfig
+    from autosparse.config.schema import DataConfig
+    from autosparse.workload.data import load_data
 
     data = load_data(DataConfig(source="sklearn-diabetes"))
     model = ModelConfig(builtin="regression-mlp", train_epochs=1)

@@ -24,10 +24,20 @@ import pandas as pd
 import pytest
 import yaml
 
-from autosparse.config import Constraint, StrategyConfig
-from autosparse.early_stop import InfeasibleStart, InfeasibleStartGuard, first_generation
-from autosparse.progress import LiveLine, dense_training, fit_table, is_terminal, terminal_width
-from autosparse.trial_attrs import METRICS_ATTR
+from autosparse.config.schema import Constraint, StrategyConfig
+from autosparse.search.early_stop import (
+    InfeasibleStart,
+    InfeasibleStartGuard,
+    first_generation,
+)
+from autosparse.search.trial_attrs import METRICS_ATTR
+from autosparse.tracking.progress import (
+    LiveLine,
+    dense_training,
+    fit_table,
+    is_terminal,
+    terminal_width,
+)
 
 
 def _set_width(fd: int, columns: int) -> None:

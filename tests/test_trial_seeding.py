@@ -6,7 +6,10 @@ from __future__ import annotations
 import optuna
 import pytest
 
-from autosparse.samplers.seeding import TrialSeededRandomSampler, TrialSeededTPESampler
+from autosparse.search.samplers.seeding import (
+    TrialSeededRandomSampler,
+    TrialSeededTPESampler,
+)
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 

@@ -1,1 +1,7 @@
-"""Exporting compressed models: compact checkpoints that store exactly what the size formula counts."""
+"""Stage 8, export: from a trial of the study to files a runtime loads, at the scored size.
+
+Owns ``autosparse export`` (``exporter``): the rebuild, ONNX and int8 files, the packed file
+(``packed``, ``bitpack``: exactly the bits the size formula counts), the input spec a deployment
+feeds (``input_spec``) and the export folder as a unit (``folder``).
+May import every earlier stage: ``config`` to ``search``.
+"""

@@ -17,10 +17,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..candidate import CHANNEL, DENSE, FLOAT_BITS, UNSTRUCTURED, LayerChoice, parse_nm
-from ..compress import qmax_for_bits
-from ..footprint import _bits_for, cheapest_storage
-from ..storage import stored_zeros
+from autosparse.compress.apply import qmax_for_bits
+from autosparse.compress.footprint import _bits_for, cheapest_storage
+from autosparse.compress.storage import stored_zeros
+from autosparse.space.candidate import (
+    CHANNEL,
+    DENSE,
+    FLOAT_BITS,
+    UNSTRUCTURED,
+    LayerChoice,
+    parse_nm,
+)
 
 PARTS = ("index", "values", "scales", "bias")
 _MAX_ULP_STEPS = 4

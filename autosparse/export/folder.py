@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from ..validation import ConfigError
+from autosparse.config.validation import ConfigError
 
 DIGEST_KEY = "export_digest"
 State = Literal["missing", "complete", "stale"]

@@ -10,7 +10,7 @@ targets (no class order).
 
 from __future__ import annotations
 
-from ..config import DataConfig
+from autosparse.config.schema import DataConfig
 
 _RAW = {
     "sklearn-digits": "sklearn.datasets.load_digits().images / 16.0, shape (N, 1, 8, 8), in [0, 1]",
@@ -19,7 +19,7 @@ _RAW = {
     "torchvision": "the torchvision dataset's images as tensors in [0, 1], channel-first",
     "sklearn-diabetes": "sklearn.datasets.load_diabetes() features, shape (N, 10), as float32",
     "synthetic-tokens": "token ids in [0, {vocab}), the first {length} tokens of each sequence "
-                        "(autosparse.task_builtins.markov_tokens)",
+                        "(autosparse.workload.task_builtins.markov_tokens)",
 }
 
 

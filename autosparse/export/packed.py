@@ -56,15 +56,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from ..candidate import CHANNEL, Candidate
-from ..compress import weight_mask
-from ..discovery import count_other_params, find_layers, layer_kind
-from ..storage import model_zeros
-from ..footprint import LayerFootprint, model_footprint
-from ..layers import LayerInfo, LayerTable
-from ..structure import channel_groups, pruned_by_group
-from .bitpack import LayerBits, PackedFormatError, _pack_layer, _unpack_layer, group_bitmask
-from .shrink import ShrinkError, expected_shapes, remove_groups
+from autosparse.compress.apply import weight_mask
+from autosparse.compress.footprint import LayerFootprint, model_footprint
+from autosparse.compress.shrink import ShrinkError, expected_shapes, remove_groups
+from autosparse.compress.storage import model_zeros
+from autosparse.export.bitpack import (
+    LayerBits,
+    PackedFormatError,
+    _pack_layer,
+    _unpack_layer,
+    group_bitmask,
+)
+from autosparse.space.candidate import CHANNEL, Candidate
+from autosparse.space.discovery import count_other_params, find_layers, layer_kind
+from autosparse.space.layers import LayerInfo, LayerTable
+from autosparse.space.structure import channel_groups, pruned_by_group
 
 __all__ = [
     "MAGIC",

@@ -1,0 +1,309 @@
+"""One trial: params -> candidate -> compressed, fine-tuned, scored -> objective values.
+
+This is the one place where the search side (Optuna trials, the space) meets the model side
+(compression, fine-tuning, footprint). Everything a trial produced is written to the trial
+itself (user attrs and constraints), so the study stays the single source of truth.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
+
+import optuna
+import torch
+
+from autosparse.compress.apply import compress_model, structural_keep, taylor_scores
+from autosparse.compress.finetune import (
+    FinetuneSession,
+    _batches_per_epoch,
+    resolve_steps,
+)
+from autosparse.compress.footprint import StoredZeros, footprint_metrics
+from autosparse.compress.storage import model_zeros
+from autosparse.config.hardware import HardwareProfile
+from autosparse.config.objectives import metric_of
+from autosparse.config.schema import Constraint, FinetuneConfig
+from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.latency_table import LatencyTable, table_latency
+from autosparse.cost.measured_latency import CandidateTimer
+from autosparse.search.fidelity import (
+    FIDELITY_ATTR,
+    LOW_ATTR,
+    PROMOTION_ATTR,
+    STEPS_ATTR,
+    FidelityPlan,
+    stored_low,
+)
+from autosparse.search.trial_attrs import CANDIDATE_ATTR, KEY_ATTR, METRICS_ATTR  # noqa: F401 (re-exported)
+from autosparse.space.candidate import Candidate
+from autosparse.space.graph import ChannelGraph
+from autosparse.space.layers import LayerTable
+from autosparse.workload.evaluate import evaluate
+from autosparse.workload.splits import DataSplits
+from autosparse.workload.task import Task
+
+# Keys of what a trial stores about itself (read back by ``front``).
+FAIL_ATTR = "fail_reason"
+CACHED_ATTR = "cached"
+WORKER_ATTR = "worker"
+DEVICE_ATTR = "device"  # where the trial was fine-tuned and evaluated (cpu, cuda:1, ...)
+TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds")
+INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
+
+
+class CandidateSource(Protocol):
+    """What the objective asks of a space: one candidate per trial (SearchSpace, GridSpace)."""
+
+    def suggest(self, trial: optuna.Trial) -> Candidate: ...
+
+
+def worker_id() -> str:
+    """host:pid, so a restarted search can tell its own dead trials from other workers' live ones."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# Written first on every trial and cleared when it ends: a trial that Optuna's heartbeat fails
+# from outside (its worker's machine died) cannot be given a reason any more, so it carries one.
+CUT_SHORT_REASON = f"{INTERRUPTED}: its worker stopped mid-trial (no heartbeat)"
+
+
+def start_trial(trial: optuna.Trial) -> None:
+    """Tag a new trial: 'cut short' until it ends (see CUT_SHORT_REASON), and host:pid."""
+    trial.set_user_attr(FAIL_ATTR, CUT_SHORT_REASON)
+    trial.set_user_attr(WORKER_ATTR, worker_id())
+
+
+@dataclass
+class CandidateEvaluator:
+    """Scores candidates: compress a copy of the dense model, fine-tune with distillation, validate.
+
+    Cost metrics come from the footprint and, with a hardware profile, the cost model (both pure,
+    no forward pass). Identical candidates are scored
+    once per process; the objective also reuses results stored by other processes.
+    """
+
+    dense: torch.nn.Module
+    data: DataSplits
+    table: LayerTable
+    finetune_cfg: FinetuneConfig
+    dense_accuracy: float
+    profile: HardwareProfile | None = None
+    graph: ChannelGraph | None = None
+    latency_table: LatencyTable | None = None  # measured deltas of this model on this machine
+    timer: CandidateTimer | None = None  # hardware: measure: latency_ms timed, not predicted
+    task: Task | None = None  # loss and metric (None: classification, top-1 accuracy)
+    _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
+
+    def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
+        if not any(choice.criterion == "taylor" for choice in candidate.values()):
+            return None
+        if self._taylor is None:  # the dense model's gradients never change: compute once
+            loader = self.data.loader("train", self.finetune_cfg.batch_size, shuffle=True,
+                                      seed=self.finetune_cfg.seed)
+            task = None if self.task is None or self.task.is_default else self.task
+            self._taylor = taylor_scores(self.dense, loader, self.table.names,
+                                         self.finetune_cfg.taylor_batches,
+                                         None if task is None else task.loss)
+        return self._taylor
+
+    def compress_and_tune(self, candidate: Candidate,
+                          cfg: FinetuneConfig | None = None) -> tuple[torch.nn.Module, float]:
+        """The candidate's compressed, fine-tuned model (parametrized) and its final loss.
+
+        Deterministic for a given config, so export rebuilds exactly the model a trial scored.
+        """
+        with self.staged(candidate, cfg) as run:
+            result = run.session.run_until()
+        return run.student, result.final_loss
+
+    def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
+        """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split."""
+        cfg = cfg or self.finetune_cfg
+        return resolve_steps(cfg, _batches_per_epoch(self.data.loader("train", cfg.batch_size)))
+
+    def evaluate(self, candidate: Candidate) -> dict[str, float]:
+        with self.staged(candidate) as run:
+            return run.score()
+
+    def staged(self, candidate: Candidate, cfg: FinetuneConfig | None = None) -> "StagedRun":
+        """A fine-tune of the candidate that can be scored part-way and continued (fidelities)."""
+        return StagedRun(self, candidate, cfg or self.finetune_cfg)
+
+
+class StagedRun:
+    """One candidate's compressed student and its fine-tune session, scored after each stage.
+
+    ``score(40)`` then ``score()`` trains 40 steps, validates, then continues the same fine-tune
+    to its full length: the result equals one uninterrupted fine-tune (FinetuneSession).
+    """
+
+    def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
+        self.evaluator, self.candidate = evaluator, candidate
+        scores = evaluator._scores(candidate)
+        # which rows/columns the stored layers keep: the masks, and where the size objective
+        # reads the student
+        self._rows, self._cols, _ = structural_keep(evaluator.dense, candidate, evaluator.graph,
+                                                    scores)
+        self.student = compress_model(evaluator.dense, candidate, scores, evaluator.graph,
+                                      keep=(self._rows, self._cols))
+        loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
+        self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg,
+                                       evaluator.task)
+        self._seconds = 0.0
+        self._measure_seconds = 0.0  # timing this candidate (a short and a full score: once)
+
+    def __enter__(self) -> "StagedRun":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.session.close()
+
+    def score(self, steps: int | None = None) -> dict[str, float]:
+        """Fine-tune up to ``steps`` (default: the full length), then validate."""
+        ev = self.evaluator
+        start = time.perf_counter()
+        result = self.session.run_until(steps)
+        tuned = time.perf_counter()
+        accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size),
+                            ev.task)  # the task metric, in the slot named accuracy
+        self._seconds += tuned - start
+        zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
+        metrics = {
+            "accuracy": accuracy,
+            "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
+                              else ev.task.drop(ev.dense_accuracy, accuracy)),
+            **cost_metrics(ev.table, self.candidate, ev.profile, zeros,
+                           latency_table=ev.latency_table),
+            "finetune_loss": result.final_loss,
+            "finetune_steps": float(result.steps),
+            "finetune_seconds": self._seconds,
+            "eval_seconds": time.perf_counter() - tuned,
+        }
+        if ev.timer is not None:  # measured on the tuned student; the prediction is kept beside
+            measured = ev.timer.measure(self.candidate, self.student, ev._scores(self.candidate))
+            self._measure_seconds += measured.seconds
+            metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
+            metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
+        return metrics
+
+
+def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile | None,
+                 zeros: Mapping[str, StoredZeros] | None = None,
+                 latency_table: LatencyTable | None = None) -> dict[str, float]:
+    """Footprint metrics, plus predicted latency/energy in total and per layer with a profile.
+
+    ``zeros`` (measured on the fine-tuned model) make ``size_kb`` what the packed file stores:
+    quantizer zeros free, the cheapest index; without them the pattern's prediction.
+
+    With a ``latency_table`` (measured by ``calibrate --config``), ``latency_ms`` and the
+    per-layer latencies come from it where it has entries and from the profile elsewhere;
+    ``latency_source.table`` / ``latency_source.analytic`` count the layers of each source.
+    Energy stays the profile's.
+
+    Per-layer figures are named ``layer_latency_us.<layer>`` / ``layer_energy_uj.<layer>`` so
+    they land in the trial's metrics, in trials.csv and in the trial's MLflow run.
+    """
+    metrics = footprint_metrics(table, candidate, zeros)
+    if profile is not None:
+        cost = estimate_cost(table, candidate, profile)
+        metrics.update(cost.metrics())
+        for layer in cost.layers:
+            metrics[f"layer_latency_us.{layer.name}"] = layer.latency_s * 1e6
+            metrics[f"layer_energy_uj.{layer.name}"] = layer.energy_j * 1e6
+        if latency_table is not None:
+            measured = table_latency(latency_table, table, candidate, profile)
+            metrics["latency_ms"] = measured.total_ms
+            for name, value in measured.layer_us.items():
+                metrics[f"layer_latency_us.{name}"] = value
+            for source, count in measured.counts().items():
+                metrics[f"latency_source.{source}"] = float(count)
+    return metrics
+
+
+def _stored_metrics(study: optuna.Study, key: str) -> dict[str, float] | None:
+    """Metrics of a finished trial with the same candidate, from any process or earlier run."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if trial.user_attrs.get(KEY_ATTR) == key and METRICS_ATTR in trial.user_attrs:
+            return dict(trial.user_attrs[METRICS_ATTR])
+    return None
+
+
+@dataclass
+class SearchObjective:
+    """The callable handed to ``study.optimize``."""
+
+    space: CandidateSource
+    evaluator: CandidateEvaluator
+    objectives: list[str]
+    constraints: list[Constraint]
+    fidelity: FidelityPlan | None = None
+    _cache: dict[str, dict[str, float]] = field(default_factory=dict, init=False, repr=False)
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
+        start_trial(trial)
+        trial.set_user_attr(DEVICE_ATTR, str(next(self.evaluator.dense.parameters()).device))
+        try:
+            candidate = self.space.suggest(trial)
+            trial.set_user_attr(CANDIDATE_ATTR, candidate.to_json())
+            trial.set_user_attr(KEY_ATTR, candidate.key)
+            metrics = self._cache.get(candidate.key) or _stored_metrics(trial.study, candidate.key)
+            trial.set_user_attr(CACHED_ATTR, metrics is not None)
+            if metrics is None:
+                metrics = self._train(trial, candidate)
+            else:  # a repeat costs no training: don't report the original's time again
+                metrics = {**metrics, **{key: 0.0 for key in TIMING_METRICS}}
+                trial.set_user_attr(STEPS_ATTR, 0)
+            trial.set_user_attr(FIDELITY_ATTR, "full")
+            self._check_finite(metrics)
+        except KeyboardInterrupt:
+            trial.set_user_attr(FAIL_ATTR, f"{INTERRUPTED}: Ctrl-C")
+            raise
+        except optuna.TrialPruned:  # screened out after the short fine-tune: not a failure
+            trial.set_user_attr(FAIL_ATTR, "")
+            raise
+        except Exception as err:  # recorded on the trial; the search goes on (optimize catches)
+            trial.set_user_attr(FAIL_ATTR, f"{type(err).__name__}: {err}"[:500])
+            raise
+        self._cache[candidate.key] = metrics
+        trial.set_user_attr(METRICS_ATTR, metrics)
+        for constraint in self.constraints:
+            trial.set_constraint(str(constraint), constraint.violation(metrics[constraint.metric]))
+        trial.set_user_attr(FAIL_ATTR, "")  # it finished: not cut short after all
+        return tuple(metrics[metric_of(name)] for name in self.objectives)
+
+    def _train(self, trial: optuna.Trial, candidate: Candidate) -> dict[str, float]:
+        """Fine-tune and score; with a fidelity plan, a short fine-tune decides first whether the
+        full one is worth its steps (otherwise the trial ends PRUNED with its short result).
+
+        The steps about to be spent are recorded before they are spent, so the budget counts a
+        trial that diverges or is running in another worker.
+        """
+        plan = self.fidelity
+        with self.evaluator.staged(candidate) as run:
+            if plan is not None:
+                low = stored_low(trial.study, candidate.key, KEY_ATTR)
+                trial.set_user_attr(STEPS_ATTR, 0 if low is not None else plan.low_steps)
+                if low is None:
+                    low = run.score(plan.low_steps)
+                self._check_finite(low)
+                trial.set_user_attr(LOW_ATTR, low)
+                promoted, why = plan.promote(trial.study, trial.number, low)
+                trial.set_user_attr(PROMOTION_ATTR, why)
+                if not promoted:
+                    trial.set_user_attr(FIDELITY_ATTR, "low")
+                    raise optuna.TrialPruned(why)
+            trial.set_user_attr(STEPS_ATTR, run.session.total_steps)
+            metrics = run.score()
+        trial.set_user_attr(STEPS_ATTR, int(metrics["finetune_steps"]))
+        return metrics
+
+    def _check_finite(self, metrics: Mapping[str, Any]) -> None:
+        for name in self.objectives:
+            value = metrics[metric_of(name)]
+            if not math.isfinite(value):
+                raise ValueError(f"objective {name} is {value}")

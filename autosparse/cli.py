@@ -251,7 +251,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     from autosparse.cost.calibration.architectures import ARCHITECTURES
     from autosparse.tracking.calibration_run import log_calibration
-    from autosparse.tracking.mlflow_tracker import resolve_tracking_uri
+    from autosparse.tracking.ui import resolve_tracking_uri
 
     args.architectures = args.architectures or list(DEFAULT_ARCHITECTURES)
     for name in args.architectures:  # checked here, not by argparse: its list imports torch
@@ -275,7 +275,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from autosparse.tracking.mlflow_tracker import (
+    from autosparse.tracking.ui import (
         resolve_tracking_uri,
         runs_table_urls,
         ui_command,

@@ -76,7 +76,7 @@ def delete_previous(config_path: Path, runs_dir: Path) -> None:
     """
     from autosparse.config.schema import load_config
     from autosparse.search.study import storage_url
-    from autosparse.tracking.mlflow_tracker import resolve_tracking_uri
+    from autosparse.tracking.ui import resolve_tracking_uri
 
     config = load_config(config_path)
     url = storage_url(config, runs_dir)
@@ -323,6 +323,7 @@ def instrument(timers: ExclusiveTimers) -> None:
     """Monkeypatch timers around the loop's parts (undone by ``timers.restore()``)."""
     import optuna
 
+    from autosparse.search import context as context_mod
     from autosparse.search import objective as objective_mod
     from autosparse.search import runner
     from autosparse.tracking.mlflow_tracker import Tracker
@@ -341,7 +342,7 @@ def instrument(timers: ExclusiveTimers) -> None:
         if name in optuna.trial.Trial.__dict__:
             timers.patch(optuna.trial.Trial, name, "optuna (other)")
 
-    original_open = runner.open_study
+    original_open = context_mod.open_study  # SearchContext.open_study calls it
 
     def open_study(*args, **kwargs):
         study = original_open(*args, **kwargs)
@@ -358,8 +359,8 @@ def instrument(timers: ExclusiveTimers) -> None:
                     timers.patch(storage, name, "storage", storage=True, method=name)
         return study
 
-    runner.open_study = open_study
-    timers._undo.append(lambda: setattr(runner, "open_study", original_open))
+    context_mod.open_study = open_study
+    timers._undo.append(lambda: setattr(context_mod, "open_study", original_open))
 
 
 def profile_one(base: dict, *, strategy: str, seed: int, trials: int, runs_dir: Path

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from autosparse.tracking.mlflow_tracker import Tracker, default_tracking_uri
+from autosparse.tracking.mlflow_tracker import Tracker
+from autosparse.tracking.ui import default_tracking_uri
 
 
 @pytest.fixture(scope="session")

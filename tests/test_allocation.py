@@ -12,7 +12,8 @@ import pytest
 
 from autosparse.compress.footprint import footprint_metrics
 from autosparse.config.hardware import load_profile
-from autosparse.config.schema import ChoiceSet, LayerRule, SpaceConfig, load_config
+from autosparse.config.schema import load_config
+from autosparse.config.space_rules import ChoiceSet, LayerRule, SpaceConfig
 from autosparse.cost.estimate import estimate_cost
 from autosparse.search.allocation.knapsack import (
     allocation_weight,

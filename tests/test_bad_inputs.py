@@ -206,7 +206,7 @@ def _torch_save(obj):
 def _truncated_checkpoint(path: Path) -> None:
     import torch
 
-    from autosparse.config.schema import ModelConfig
+    from autosparse.config.sections import ModelConfig
     from autosparse.workload.models import build_model
 
     torch.save(build_model(ModelConfig(builtin="digits-cnn"), (1, 8, 8), 10).state_dict(), path)

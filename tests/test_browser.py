@@ -4,16 +4,18 @@ Checks what a user sees, not what the API returns: the runs table at the URL `au
 prints lists the search's parent run and, expanded, one child per trial with its figures in the
 name, the front marked with ★ and the metric columns of autosparse's shared view; the
 ``pareto.html`` artifact renders (its SVG drawn inside MLflow's sandboxed iframe) and the seconds
-it took are printed. Debian's ``chromium`` is needed: ``.ci/run`` installs it when missing
-(``AUTOSPARSE_INSTALL_CHROMIUM=1`` through ``scripts/chromium.sh``); without it and without the
-switch the test is skipped with that reason. With ``AUTOSPARSE_SCREENSHOTS=<dir>`` it also
-writes the screenshots the README shows (``docs/``).
+it took are printed. The browser is driven with Playwright for Python (the ``test`` extra), on
+Debian's ``chromium`` rather than a browser Playwright downloads: ``.ci/run`` installs it when
+missing (``AUTOSPARSE_INSTALL_CHROMIUM=1`` through ``scripts/chromium.sh``); without it and
+without the switch the test is skipped with that reason. With ``AUTOSPARSE_SCREENSHOTS=<dir>``
+it also writes the screenshots the README shows (``docs/``).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +26,27 @@ from pathlib import Path
 
 import pytest
 import yaml
-from chromium import INSTALL_SWITCH, Browser, find_chromium
 
 pytestmark = pytest.mark.integration
+INSTALL_SWITCH = "AUTOSPARSE_INSTALL_CHROMIUM"
+
+
+def find_chromium() -> str | None:
+    """``$AUTOSPARSE_CHROMIUM`` if set, else Debian's ``chromium`` (or a Chrome) on PATH: the
+    same search as ``scripts/chromium.sh``."""
+    explicit = os.environ.get("AUTOSPARSE_CHROMIUM", "").strip()
+    if explicit:
+        found = shutil.which(explicit)
+        if found:
+            return found
+        return explicit if Path(explicit).is_file() else None
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
 CHROMIUM = find_chromium()
 if CHROMIUM is None and os.environ.get(INSTALL_SWITCH) == "1":
     raise RuntimeError(f"{INSTALL_SWITCH}=1 but no chromium was found: "
@@ -35,6 +55,20 @@ if CHROMIUM is None:
     pytest.skip(os.environ.get("AUTOSPARSE_CHROMIUM_SKIP_REASON")
                 or "no chromium on PATH (Debian: apt-get install chromium; .ci/run installs it "
                    f"as root with {INSTALL_SWITCH}=1)", allow_module_level=True)
+try:
+    from playwright.sync_api import Page, expect, sync_playwright
+except ImportError as err:  # the `test` extra has it; where the CI asks for the browser, fail
+    if os.environ.get(INSTALL_SWITCH) == "1":
+        raise
+    pytest.skip(f"playwright is not installed ({err}): pip install -e '.[test]'",
+                allow_module_level=True)
+
+# Debian's chromium, headless, on a machine that may have no network: without the background
+# networking switches it keeps trying (and failing) to reach Google's services.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--no-default-browser-check",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-extensions", "--hide-scrollbars", "--mute-audio"]
 
 CONFIG = {
     "name": "window",
@@ -109,74 +143,96 @@ def ui(search):
 
 @pytest.fixture(scope="module")
 def browser():
-    with Browser(CHROMIUM, width=1500, height=900) as page:
-        yield page
+    """One headless Chromium page (a fresh profile, gone on close), 1500 x 900."""
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                              args=CHROMIUM_ARGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1500, "height": 900},
+                                     device_scale_factor=1)
+            page.set_default_timeout(30_000)
+            yield page
+        finally:
+            chromium.close()
 
 
-_ROW_NAMES = ("[...document.querySelectorAll('[role=row] a, .ag-row a')]"
-              ".map(a => a.innerText.trim()).filter(t => t)")
-_CLICK = ("(sel => {{ const e = document.querySelector(sel); if (!e) return false; "
-          "e.click(); return true; }})({!r})")
+# the run-name links of the runs table (MLflow's grid, or its newer table)
+ROW_LINKS = "[role=row] a, .ag-row a"
+ASSISTANT_CLOSE = '[data-component-id="mlflow.assistant.chat_panel.close"]'
 
 
-def _close_assistant(page: Browser) -> None:
+def _row_names(page: Page) -> list[str]:
+    return [t.strip() for t in page.locator(ROW_LINKS).all_inner_texts() if t.strip()]
+
+
+def _close_assistant(page: Page) -> None:
     """MLflow 3.17 opens its assistant panel beside the table; close it (screenshots)."""
-    page.evaluate(_CLICK.format('[data-component-id="mlflow.assistant.chat_panel.close"]'))
+    close = page.locator(ASSISTANT_CLOSE)
+    if close.count():
+        close.first.click()
 
 
 def test_runs_table_shows_parent_children_front_and_metric_columns(search, ui, browser):
     _, outcome = search
     url, _ = ui
+    page = browser
     assert url.endswith("/runs?viewStateShareKey=autosparse")  # autosparse's view, columns on
-    browser.open(url)
-    browser.wait_for(f"{_ROW_NAMES}.includes('window')", timeout=60)
+    page.goto(url)
+    links = page.locator(ROW_LINKS)
+    expect(links.filter(has_text=re.compile(r"^\s*window\s*$")).first).to_be_attached(
+        timeout=60_000)
     # children are folded under the parent: unfold them as a user would (the row's + button)
-    browser.evaluate(_CLICK.format('button[data-component-id*="runnamecellrenderer"]'))
-    names, _ = browser.wait_for(
-        f"(n => n.length >= {1 + len(outcome.trials)} && n)({_ROW_NAMES})", timeout=30)
+    page.locator('button[data-component-id*="runnamecellrenderer"]').first.click()
+    expect(links.filter(has_text=CHILD)).to_have_count(len(outcome.trials), timeout=30_000)
+    names = _row_names(page)
+    assert len(names) >= 1 + len(outcome.trials), names
     children = [n for n in names if CHILD.match(n)]
     assert "window" in names and len(children) == len(outcome.trials), names
     front = [n for n in children if n.startswith("★ ")]
     assert len(front) == len(outcome.front) >= 1, names
-    _close_assistant(browser)
+    _close_assistant(page)
     # the first metric columns of the view (the grid only renders the columns in sight)
-    headers, _ = browser.wait_for("(t => t.includes('compression') && t)"
-                                  "(document.body.innerText)", timeout=10)
+    body = page.locator("body")
+    expect(body).to_contain_text("compression", timeout=10_000)
+    headers = body.inner_text()
     for column in ("Duration", "accuracy", "compression"):
         assert column in headers, f"no {column} column in the runs table"
     if SHOTS:
-        time.sleep(1.0)
-        browser.screenshot(Path(SHOTS) / "mlflow-runs-table.png")
+        page.wait_for_timeout(1000)
+        page.screenshot(path=Path(SHOTS) / "mlflow-runs-table.png")
 
 
 def test_pareto_html_renders_in_the_artifact_viewer(search, ui, browser):
     runs_dir, outcome = search
     url, _ = ui
+    page = browser
     experiment = re.search(r"#/experiments/(\d+)/", url).group(1)
     artifact = url.split("#", 1)[0] + (f"#/experiments/{experiment}/runs/{outcome.parent_run_id}"
                                        "/artifacts/pareto.html")
-    browser.open("about:blank")
+    page.goto("about:blank")
     start = time.monotonic()
-    browser.open(artifact)
-    deadline = start + 60
-    drawn = framed = None
-    while time.monotonic() < deadline:
-        drawn = browser.evaluate_in_frame(
-            "blob:", "document.querySelectorAll('svg.plot [data-t]').length")
-        if drawn is not None and framed is None:
-            framed = time.monotonic() - start  # MLflow fetched the file and made its iframe
-        if drawn:
-            break
-        time.sleep(0.05)
+    page.goto(artifact, wait_until="commit")
+    # MLflow fetches the file and shows it in a sandboxed iframe of a blob: URL (its own
+    # renderer process: Playwright reaches into it all the same)
+    frame = page.locator('iframe[src^="blob:"]')
+    marks = page.frame_locator('iframe[src^="blob:"]').locator("svg.plot [data-t]")
+    framed = None
+    try:
+        expect(frame.first).to_be_attached(timeout=60_000)
+        framed = time.monotonic() - start
+        expect(marks.first).to_be_attached(timeout=max(1.0, start + 60 - time.monotonic()) * 1000)
+    except AssertionError:
+        pass  # reported below, with the seconds
+    drawn = marks.count()
     seconds = time.monotonic() - start
     n_complete = int((outcome.trials["state"] == "COMPLETE").sum())
     assert drawn and drawn >= n_complete, f"pareto.html did not render in {seconds:.1f} s"
     print(f"\npareto.html in the artifact viewer: URL opened -> iframe {framed or seconds:.2f} s "
           f"-> SVG drawn {seconds:.2f} s")
     if SHOTS:
-        _close_assistant(browser)
-        time.sleep(1.0)
-        browser.screenshot(Path(SHOTS) / "mlflow-pareto-html.png")
+        _close_assistant(page)
+        page.wait_for_timeout(1000)
+        page.screenshot(path=Path(SHOTS) / "mlflow-pareto-html.png")
 
 
 def test_pareto_html_hover_and_view_switch_work(browser, tmp_path):
@@ -186,20 +242,23 @@ def test_pareto_html_hover_and_view_switch_work(browser, tmp_path):
 
     from autosparse.tracking.plots import pareto_figure_html
 
+    page = browser
     path = tmp_path / "pareto.html"
     pareto_figure_html(make_trials(), ["accuracy", "size", "macs", "bops"], path)
-    browser.open(path.as_uri())
-    browser.wait_for("document.querySelectorAll('svg.plot').length === 3", timeout=10)
-    visible = ("[...document.querySelectorAll('.panel')].map(p => p.style.display !== 'none')")
-    assert browser.evaluate(visible) == [True, False, False]
-    tip = browser.evaluate(
-        "(() => { const c = document.querySelector('.panel circle[data-t]');"
-        " const r = c.getBoundingClientRect();"
-        " c.dispatchEvent(new MouseEvent('mousemove', {bubbles: true,"
-        " clientX: r.x + 2, clientY: r.y + 2}));"
-        " const box = document.getElementById('tip');"
-        " return box.style.display === 'block' && box.innerText; })()")
-    assert tip and tip.startswith("trial ") and "layers" in tip
-    browser.evaluate("(() => { const s = document.getElementById('view'); s.value = '2';"
-                     " s.dispatchEvent(new Event('change')); })()")
-    assert browser.evaluate(visible) == [False, False, True]
+    page.goto(path.as_uri())
+    expect(page.locator("svg.plot")).to_have_count(3, timeout=10_000)
+    panels = page.locator(".panel")
+
+    def visible() -> list[bool]:
+        return panels.evaluate_all("ps => ps.map(p => p.style.display !== 'none')")
+
+    assert visible() == [True, False, False]
+    # a real mouse over a point of the shown panel
+    page.locator(".panel circle[data-t]").first.hover()
+    tip = page.locator("#tip")
+    expect(tip).to_be_visible()
+    assert tip.evaluate("box => box.style.display") == "block"
+    text = tip.inner_text()
+    assert text and text.startswith("trial ") and "layers" in text
+    page.locator("#view").select_option("2")
+    assert visible() == [False, False, True]

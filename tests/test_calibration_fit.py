@@ -298,12 +298,23 @@ def test_fit_recovers_depthwise_efficiency_and_op_overhead():
         candidate = _candidate(table, rng)
         data.append(Sample(f"dw-{i}", "dw", table, candidate,
                            estimate_cost(table, candidate, truth).latency_s))
-    result = fit_profile(BASE, data, "fitted", starts=2, seed=0, blocks=TRUE_BLOCKS)
+    # The data are exact (no timing, no machine figure: the same on every CPU), so what they
+    # imply is `values` at zero residual. The int8 depthwise layer is only 1-7 % of each
+    # sample's latency, though: the roofline's kinks leave a second, shallow minimum at
+    # int8_depthwise_efficiency ~0.8 (train log RMSE 0.003, under the 0.02 bar). Which one
+    # least_squares ends in is decided by rounding in OpenBLAS's CPU-dispatched kernels: with
+    # two starts both fell into it on every AVX2-or-older kernel (Haswell/Zen, as an AMD EPYC
+    # gets; 0.807) and neither on AVX-512 ones. fit_profile's own default of six starts reaches
+    # the exact optimum on every OpenBLAS kernel (OPENBLAS_CORETYPE=Haswell, Zen, Sandybridge,
+    # Nehalem, Prescott, SkylakeX, SapphireRapids all give 0.6).
+    result = fit_profile(BASE, data, "fitted", seed=0, blocks=TRUE_BLOCKS)
     assert result.train_log_rmse < 0.02
     for key in ("depthwise_efficiency", "int8_depthwise_efficiency", "fp32_op_overhead_us"):
-        assert result.constants[key] == pytest.approx(values[key], rel=0.15), key
+        assert result.constants[key] == pytest.approx(values[key], rel=0.15), \
+            f"{key} (train log RMSE {result.train_log_rmse:.2g})"
     int8 = next(p for p in result.profile.precisions if p.kind == "int")
-    assert int8.kind_efficiency["DepthwiseConv2d"] == pytest.approx(0.6, rel=0.15)
+    assert int8.kind_efficiency["DepthwiseConv2d"] == pytest.approx(
+        values["int8_depthwise_efficiency"], rel=0.15)
 
 
 def test_block_scan_reports_every_block_tried(samples):

@@ -18,7 +18,7 @@ from torch import nn
 from autosparse.compress.apply import bake, compress_model, structural_keep
 from autosparse.compress.footprint import model_footprint
 from autosparse.config.hardware import load_profile
-from autosparse.config.schema import SpaceConfig
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.cost.estimate import estimate_cost
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.space.discovery import discover, find_layers

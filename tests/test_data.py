@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from autosparse.config.schema import ConfigError, DataConfig
+from autosparse.config.schema import ConfigError
+from autosparse.config.sections import DataConfig
 from autosparse.workload.data import load_data, stratified_split
 from autosparse.workload.splits import DataSplits
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from autosparse.cli import main
-from autosparse.config.schema import DataConfig
+from autosparse.config.sections import DataConfig
 from autosparse.config.validation import ConfigError
 from autosparse.search.runner import run_search
 from autosparse.workload.data import data_fingerprint, load_data

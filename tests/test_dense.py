@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from autosparse.config.schema import DataConfig, ModelConfig
+from autosparse.config.sections import DataConfig, ModelConfig
 from autosparse.workload import dense
 from autosparse.workload.data import load_data
 from autosparse.workload.devices import eval_mode

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from autosparse.compress.finetune import FinetuneSession
-from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.config.schema import parse_config
+from autosparse.config.sections import FinetuneConfig
 from autosparse.config.validation import ConfigError
 from autosparse.search.study import _signature
 from autosparse.workload.devices import (

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.config.schema import ModelConfig
+from autosparse.config.sections import ModelConfig
 from autosparse.space.discovery import (
     discover_layers,
     global_magnitude_allocation,

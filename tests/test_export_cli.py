@@ -25,7 +25,7 @@ from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from autosparse.cli import main
 from autosparse.config.validation import ConfigError
-from autosparse.export.exporter import SAME_PREDICTIONS
+from autosparse.export.checks import SAME_PREDICTIONS
 from autosparse.export.packed import load_packed
 from autosparse.search import selection
 from autosparse.search.runner import prepare, run_search

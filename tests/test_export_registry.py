@@ -17,7 +17,7 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # noqa: E402
 from mlflow_store import client, runs_dir, template_db, tracker  # noqa: E402,F401
 
-from autosparse.tracking.mlflow_tracker import TrackingWarning  # noqa: E402
+from autosparse.tracking.errors import TrackingWarning  # noqa: E402
 from autosparse.workload.models import DigitsCNN  # noqa: E402
 
 

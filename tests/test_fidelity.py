@@ -5,7 +5,8 @@ from __future__ import annotations
 import optuna
 from optuna.trial import TrialState, create_trial
 
-from autosparse.config.schema import Constraint, parse_config
+from autosparse.config.schema import parse_config
+from autosparse.config.task_metric import Constraint
 from autosparse.search.fidelity import LOW_ATTR, STEPS_ATTR, FidelityPlan, steps_used
 from autosparse.search.pareto import nondominated_rank
 

@@ -19,7 +19,7 @@ from autosparse.compress.finetune import (
     distill_loss,
     finetune,
 )
-from autosparse.config.schema import FinetuneConfig
+from autosparse.config.sections import FinetuneConfig
 from autosparse.space.candidate import Candidate, LayerChoice
 
 LAYERS = ("conv1", "conv2", "fc1", "fc2")

@@ -23,7 +23,8 @@ from autosparse.compress.finetune import (
     lr_multiplier,
     resolve_steps,
 )
-from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.config.schema import parse_config
+from autosparse.config.sections import FinetuneConfig
 from autosparse.search.objective import CandidateEvaluator
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.space.discovery import discover_layers

@@ -6,7 +6,8 @@ from helpers import TinyNet
 from torch.nn.utils import prune
 
 from autosparse.compress.apply import compress_model, weight_mask
-from autosparse.config.schema import SpaceConfig, StrategyConfig
+from autosparse.config.sections import StrategyConfig
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.search.samplers import GridSampler, make_sampler
 from autosparse.space.candidate import UNSTRUCTURED
 from autosparse.space.discovery import (

@@ -18,7 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from autosparse.config.schema import ConfigError, HeartbeatConfig, parse_config
+from autosparse.config.runtime import HeartbeatConfig
+from autosparse.config.schema import ConfigError, parse_config
 from autosparse.search.objective import WORKER_ATTR, start_trial
 from autosparse.search.study import (
     RERUN_OF_ATTR,

@@ -185,7 +185,7 @@ def test_profile_report_names_the_scored_file_and_each_layers_source():
 
 def test_real_measurement_on_digits_cnn(tmp_path: Path):
     """One small real table of DigitsCNN (untrained weights: timing does not need training)."""
-    from autosparse.config.schema import SpaceConfig
+    from autosparse.config.space_rules import SpaceConfig
     from autosparse.cost.calibration.model_table import TableModel, build_latency_table
     from autosparse.space.discovery import discover
     from autosparse.space.search_space import SearchSpace

@@ -130,7 +130,7 @@ def test_module_imports_only_its_own_stage_or_earlier(path):
     stage = stage_of(module_name(path))
     if stage is None:  # autosparse/__init__.py: the public face, imports lazily from any stage
         return
-    for target in internal_imports(path):
+    for target in sorted(internal_imports(path)):
         other = stage_of(target)
         if stage == EXAMPLES:
             pytest.fail(f"{ids(path)} is example code and imports {target}")
@@ -185,7 +185,7 @@ def test_the_checker_sees_an_upward_import(tmp_path, monkeypatch):
     fake.write_text(text, encoding="utf-8")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", tmp_path / "autosparse")
     with pytest.raises(AssertionError, match=r"config/schema.py \(config\) imports "
-                                             r"autosparse.search.runner \(search\)"):
+                                             r"autosparse\.search(\.runner)? \(search\)"):
         test_module_imports_only_its_own_stage_or_earlier(fake)
 
 

@@ -282,7 +282,7 @@ def load_profile_from_text(text: str, folder: Path):
 
 @pytest.fixture(scope="module")
 def exporter():
-    from autosparse.export import exporter as module
+    from autosparse.export import latency as module  # the report's latency predictions
     return module
 
 

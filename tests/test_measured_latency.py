@@ -16,7 +16,8 @@ import torch
 from test_search_integration import load_study, write_config
 
 from autosparse.compress.apply import compress_model, taylor_scores
-from autosparse.config.schema import MEASURE, parse_config
+from autosparse.config.runtime import MEASURE
+from autosparse.config.schema import parse_config
 from autosparse.config.validation import ConfigError
 from autosparse.cost.measured_latency import (
     FP32,

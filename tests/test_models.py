@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from autosparse.config.schema import ConfigError, ModelConfig
+from autosparse.config.schema import ConfigError
+from autosparse.config.sections import ModelConfig
 from autosparse.space.discovery import find_layers
 from autosparse.workload.models import build_model, is_builtin, model_name
 

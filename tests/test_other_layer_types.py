@@ -10,7 +10,7 @@ from torch import nn
 from autosparse.compress.apply import bake, compress_model, layer_sparsity
 from autosparse.compress.footprint import model_footprint
 from autosparse.compress.storage import model_zeros
-from autosparse.config.schema import SpaceConfig
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.export.packed import load_packed, save_packed
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.space.discovery import discover

@@ -11,7 +11,8 @@ import optuna
 import pytest
 from deap import creator
 
-from autosparse.config.schema import SpaceConfig, StrategyConfig
+from autosparse.config.sections import StrategyConfig
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.search.allocation import ChoiceSensitivity, SensitivityTable, choice_id
 from autosparse.search.allocation.planner import planner_for
 from autosparse.search.pareto import hypervolume
@@ -255,7 +256,7 @@ def test_ga_proposes_few_duplicates():
 def test_ga_deduplicates_when_the_population_converges():
     """In a small space (1,296 candidates) a converging population re-breeds its own members;
     without the duplicate check this run repeats ~15-20 of 60 candidates."""
-    from autosparse.config.schema import ChoiceSet
+    from autosparse.config.space_rules import ChoiceSet
 
     small = SearchSpace.build(
         SpaceConfig(default=ChoiceSet(sparsity=[0.0, 0.5, 0.75], patterns=["unstructured"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
-from autosparse.config.schema import SpaceConfig
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.search.samplers import GeneticSampler
 from autosparse.search.samplers.ga import _normalised_weights
 from autosparse.search.samplers.screening import pick_most_promising

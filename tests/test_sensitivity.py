@@ -17,7 +17,8 @@ from torch.utils.data import TensorDataset
 
 from autosparse.cli import main
 from autosparse.compress.apply import compress_model, taylor_scores
-from autosparse.config.schema import SearchConfig, SensitivityConfig
+from autosparse.config.schema import SearchConfig
+from autosparse.config.sections import SensitivityConfig
 from autosparse.search.allocation.table import (
     ChoiceSensitivity,
     SensitivityTable,

@@ -5,7 +5,8 @@ import itertools
 import optuna
 import pytest
 
-from autosparse.config.schema import ConfigError, SpaceConfig
+from autosparse.config.schema import ConfigError
+from autosparse.config.space_rules import SpaceConfig
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.space.search_space import SearchSpace
 
@@ -126,7 +127,8 @@ def test_every_distinct_choice_has_params(small_table, patterns, sparsity):
 
 
 def test_a_rule_that_matches_no_layer_is_an_error_with_a_close_match():
-    from autosparse.config.schema import ConfigError, SpaceConfig
+    from autosparse.config.schema import ConfigError
+    from autosparse.config.space_rules import SpaceConfig
     from autosparse.space.discovery import discover
     from autosparse.workload.models import DigitsCNN
 

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from autosparse.compress.finetune import FinetuneSession, distill_loss
 from autosparse.config.objectives import shown_metric, shown_metrics
-from autosparse.config.schema import FinetuneConfig, parse_config
+from autosparse.config.schema import parse_config
+from autosparse.config.sections import FinetuneConfig
 from autosparse.config.validation import ConfigError
 from autosparse.search.front import HypervolumeSpec
 from autosparse.space.discovery import example_input

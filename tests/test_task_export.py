@@ -25,8 +25,9 @@ import yaml
 from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
 from autosparse.cli import main
-from autosparse.config.schema import ModelConfig, TaskConfig
-from autosparse.export.exporter import (
+from autosparse.config.sections import ModelConfig
+from autosparse.config.task_metric import TaskConfig
+from autosparse.export.checks import (
     INT8_MAX_WORSE,
     SEARCH_MARGIN_RELATIVE,
     int8_margin,
@@ -288,7 +289,7 @@ def test_sensitivity_table_and_csv_name_the_task_metric():
 
 
 def test_dense_cache_key_includes_a_users_loss_and_keeps_the_default_key(tmp_path):
-    from autosparse.config.schema import DataConfig
+    from autosparse.config.sections import DataConfig
     from autosparse.workload.data import load_data
 
     data = load_data(DataConfig(source="sklearn-diabetes"))

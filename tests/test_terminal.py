@@ -24,7 +24,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from autosparse.config.schema import Constraint, StrategyConfig
+from autosparse.config.sections import StrategyConfig
+from autosparse.config.task_metric import Constraint
 from autosparse.search.early_stop import (
     InfeasibleStart,
     InfeasibleStartGuard,

@@ -26,14 +26,14 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 from autosparse.space.candidate import Candidate  # noqa: E402
-from autosparse.tracking import mlflow_tracker as tracking  # noqa: E402
-from autosparse.tracking.mlflow_tracker import (
-    Tracker,
-    TrackingWarning,
+from autosparse.tracking import naming, ui  # noqa: E402
+from autosparse.tracking.errors import TrackingWarning  # noqa: E402
+from autosparse.tracking.mlflow_tracker import Tracker  # noqa: E402
+from autosparse.tracking.naming import sanitize_key  # noqa: E402
+from autosparse.tracking.ui import (  # noqa: E402
     default_tracking_uri,
     redact_uri,
     resolve_tracking_uri,
-    sanitize_key,
     ui_command,
     ui_environment,
 )
@@ -329,7 +329,7 @@ def test_log_front_fills_gaps_tags_the_front_and_extends_histories(
     assert names[4] == "★ t4 90.0% 200x 0.1ms" and names[3] == "t3 failed"
     # a run created from storage gets the trial's own start and end (trials_frame's columns)
     assert (children[4].info.start_time, children[4].info.end_time) == (
-        tracking._iso_ms("2026-01-02T03:04:05.000"), tracking._iso_ms("2026-01-02T03:04:17.250"))
+        naming._iso_ms("2026-01-02T03:04:05.000"), naming._iso_ms("2026-01-02T03:04:17.250"))
     history = client.get_metric_history(parent, "hypervolume")
     assert sorted((m.step, m.value) for m in history) == [
         (0, 0.1), (1, 0.2), (2, 0.3), (3, 0.3), (4, 0.5)]
@@ -350,21 +350,21 @@ def test_log_front_stores_the_runs_table_view_and_ui_links_to_it(tracker, client
     tracker.log_front(parent_run_id=parent, trials=make_trials(), objectives=["accuracy", "size"],
                       hypervolumes={})
     experiment = client.get_run(parent).info.experiment_id
-    view = json.loads(client.get_experiment(experiment).tags[tracking.VIEW_TAG])
+    view = json.loads(client.get_experiment(experiment).tags[ui.VIEW_TAG])
     assert view["selectedColumns"][:4] == ["attributes.`Duration`", "metrics.`accuracy`",
                                            "metrics.`size_kb`", "metrics.`compression`"]
     base = "http://127.0.0.1:5000"
-    urls = tracking.runs_table_urls(tracker.tracking_uri, base)
+    urls = ui.runs_table_urls(tracker.tracking_uri, base)
     assert urls == {"demo": f"{base}/#/experiments/{experiment}/runs?viewStateShareKey=autosparse"}
 
 
 def test_run_names_carry_the_figures_and_the_front_marker():
     metrics = {"accuracy": 97.24, "compression": 24.71, "latency_ms": 0.8123, "size_kb": 7.7}
-    assert tracking.run_name(12, "COMPLETE", metrics) == "t12 97.2% 24.7x 0.812ms"
-    assert tracking.run_name(12, "COMPLETE", metrics, on_front=True).startswith("★ t12 97.2%")
-    assert tracking.run_name(3, "FAIL", {}) == "t3 failed"
-    assert tracking.run_name(4, "PRUNED", {"accuracy": 50.0}) == "t4 screened 50.0%"
-    assert tracking.run_name(5, "COMPLETE", {"mse": 0.0312, "compression": 3.0},
+    assert naming.run_name(12, "COMPLETE", metrics) == "t12 97.2% 24.7x 0.812ms"
+    assert naming.run_name(12, "COMPLETE", metrics, on_front=True).startswith("★ t12 97.2%")
+    assert naming.run_name(3, "FAIL", {}) == "t3 failed"
+    assert naming.run_name(4, "PRUNED", {"accuracy": 50.0}) == "t4 screened 50.0%"
+    assert naming.run_name(5, "COMPLETE", {"mse": 0.0312, "compression": 3.0},
                              metric_name="mse") == "t5 mse 0.0312 3x"
 
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from autosparse.search.runner import thread_count
+from autosparse.search.workers import thread_count
 
 ROOT = Path(__file__).resolve().parents[1]
 

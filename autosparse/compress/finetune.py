@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from autosparse.config.schema import FinetuneConfig
+from autosparse.config.sections import FinetuneConfig
 from autosparse.workload.devices import amp_mode, device_of
 from autosparse.workload.task import Task, distill_loss
 

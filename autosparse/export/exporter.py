@@ -14,18 +14,20 @@
     report    report.json / report.md; the model registered in MLflow, linked to the search
     publish   everything is written to a temporary folder and renamed into place at the end, so a
               failure leaves no half-written output
+
+The request and the trial's selection live in ``request``, the tolerances and format checks in
+``checks``, the latency predictions in ``latency`` and report.md in ``report``; this module runs
+the steps.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import shutil
-from dataclasses import asdict, dataclass, field
-from importlib.metadata import version as _installed_version
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 import optuna
@@ -35,300 +37,62 @@ from autosparse.compress.apply import bake
 from autosparse.compress.footprint import footprint_metrics
 from autosparse.compress.shrink import ShrinkError, ShrinkReport, shrink_as_compressed
 from autosparse.compress.storage import model_zeros
-from autosparse.config.hardware import HardwareProfile, builtin_profiles, load_profile
-from autosparse.config.objectives import shown_metric
-from autosparse.config.schema import FinetuneConfig
-from autosparse.config.validation import ConfigError
-from autosparse.cost.calibration.machine import (
-    fingerprint_mismatch,
-    recorded_fingerprint,
-    this_machine,
-)
-from autosparse.cost.estimate import estimate_cost
-from autosparse.cost.onnx_files import (
-    export_onnx,
-    input_array,
-    onnx_outputs,
-    onnx_session,
-    quantize_onnx_int8,
-    time_onnx_files,
+from autosparse.config.sections import FinetuneConfig
+from autosparse.cost.onnx_files import export_onnx, quantize_onnx_int8, time_onnx_files
+from autosparse.export.checks import (
+    FLOAT_FORMATS,
+    INT8_MAX_DROP,
+    INT8_MAX_WORSE,
+    OUTPUT_TOLERANCE,
+    SAME_PREDICTIONS,
+    SEARCH_MARGIN,
+    SEARCH_MARGIN_RELATIVE,
+    ExportCheckFailed,
+    _agreement,
+    _batches,
+    _logits,
+    _onnx_logits,
+    _onnx_run,
+    _output_error,
+    _Scored,
+    _tolerances,
+    int8_margin,
+    metric_key,
+    rebuild_margin,
+    shown_value,
 )
 from autosparse.export.folder import (
     DIGEST_KEY,
-    export_digest,
     folder_state,
     publish,
     read_report,
     staging_folder,
     update_report,
 )
-from autosparse.export.input_spec import input_markdown, input_spec, sizes_markdown
+from autosparse.export.input_spec import input_spec
+from autosparse.export.latency import _profiles, predicted_latencies
 from autosparse.export.packed import load_packed, save_packed
+from autosparse.export.report import report_markdown
+from autosparse.export.request import (
+    REEVALUATION,
+    ExportOutcome,
+    ExportRequest,
+    _digest,
+    _load_study,
+    _reevaluation,
+    _select,
+)
 from autosparse.search.context import SearchContext
-from autosparse.search.front import trials_frame
 from autosparse.search.objective import CandidateEvaluator
-from autosparse.search.runner import prepare
-from autosparse.search.selection import Selection, by_number, by_rule, knee
-from autosparse.search.study import make_storage
+from autosparse.search.preparation import prepare
+from autosparse.search.selection import Selection
 from autosparse.search.trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
-from autosparse.space.candidate import FLOAT_BITS, Candidate, LayerChoice
+from autosparse.space.candidate import Candidate
 from autosparse.space.discovery import example_input
-from autosparse.space.layers import LayerTable
 from autosparse.workload.evaluate import evaluate
 from autosparse.workload.models import build_model
-from autosparse.workload.task import Task, model_outputs
 
 Printer = Callable[[str], None]
-
-# Documented tolerances (README, "Export"). A percentage metric (accuracy, topK) is checked in
-# points; any other task metric (mse, perplexity, yours) relative to the reference value.
-SAME_PREDICTIONS = 99.5  # % of test images on which every float format predicts the same class
-INT8_MAX_DROP = 1.0  # points the QDQ int8 model (activations quantized too) may lose vs PyTorch
-INT8_MAX_WORSE = 0.01  # non-percentage metric: int8 at most 1 % worse than PyTorch
-SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
-SEARCH_MARGIN_RELATIVE = 0.01  # non-percentage metric: rebuilt within 1 % of the trial's value
-OUTPUT_TOLERANCE = 1e-4  # largest output difference of a float format, relative to the largest output
-FLOAT_FORMATS = ("pytorch_shrunk", "pt2", "packed", "onnx")  # must compute the compressed model
-
-
-# What a front point re-evaluated with extra seeds adds (front.trials_frame): "accuracy" is then
-# the mean over its seeds, "accuracy_single" the trial's own score.
-REEVALUATION = ("accuracy_seeds", "accuracy_std", "test_accuracy")
-
-
-class ExportCheckFailed(RuntimeError):
-    """The exported formats disagree, or do not reproduce the search's figure."""
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    trial: int | None = None
-    max_drop: float | None = None
-    minimize: str | None = None
-    knee: bool = False
-    finetune_steps: int | None = None
-    out: Path | None = None
-    registered_name: str | None = None
-    mlflow: bool = True
-    hardware: str | None = None
-    timing_rounds: int = 21
-    timing_calls: int = 21
-    force: bool = False  # export again even when the folder already holds this export
-
-
-@dataclass
-class ExportOutcome:
-    out_dir: Path
-    report: dict
-    warnings: list[str] = field(default_factory=list)
-    reused: bool = False  # the folder already held this very export: nothing was redone
-
-
-def _select(context: SearchContext, study: optuna.Study, request: ExportRequest) -> Selection:
-    trials = trials_frame(study, context.config.objectives)
-    if trials.empty:
-        raise ConfigError(f"the study {context.config.name!r} has no finished trial yet")
-    if request.trial is not None:
-        return by_number(trials, request.trial)
-    maximize = context.task.maximize  # a minimised metric (mse): better is lower
-    if request.max_drop is not None:
-        minimize = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
-        return by_rule(trials, request.max_drop, minimize, maximize=maximize,
-                       quality=context.task.name)
-    cost = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
-    return knee(trials, cost, maximize=maximize, quality=context.task.name)
-
-
-def _reevaluation(context: SearchContext, study: optuna.Study, number: int) -> dict[str, float]:
-    """The mean accuracy, spread and test accuracy of a re-evaluated trial; {} for the others."""
-    trials = trials_frame(study, context.config.objectives)
-    if "accuracy_single" not in trials.columns:
-        return {}
-    row = trials.set_index("trial").loc[number]
-    if not np.isfinite(row.get("accuracy_std", np.nan)):
-        return {}
-    return {key: float(row[key])
-            for key in ("accuracy", "accuracy_single", *REEVALUATION) if np.isfinite(row[key])}
-
-
-def _load_study(context: SearchContext) -> optuna.Study:
-    try:
-        return optuna.load_study(study_name=context.config.name,
-                                 storage=make_storage(context.storage_url))
-    except KeyError:
-        raise ConfigError(f"no study {context.config.name!r} in {context.storage_url}: run "
-                          "`autosparse search` first") from None
-
-
-def _batches(context: SearchContext, split: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """Inputs as the ONNX files take them (float32, or int64 token ids) and targets."""
-    for x, y in context.data.loader(split, context.data.batch_size):
-        yield input_array(x.numpy()), np.asarray(y)
-
-
-def _logits(model: torch.nn.Module, context: SearchContext) -> np.ndarray:
-    """The model's outputs on the whole test split (eval mode)."""
-    out = []
-    with torch.no_grad():
-        if isinstance(model, torch.nn.Module) and not isinstance(model, torch.fx.GraphModule):
-            model.eval()  # a loaded torch.export program is already in eval form
-        for x, _ in context.data.loader("test", context.data.batch_size):
-            out.append(model_outputs(model(x)).numpy())  # a tensor, or transformers' .logits
-    return np.concatenate(out)
-
-
-def _onnx_logits(path: Path, context: SearchContext) -> np.ndarray:
-    session = onnx_session(path)
-    return np.concatenate([onnx_outputs(session, x) for x, _ in _batches(context, "test")])
-
-
-def _output_error(logits: np.ndarray, reference: np.ndarray) -> float:
-    """Largest output difference relative to the reference's largest output."""
-    return float(np.abs(logits - reference).max() / max(float(np.abs(reference).max()), 1e-12))
-
-
-def _agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Percent of positions where two label vectors agree (accuracy when ``b`` is the truth)."""
-    return float((a == b).mean() * 100)
-
-
-@dataclass(frozen=True)
-class ProfileUse:
-    """A profile the report predicts with, and where it came from (named in the report)."""
-
-    profile: HardwareProfile
-    file: str  # the YAML file read (a built-in profile's file inside the package)
-    role: str  # why it is used: the config's, --hardware, or the newest measured one
-
-
-def _profile_file(source: str) -> str:
-    if source in builtin_profiles():
-        return f"built-in {source} ({Path(__file__).parent / 'profiles' / f'{source}.yaml'})"
-    return str(Path(source))
-
-
-def _profiles(context: SearchContext, runs_dir: Path,
-              hardware: str | None) -> dict[str, ProfileUse]:
-    """The requested (or the search's) profile, plus the newest measured profile in
-    ``runs/calibration/`` fitted on this CPU (the newest of any CPU when none was; the report
-    then warns), each with its file."""
-    profiles: dict[str, ProfileUse] = {}
-    source = hardware or context.config.cost_profile()
-    chosen = load_profile(hardware) if hardware else context.profile
-    if chosen is not None and source:
-        role = "--hardware" if hardware else "the config's hardware"
-        profiles[chosen.name] = ProfileUse(chosen, _profile_file(str(source)), role)
-    measured = sorted((runs_dir / "calibration").glob("*.yaml"),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-    newest: tuple[Path, HardwareProfile] | None = None
-    here = False
-    for index, path in enumerate(measured):
-        try:
-            profile = load_profile(path)
-        except ConfigError:
-            if index == 0:
-                raise
-            continue  # an older file this version cannot read: not the newest, not chosen
-        newest = newest or (path, profile)
-        recorded = recorded_fingerprint(profile.fitted, profile.measured)
-        if recorded is not None and fingerprint_mismatch(recorded, this_machine()) is None:
-            newest, here = (path, profile), True
-            break
-    if newest is not None:
-        path, profile = newest
-        role = f"the newest measured profile in {runs_dir / 'calibration'}" + (
-            "" if here else " (none there was measured on this CPU)")
-        profiles.setdefault(profile.name, ProfileUse(profile, str(path), role))
-    return profiles
-
-
-def at_float(candidate: Candidate, table: LayerTable) -> Candidate:
-    """The candidate's structure (patterns, sparsities) with every layer at 32-bit float: what
-    ``model.onnx`` computes."""
-    choices = {}
-    for name in table.names:
-        c = candidate.get_choice(name)
-        choices[name] = LayerChoice.make(c.pattern, c.sparsity, FLOAT_BITS, c.criterion)
-    return Candidate(choices)
-
-
-def precision_label(candidate: Candidate, table: LayerTable) -> str:
-    """The searched layers' precisions, e.g. ``int8 x5`` or ``fp32 x1, int4 x2, int8 x2``."""
-    counts: dict[int, int] = {}
-    for name in table.names:
-        bits = candidate.get_choice(name).bits
-        counts[bits] = counts.get(bits, 0) + 1
-    return ", ".join(f"{'fp32' if b == FLOAT_BITS else f'int{b}'} x{n}"
-                     for b, n in sorted(counts.items(), reverse=True))
-
-
-def predicted_latencies(table: LayerTable, candidate: Candidate,
-                        profiles: dict[str, ProfileUse], int8_file: bool,
-                        machine: dict | None = None) -> dict[str, dict]:
-    """Per profile: the dense fp32 model, the candidate as scored (its own bits) and its
-    structure at fp32, each labelled with the exported file it predicts, plus the profile's file
-    and, when it was measured on another CPU, why its figures may not hold here."""
-    here = machine if machine is not None else this_machine()
-    scored_label = precision_label(candidate, table)
-    all_float = all(candidate.get_choice(n).bits == FLOAT_BITS for n in table.names)
-    scored_file = "model.int8.onnx" if int8_file else ("model.onnx" if all_float else None)
-    fp32 = at_float(candidate, table)
-    predicted = {}
-    for name, use in profiles.items():
-        cost = estimate_cost(table, candidate, use.profile)
-        recorded = recorded_fingerprint(use.profile.fitted, use.profile.measured)
-        predicted[name] = {
-            "profile_file": use.file,
-            "profile_role": use.role,
-            "dense_ms": estimate_cost(table, Candidate({}), use.profile).latency_ms,
-            "dense_format": "fp32 (the dense model's ONNX, dense_fp32)",
-            "candidate_ms": cost.latency_ms,
-            "candidate_format": scored_label,
-            "candidate_file": scored_file,
-            "candidate_energy_uj": cost.energy_uj,
-            "candidate_fp32_ms": estimate_cost(table, fp32, use.profile).latency_ms,
-            "candidate_fp32_file": "model.onnx",
-            "machine_warning": None if recorded is None else fingerprint_mismatch(recorded, here),
-        }
-    return predicted
-
-
-class _Scored(torch.nn.Module):
-    """One exported format as a module the task's metric can score (``Task.evaluate``): a
-    plain function inside, so ``eval()`` never reaches a loaded torch.export program."""
-
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self._run = lambda x: run(x)  # a function: a module given here is not registered
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)
-
-
-def _onnx_run(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    session = onnx_session(path)
-    return lambda x: torch.from_numpy(onnx_outputs(session, x.numpy()))
-
-
-def metric_key(task: Task, key: str) -> str:
-    """A report key under the task's metric name (``test_accuracy`` -> ``test_mse``); a
-    classifier's report keeps its historic ``accuracy`` keys whatever its metric."""
-    return key if task.kind == "classification" else shown_metric(key, task.name)
-
-
-def shown_value(task: Task, value: float) -> str:
-    """``97.22 %`` for a percentage, ``mse 0.4312`` for another metric."""
-    return f"{value:.2f} %" if task.percent else f"{task.name} {value:.4g}"
-
-
-def rebuild_margin(task: Task, recorded: float) -> float:
-    """How far the rebuilt model's validation metric may be from the trial's recorded one."""
-    return SEARCH_MARGIN if task.percent else SEARCH_MARGIN_RELATIVE * abs(recorded)
-
-
-def int8_margin(task: Task, reference: float) -> float:
-    """How much worse than the PyTorch model the int8 ONNX model may score on test."""
-    return INT8_MAX_DROP if task.percent else INT8_MAX_WORSE * abs(reference)
 
 
 def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Path = Path("runs"),
@@ -372,26 +136,6 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
             report["registered_model"] = registered
             update_report(final_dir, registered_model=registered)
     return ExportOutcome(final_dir, report, list(selection.warnings))
-
-
-def _digest(context: SearchContext, study: optuna.Study, request: ExportRequest, number: int,
-            candidate: Candidate) -> str:
-    """What decides an export folder's content: the same digest means the same files."""
-    from autosparse.search.study import study_uid
-
-    config = context.config
-    return export_digest({
-        "version": _installed_version("autosparse"), "search": config.name, "study": study_uid(study),
-        "trial": number, "candidate": candidate.to_json(),
-        "finetune_steps": request.finetune_steps if request.finetune_steps is not None
-        else config.export.finetune_steps,
-        "model": config.model.model_dump(mode="json"), "data": config.data.model_dump(mode="json"),
-        "finetune": config.finetune.model_dump(mode="json"),
-        "hardware": request.hardware or config.hardware,
-        "registered_name": request.registered_name or config.export.registered_name,
-        # another task's metric and loss change what is checked (a classifier's digest as before)
-        **({} if config.task.is_default else {"task": config.task.model_dump(mode="json")}),
-    })
 
 
 def _export_into(context: SearchContext, request: ExportRequest, selection: Selection,
@@ -560,20 +304,6 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     }, shrunk
 
 
-def _tolerances(task: Task) -> dict[str, float]:
-    """The checks' margins as report.json states them (points, or relative for a metric that is
-    not a percentage; class agreement only where there are class or token predictions)."""
-    out: dict[str, float] = {}
-    if task.kind in ("classification", "language-model"):
-        out["same_predictions_percent"] = SAME_PREDICTIONS
-    out["output_error_relative"] = OUTPUT_TOLERANCE
-    if task.percent:
-        return {**out, "int8_max_drop_points": INT8_MAX_DROP,
-                "search_margin_points": SEARCH_MARGIN}
-    return {**out, "int8_max_worse_relative": INT8_MAX_WORSE,
-            "search_margin_relative": SEARCH_MARGIN_RELATIVE}
-
-
 def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Candidate,
             baked: torch.nn.Module) -> tuple[torch.nn.Module, ShrinkReport, dict]:
     """The baked model with the candidate's channel groups removed, the report, and the kept
@@ -591,7 +321,8 @@ def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Ca
 def _register(context: SearchContext, report: dict, model: torch.nn.Module, out: Path,
               request: ExportRequest,
               selection: Selection, runs_dir: Path, printer: Printer) -> dict | None:
-    from autosparse.tracking.mlflow_tracker import Tracker, resolve_tracking_uri
+    from autosparse.tracking.mlflow_tracker import Tracker
+    from autosparse.tracking.ui import resolve_tracking_uri
 
     uri = resolve_tracking_uri(context.config.tracking.uri, runs_dir)
     tracker = Tracker(tracking_uri=uri, experiment=context.config.tracking.experiment
@@ -612,130 +343,3 @@ def _register(context: SearchContext, report: dict, model: torch.nn.Module, out:
         return None
     printer(f"registered in MLflow as {name!r} version {result[1]} ({uri})")
     return {"name": name, "version": str(result[1]), "tracking_uri": uri}
-
-
-def _shrink_markdown(report: dict) -> list[str]:
-    """The channel groups removed and the parameter count against the footprint's."""
-    params = report["parameters"]
-    lines = [f"Parameters: {params['shrunk']} in the shrunk model (footprint predicts "
-             f"{params['predicted']}; dense {params['dense']})."]
-    groups = report["shrink"]["groups"]
-    if groups:
-        lines += ["", "| channel group | channels | producers | consumers |", "|---|---|---|---|"]
-        lines += [f"| {g['name']} | {g['channels_before']} -> {g['channels_after']} | "
-                  f"{', '.join(g['producers'])} | {', '.join(g['consumers'])} |" for g in groups]
-    return lines
-
-
-def _metric_of(report: dict) -> tuple[str, str, str, str]:
-    """(name, report key suffix, value format, unit) of the report's task metric; a classifier's
-    report (and one written before tasks) says accuracy in %."""
-    metric = report.get("metric") or {}
-    if metric.get("kind", "classification") == "classification":
-        return "accuracy", "accuracy", ".2f", " %"
-    return metric["name"], metric["name"], ".4g", ""
-
-
-def _checks_markdown(report: dict, name: str) -> list[str]:
-    """What a non-percentage metric was checked against (relative margins)."""
-    tolerances = report.get("tolerances", {})
-    if "search_margin_relative" not in tolerances:
-        return []
-    direction = (report.get("metric") or {}).get("direction", "minimize")
-    return ["", f"Checks ({name} is {direction}d; margins relative to the reference value): the "
-            f"rebuilt model's validation {name} within "
-            f"{tolerances['search_margin_relative']:.0%} of the trial's; `model.int8.onnx` at "
-            f"most {tolerances['int8_max_worse_relative']:.0%} worse than PyTorch on test; float "
-            f"formats' outputs within {tolerances['output_error_relative']:g} of the largest "
-            "output."]
-
-
-def report_markdown(report: dict) -> str:
-    name, key, fmt, unit = _metric_of(report)
-    acc, size = report[f"test_{key}"], report["size_kb"]
-    lines = [f"# Export of {report['search']} trial {report['trial']}", "",
-             f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
-    if "input" in report:
-        lines += input_markdown(report["input"])
-    lines += [f"- warning: {w}" for w in report["warnings"]]
-    reevaluated, validation = report.get("reevaluation") or {}, report[f"validation_{key}"]
-    if f"{key}_std" in reevaluated:
-        test = reevaluated.get(f"test_{key}")
-        lines += ["", f"Validation {name} in the search: {validation['search']:{fmt}} ± "
-                  f"{reevaluated[f'{key}_std']:{fmt}}{unit} over "
-                  f"{reevaluated[f'{key}_seeds']:.0f} fine-tune seeds (the trial's own seed: "
-                  f"{validation['search_single']:{fmt}}{unit})"
-                  + (f"; test {name} of the re-fine-tuned models {test:{fmt}}{unit}."
-                     if test else ".")]
-    elif key != "accuracy":
-        lines += ["", f"Validation {name}: {validation['rebuilt']:{fmt}} rebuilt, "
-                  f"{validation['search_single']:{fmt}} in the search, "
-                  f"{validation['dense']:{fmt}} dense."]
-    lines += _checks_markdown(report, name)
-    lines += ["", "| layer | pattern | sparsity | bits |", "|---|---|---|---|"]
-    for layer in report["layers"]:
-        bits = "fp32" if layer["bits"] == FLOAT_BITS else f"int{layer['bits']}"
-        lines.append(f"| {layer['layer']} | {layer['pattern']} | {layer['sparsity']:.0%} | {bits} |")
-    lines += ["", *_shrink_markdown(report)]
-    header = "test accuracy (%)" if key == "accuracy" else f"test {name}"
-    same = "same prediction as PyTorch (%) | " if key == "accuracy" else \
-        "same next token as PyTorch (%) | " if report["agreement_percent"] else ""
-    lines += ["", f"| format | {header} | {same}output error (relative) |",
-              "|---|---|" + ("---|" if same else "") + "---|"]
-    for format_name, value in acc.items():
-        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
-            agree = report["agreement_percent"].get(format_name)
-            error = report.get("output_error", {}).get(format_name)
-            agree_cell = ("" if agree is None else f"{agree:.2f}") + " | " if same else ""
-            lines.append(f"| {format_name} | {value:{fmt}} | {agree_cell}"
-                         f"{'' if error is None else f'{error:.1e}'} |")
-    lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
-              f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "
-              f"{size['dense_predicted']:.2f} kB dense.", ""]
-    lines += sizes_markdown(report["files_bytes"], report.get("dense_onnx_bytes"),
-                            report["latency_ms_measured"])
-    lines += latency_markdown(report["latency_ms_measured"], report["predicted"])
-    return "\n".join(lines) + "\n"
-
-
-def latency_markdown(measured: dict[str, float], predicted: dict[str, dict]) -> list[str]:
-    """Measured and predicted latency side by side, one row per exported file, one column per
-    profile: each prediction stands beside the file (and precision) it is for."""
-    names = list(predicted)
-    header = "| latency, ms (onnxruntime, 1 thread, batch 1) | measured |" + "".join(
-        f" predicted: {name} |" for name in names)
-    lines = [header, "|---|---|" + "---|" * len(names)]
-
-    def row(label: str, measured_key: str | None, key: str) -> None:
-        value = measured.get(measured_key) if measured_key else None
-        cells = "".join(f" {p[key]:.4f} |" for p in predicted.values())
-        lines.append(f"| {label} | {'—' if value is None else f'{value:.4f}'} |{cells}")
-
-    first = next(iter(predicted.values()), None)
-    scored = first["candidate_format"] if first else None
-    scored_file = first["candidate_file"] if first else None
-    row("dense model, fp32 (dense_fp32)", "dense_fp32", "dense_ms")
-    if first is None:
-        for key in ("onnx", "onnx_int8"):
-            if key in measured:
-                row(f"model{'.int8' if key == 'onnx_int8' else ''}.onnx", key, "dense_ms")
-    elif scored_file == "model.onnx":
-        row(f"model.onnx: the candidate as scored ({scored})", "onnx", "candidate_ms")
-    else:
-        row("model.onnx: the candidate's structure at fp32", "onnx", "candidate_fp32_ms")
-        if scored_file == "model.int8.onnx":
-            row(f"model.int8.onnx: the candidate as scored ({scored}; the file holds every "
-                "searched layer at int8)", "onnx_int8", "candidate_ms")
-        else:
-            row(f"the candidate as scored ({scored}): no exported file has these precisions",
-                None, "candidate_ms")
-    if not predicted:
-        return lines + ["", "Predicted: no hardware profile; give --hardware, or run "
-                        "`autosparse calibrate` on this machine."]
-    lines.append("")
-    for name, p in predicted.items():
-        lines.append(f"- {name}: {p['profile_role']}, file {p['profile_file']}; predicted energy "
-                     f"of the candidate as scored {p['candidate_energy_uj']:.3g} µJ")
-    lines += [f"- warning: {name}: {p['machine_warning']}" for name, p in predicted.items()
-              if p.get("machine_warning")]
-    return lines

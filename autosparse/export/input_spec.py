@@ -10,7 +10,7 @@ targets (no class order).
 
 from __future__ import annotations
 
-from autosparse.config.schema import DataConfig
+from autosparse.config.sections import DataConfig
 
 _RAW = {
     "sklearn-digits": "sklearn.datasets.load_digits().images / 16.0, shape (N, 1, 8, 8), in [0, 1]",

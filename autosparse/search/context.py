@@ -30,7 +30,8 @@ from autosparse.search.study import open_study, storage_url
 from autosparse.space.graph import ChannelGraph
 from autosparse.space.layers import LayerTable
 from autosparse.space.search_space import GridSpace, SearchSpace
-from autosparse.tracking.mlflow_tracker import Tracker, resolve_tracking_uri
+from autosparse.tracking.mlflow_tracker import Tracker
+from autosparse.tracking.ui import resolve_tracking_uri
 from autosparse.workload.splits import DataSplits
 from autosparse.workload.task import Task, build_task
 

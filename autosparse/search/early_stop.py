@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from autosparse.config.schema import QUALITY_METRICS, Constraint, StrategyConfig
+from autosparse.config.sections import StrategyConfig
+from autosparse.config.task_metric import QUALITY_METRICS, Constraint
 from autosparse.config.validation import ConfigError
 from autosparse.search.trial_attrs import METRICS_ATTR
 

@@ -21,7 +21,8 @@ import optuna
 from optuna.trial import TrialState
 
 from autosparse.config.objectives import OBJECTIVES, metric_of
-from autosparse.config.schema import Constraint, SearchConfig
+from autosparse.config.schema import SearchConfig
+from autosparse.config.task_metric import Constraint
 from autosparse.search.pareto import nondominated_rank
 
 LOW_ATTR = "low_fidelity"          # metrics of the short fine-tune

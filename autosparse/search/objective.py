@@ -27,7 +27,8 @@ from autosparse.compress.footprint import StoredZeros, footprint_metrics
 from autosparse.compress.storage import model_zeros
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import metric_of
-from autosparse.config.schema import Constraint, FinetuneConfig
+from autosparse.config.sections import FinetuneConfig
+from autosparse.config.task_metric import Constraint
 from autosparse.cost.estimate import estimate_cost
 from autosparse.cost.latency_table import LatencyTable, table_latency
 from autosparse.cost.measured_latency import CandidateTimer

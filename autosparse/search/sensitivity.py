@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from autosparse.compress.apply import compress_model, taylor_scores
-from autosparse.config.schema import FinetuneConfig, SensitivityConfig
+from autosparse.config.sections import FinetuneConfig, SensitivityConfig
 from autosparse.search.allocation.table import ChoiceSensitivity, choice_id
 from autosparse.space.candidate import CHANNEL, DENSE, FLOAT_BITS, LayerChoice
 from autosparse.space.graph import ChannelGraph

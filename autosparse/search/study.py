@@ -30,7 +30,8 @@ from optuna.trial import TrialState
 
 from autosparse.config.hardware import load_profile
 from autosparse.config.objectives import OBJECTIVES
-from autosparse.config.schema import ConfigError, HeartbeatConfig, SearchConfig
+from autosparse.config.runtime import HeartbeatConfig
+from autosparse.config.schema import ConfigError, SearchConfig
 from autosparse.search.objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
 
 _SIGNATURE_ATTR = "autosparse.signature"

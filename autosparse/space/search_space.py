@@ -16,12 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol
 
-from autosparse.config.schema import (
-    DEFAULT_CHOICES,
-    ChoiceSet,
-    ConfigError,
-    SpaceConfig,
-)
+from autosparse.config.schema import ConfigError
+from autosparse.config.space_rules import DEFAULT_CHOICES, ChoiceSet, SpaceConfig
 from autosparse.space.candidate import (
     CHANNEL,
     DENSE,

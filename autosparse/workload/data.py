@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from autosparse.config.schema import ConfigError, DataConfig, SplitConfig
+from autosparse.config.schema import ConfigError
+from autosparse.config.sections import DataConfig, SplitConfig
 from autosparse.workload.splits import SPLITS, DataSplits
 
 IMAGE_EXTENSIONS = (

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from autosparse.config.schema import DataConfig
+from autosparse.config.sections import DataConfig
 from autosparse.config.validation import ConfigError
 from autosparse.workload.factory import call_factory, import_factory
 from autosparse.workload.splits import SPLITS, DataSplits

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from autosparse.config.schema import ModelConfig
+from autosparse.config.sections import ModelConfig
 from autosparse.workload.evaluate import evaluate
 from autosparse.workload.models import build_model, model_name
 from autosparse.workload.splits import SPLITS, DataSplits

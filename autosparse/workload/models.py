@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from autosparse.config.schema import BUILTIN_MODELS, ConfigError, ModelConfig
+from autosparse.config.schema import ConfigError
+from autosparse.config.sections import BUILTIN_MODELS, ModelConfig
 from autosparse.workload.factory import call_factory, import_factory
 
 _STATE_DICT_ENTRIES = ("state_dict", "model_state_dict")

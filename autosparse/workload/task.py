@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from autosparse.config.schema import TASK_METRICS, TaskConfig
+from autosparse.config.task_metric import TASK_METRICS, TaskConfig
 from autosparse.workload.devices import device_of, eval_mode
 from autosparse.workload.factory import (
     import_factory,  # the one resolver of user import paths

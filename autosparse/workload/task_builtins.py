@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from autosparse.config.schema import DataConfig
+from autosparse.config.sections import DataConfig
 from autosparse.config.validation import ConfigError
 from autosparse.workload.splits import DataSplits
 

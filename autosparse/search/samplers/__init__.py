@@ -22,7 +22,7 @@ from typing import Sequence
 import optuna
 from optuna.exceptions import ExperimentalWarning
 
-from autosparse.config.schema import STRATEGIES, StrategyConfig
+from autosparse.config.sections import STRATEGIES, StrategyConfig
 from autosparse.search.allocation.planner import BudgetPlanner
 from autosparse.search.samplers.ga import GeneticSampler
 from autosparse.search.samplers.grid import GridSampler, UniformGridSampler

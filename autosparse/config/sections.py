@@ -1,0 +1,219 @@
+"""The sections of a search config that say what is compressed and how the search spends its
+budget: model, data and its split, strategy, sensitivity, fidelity, budget and fine-tune.
+
+Split out of ``schema`` so that the top-level ``SearchConfig`` and its cross-section rules read
+on their own; each model here checks only its own fields.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from autosparse.config.validation import Strict
+
+STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
+BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
+                  "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp", "tiny-lm")
+DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
+                "synthetic-tokens")
+_IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")  # 'package.module:function'
+
+
+class ModelConfig(Strict):
+    """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
+
+    builtin: Literal["digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
+                     "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp",
+                     "tiny-lm"] | None = None
+    factory: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    train_epochs: int = Field(30, ge=1, description="epochs to train a built-in model on first use")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.builtin is None) == (self.factory is None):
+            raise ValueError(f"give exactly one of 'builtin' ({', '.join(BUILTIN_MODELS)}) "
+                             "or 'factory'")
+        if self.factory is not None and not _IMPORT_RE.match(self.factory):
+            raise ValueError(
+                f"factory {self.factory!r} must look like 'package.module:function'"
+            )
+        return self
+
+
+class SplitConfig(Strict):
+    """Train/validation/test of a source without a fixed split: three fractions (a stratified
+    split), or three index ranges ``[start, end)`` into the one array (``train: [0, 7000]``),
+    for data whose order matters (time series, a split made elsewhere)."""
+
+    train: float | tuple[int, int] = 0.6
+    validation: float | tuple[int, int] = 0.2
+    test: float | tuple[int, int] = 0.2
+
+    @model_validator(mode="after")
+    def _fractions_or_ranges(self) -> "SplitConfig":
+        values = {"train": self.train, "validation": self.validation, "test": self.test}
+        ranges = {k: v for k, v in values.items() if isinstance(v, tuple)}
+        if ranges and len(ranges) != 3:
+            raise ValueError(f"give all three splits as fractions or all three as index ranges "
+                             f"[start, end), got {values}")
+        if ranges:
+            for name, (start, end) in ranges.items():
+                if not 0 <= start < end:
+                    raise ValueError(f"{name}: index range [{start}, {end}) must have "
+                                     "0 <= start < end")
+            ordered = sorted(ranges.items(), key=lambda item: item[1])
+            for (a, (_, end)), (b, (start, _)) in zip(ordered, ordered[1:]):
+                if start < end:
+                    raise ValueError(f"index ranges {a} {list(ranges[a])} and {b} "
+                                     f"{list(ranges[b])} overlap")
+            return self
+        for name, value in values.items():
+            if not 0 < value < 1:
+                raise ValueError(f"{name}: fraction {value:g} must be between 0 and 1")
+        total = self.train + self.validation + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + test must sum to 1, got {total:g}")
+        return self
+
+    def ranges(self) -> dict[str, tuple[int, int]] | None:
+        """The index ranges per split, or None when the split is given as fractions."""
+        if isinstance(self.train, tuple):
+            return {"train": self.train, "validation": self.validation,  # type: ignore[dict-item]
+                    "test": self.test}
+        return None
+
+
+class DataConfig(Strict):
+    """Where the data comes from. Search scores on ``validation``; ``test`` is for final reports."""
+
+    source: Literal["sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
+                    "synthetic-tokens"] = "sklearn-digits"
+    path: str | None = Field(None, description="npz file, torchvision root, or image folder")
+    name: str | None = Field(None, description="torchvision dataset class, e.g. MNIST")
+    x_key: str = "x"
+    y_key: str = "y"
+    layout: Literal["NCHW", "NHWC", "NCL", "NLC", "flat"] = "NCHW"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    image_size: list[int] | None = Field(None, description="[height, width] for image folders")
+    grayscale: bool = False
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    batch_size: int = Field(64, ge=1)
+    split_seed: int = 0
+    factory: str | None = Field(None, description="'pkg.module:make_loaders' returning (train, "
+                                "validation, test) iterables of (x, y) batches, or a dict with "
+                                "those keys; replaces 'source'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of "
+                                   "the factory")
+
+    @model_validator(mode="after")
+    def _factory_alone(self) -> "DataConfig":
+        if self.factory is None:
+            if self.kwargs:
+                raise ValueError("'kwargs' are the arguments of 'factory'; give 'factory' too")
+            return self
+        if not _IMPORT_RE.match(self.factory):
+            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        extra = sorted(self.model_fields_set - {"factory", "kwargs"})
+        if extra:
+            raise ValueError(f"'factory' brings its own loaders (batching, splits, "
+                             f"normalisation); remove {', '.join(extra)}")
+        return self
+
+    @model_validator(mode="after")
+    def _needs_path(self) -> "DataConfig":
+        if self.source in ("npz", "torchvision", "image-folder") and not self.path:
+            raise ValueError(f"source {self.source!r} needs 'path'")
+        if self.source == "torchvision" and not self.name:
+            raise ValueError("source 'torchvision' needs 'name' (e.g. MNIST, CIFAR10)")
+        return self
+
+
+class StrategyConfig(Strict):
+    name: Literal["ga", "bo", "knapsack", "random", "grid-uniform", "grid-global"] = "ga"
+    population_size: int = Field(16, ge=4, description="GA: NSGA-II population (keep well under budget)")
+    crossover_prob: float = Field(0.9, ge=0, le=1)
+    mutation_prob: float | None = Field(None, ge=0, le=1, description="GA: per-gene; default 1/genes")
+    bo_kind: Literal["tpe", "gp"] = "tpe"
+    startup_trials: int = Field(10, ge=1, description="BO: random trials before modelling")
+    warm_start: bool = Field(
+        True, description="GA/BO: first evaluate budgeted allocations (with sensitivity) or "
+        "uniform and global-magnitude allocations (without)"
+    )
+    screen: int = Field(8, ge=1, description="GA/BO: proposals per trial ranked by the predictor; "
+                        "only the most promising is fine-tuned (1 = no screening)")
+    use_sensitivity: bool = Field(True, description="GA/BO: measure per-layer sensitivity first "
+                                  "and use it for seeds, screening and mutation (knapsack always does)")
+
+
+class SensitivityConfig(Strict):
+    """Per-layer sensitivity: each choice of each decision alone, every other layer dense."""
+
+    method: Literal["zero-shot", "fisher"] = Field(
+        "zero-shot", description="zero-shot: evaluate each choice on a validation subset; "
+        "fisher: 0.5 * sum(F * dw^2) from one empirical-Fisher pass (no forward per choice)")
+    samples: int = Field(512, ge=1, description="validation samples used (a fixed subset)")
+    batch_size: int = Field(256, ge=1)
+
+
+class FidelityConfig(Strict):
+    """Multi-fidelity screening (with ``budget.finetune_steps``): a short fine-tune first, the
+    full one only for candidates whose short result could still reach the front."""
+
+    low_steps: int | None = Field(None, ge=0, description="steps of the short fine-tune; default "
+                                  "a quarter of finetune.steps; 0 turns screening off")
+    promote_rank: int = Field(0, ge=0, description="promote when the short result's non-dominated "
+                              "rank among all short results is at most this (0 = first front)")
+    tolerance: float = Field(0.5, ge=0, description="accuracy points added to a short result "
+                             "before ranking it (short fine-tunes are noisy and pessimistic); "
+                             "for another task metric, its units, in its better direction")
+
+
+class BudgetConfig(Strict):
+    trials: int | None = Field(40, ge=1, description="total trials in the study")
+    minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
+    finetune_steps: int | None = Field(None, ge=1, description="total fine-tune steps of the "
+                                       "search (all fidelities); an alternative to 'trials'")
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> "BudgetConfig":
+        if self.finetune_steps is not None and "trials" not in self.model_fields_set:
+            # an alternative to the default trial count, not an addition to it
+            object.__setattr__(self, "trials", None)
+        if self.trials is None and self.minutes is None and self.finetune_steps is None:
+            raise ValueError("give 'trials', 'minutes', 'finetune_steps' or a combination")
+        return self
+
+
+class FinetuneConfig(Strict):
+    """Fast fine-tuning of each candidate with distillation from the dense model."""
+
+    steps: int = Field(150, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    temperature: float = Field(4.0, gt=0)
+    distill_weight: float = Field(0.7, ge=0, le=1, description="weight of the KD term vs. labels")
+    taylor_batches: int = Field(4, ge=1, description="batches for gradient (Taylor) scores")
+    seed: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="learning rate over the fine-tune: constant, cosine decay to 0, "
+        "or linear decay to 0; each after warmup_steps of linear warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    epochs: float | None = Field(None, gt=0, description="fine-tune length in passes over the "
+                                 "train split instead of 'steps'")
+    reeval_seeds: int = Field(2, ge=0, description="extra fine-tune seeds for the final front's "
+                              "points; the front and export use the mean")
+    amp: bool = Field(False, description="mixed precision for the fine-tune's forward and "
+                      "backward: bfloat16 autocast (float16 with loss scaling on GPUs without "
+                      "bfloat16); evaluation stays float32")
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "FinetuneConfig":
+        if self.epochs is not None and "steps" in self.model_fields_set:
+            raise ValueError("give 'steps' or 'epochs', not both")
+        return self

@@ -1,0 +1,98 @@
+"""``report.md``: an export's report.json written out for a reader (selection, validation and
+test figures per format, the layers' choices, the channel groups removed, sizes and latency).
+
+Split out of ``exporter``: it reads only the report dictionary, so a report can be rendered
+again without exporting anything.
+"""
+
+from __future__ import annotations
+
+import math
+
+from autosparse.export.input_spec import input_markdown, sizes_markdown
+from autosparse.export.latency import latency_markdown
+from autosparse.space.candidate import FLOAT_BITS
+
+
+def _shrink_markdown(report: dict) -> list[str]:
+    """The channel groups removed and the parameter count against the footprint's."""
+    params = report["parameters"]
+    lines = [f"Parameters: {params['shrunk']} in the shrunk model (footprint predicts "
+             f"{params['predicted']}; dense {params['dense']})."]
+    groups = report["shrink"]["groups"]
+    if groups:
+        lines += ["", "| channel group | channels | producers | consumers |", "|---|---|---|---|"]
+        lines += [f"| {g['name']} | {g['channels_before']} -> {g['channels_after']} | "
+                  f"{', '.join(g['producers'])} | {', '.join(g['consumers'])} |" for g in groups]
+    return lines
+
+
+def _metric_of(report: dict) -> tuple[str, str, str, str]:
+    """(name, report key suffix, value format, unit) of the report's task metric; a classifier's
+    report (and one written before tasks) says accuracy in %."""
+    metric = report.get("metric") or {}
+    if metric.get("kind", "classification") == "classification":
+        return "accuracy", "accuracy", ".2f", " %"
+    return metric["name"], metric["name"], ".4g", ""
+
+
+def _checks_markdown(report: dict, name: str) -> list[str]:
+    """What a non-percentage metric was checked against (relative margins)."""
+    tolerances = report.get("tolerances", {})
+    if "search_margin_relative" not in tolerances:
+        return []
+    direction = (report.get("metric") or {}).get("direction", "minimize")
+    return ["", f"Checks ({name} is {direction}d; margins relative to the reference value): the "
+            f"rebuilt model's validation {name} within "
+            f"{tolerances['search_margin_relative']:.0%} of the trial's; `model.int8.onnx` at "
+            f"most {tolerances['int8_max_worse_relative']:.0%} worse than PyTorch on test; float "
+            f"formats' outputs within {tolerances['output_error_relative']:g} of the largest "
+            "output."]
+
+
+def report_markdown(report: dict) -> str:
+    name, key, fmt, unit = _metric_of(report)
+    acc, size = report[f"test_{key}"], report["size_kb"]
+    lines = [f"# Export of {report['search']} trial {report['trial']}", "",
+             f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
+    if "input" in report:
+        lines += input_markdown(report["input"])
+    lines += [f"- warning: {w}" for w in report["warnings"]]
+    reevaluated, validation = report.get("reevaluation") or {}, report[f"validation_{key}"]
+    if f"{key}_std" in reevaluated:
+        test = reevaluated.get(f"test_{key}")
+        lines += ["", f"Validation {name} in the search: {validation['search']:{fmt}} ± "
+                  f"{reevaluated[f'{key}_std']:{fmt}}{unit} over "
+                  f"{reevaluated[f'{key}_seeds']:.0f} fine-tune seeds (the trial's own seed: "
+                  f"{validation['search_single']:{fmt}}{unit})"
+                  + (f"; test {name} of the re-fine-tuned models {test:{fmt}}{unit}."
+                     if test else ".")]
+    elif key != "accuracy":
+        lines += ["", f"Validation {name}: {validation['rebuilt']:{fmt}} rebuilt, "
+                  f"{validation['search_single']:{fmt}} in the search, "
+                  f"{validation['dense']:{fmt}} dense."]
+    lines += _checks_markdown(report, name)
+    lines += ["", "| layer | pattern | sparsity | bits |", "|---|---|---|---|"]
+    for layer in report["layers"]:
+        bits = "fp32" if layer["bits"] == FLOAT_BITS else f"int{layer['bits']}"
+        lines.append(f"| {layer['layer']} | {layer['pattern']} | {layer['sparsity']:.0%} | {bits} |")
+    lines += ["", *_shrink_markdown(report)]
+    header = "test accuracy (%)" if key == "accuracy" else f"test {name}"
+    same = "same prediction as PyTorch (%) | " if key == "accuracy" else \
+        "same next token as PyTorch (%) | " if report["agreement_percent"] else ""
+    lines += ["", f"| format | {header} | {same}output error (relative) |",
+              "|---|---|" + ("---|" if same else "") + "---|"]
+    for format_name, value in acc.items():
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            agree = report["agreement_percent"].get(format_name)
+            error = report.get("output_error", {}).get(format_name)
+            agree_cell = ("" if agree is None else f"{agree:.2f}") + " | " if same else ""
+            lines.append(f"| {format_name} | {value:{fmt}} | {agree_cell}"
+                         f"{'' if error is None else f'{error:.1e}'} |")
+    lines += ["", f"Stored size: {size['packed_file']:.2f} kB packed file "
+              f"(predicted {size['predicted']:.2f} kB + {size['packed_header']:.2f} kB header) vs "
+              f"{size['dense_predicted']:.2f} kB dense.", ""]
+    lines += sizes_markdown(report["files_bytes"], report.get("dense_onnx_bytes"),
+                            report["latency_ms_measured"])
+    lines += latency_markdown(report["latency_ms_measured"], report["predicted"])
+    return "\n".join(lines) + "\n"

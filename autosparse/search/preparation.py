@@ -1,0 +1,121 @@
+"""Preparing a search: config -> data -> dense model (trained and cached on first use) -> layer
+table -> space, plus the candidate timer of ``hardware: measure`` and grid-global's points.
+
+Split out of ``runner``: every worker process, ``autosparse export`` and the other commands
+prepare the same ``SearchContext``, without running any trial.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from autosparse.config.hardware import load_profile
+from autosparse.config.runtime import MEASURE
+from autosparse.config.schema import SearchConfig, load_config
+from autosparse.cost.calibration.machine import this_machine, warn_if_other_machine
+from autosparse.cost.latency_table import find_latency_table
+from autosparse.cost.measured_latency import CandidateTimer
+from autosparse.search.context import SearchContext
+from autosparse.search.objective import cost_metrics
+from autosparse.search.sqlite_tuning import use_fast_sqlite
+from autosparse.space.candidate import Candidate
+from autosparse.space.discovery import (
+    discover,
+    find_layers,
+    global_magnitude_allocation,
+    with_searchable,
+)
+from autosparse.space.graph import ChannelGraph
+from autosparse.space.layers import LayerTable
+from autosparse.space.search_space import GridSpace, SearchSpace
+from autosparse.tracking.progress import dense_training
+from autosparse.workload.data import load_data
+from autosparse.workload.dense import cache_path, prepare_dense
+from autosparse.workload.devices import amp_mode, place_workers, present_devices
+from autosparse.workload.models import build_model
+from autosparse.workload.splits import DataSplits
+from autosparse.workload.task import build_task
+
+
+def prepare(config_path: str | os.PathLike, runs_dir: Path,
+            device: str | None = None) -> SearchContext:
+    """Everything a worker needs; ``device`` is this worker's (default: the config's, checked
+    against the devices present before anything heavy)."""
+    use_fast_sqlite()
+    config = load_config(config_path)
+    if device is None:
+        device = place_workers(1, config.device, config.devices, present_devices())[0]
+    amp_mode(torch.device(device).type, config.finetune.amp)  # refused here, not mid-search
+    if device.startswith("cuda"):  # this process's default GPU: nothing lands on GPU 0 by default
+        torch.cuda.set_device(device)
+    torch.manual_seed(config.seed)
+    data = load_data(config.data)
+    data.pin_memory = device.startswith("cuda") and not data.user_loaders
+    profile = load_profile(config.cost_profile()) if config.hardware else None
+    if profile is not None:  # a measured profile from another CPU: say so before minutes of work
+        warn_if_other_machine(profile, config.cost_profile())
+    _check_space_before_training(config, data, runs_dir / "dense")
+    dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed,
+                                         device, task=build_task(config.task),
+                                         announce=dense_training)
+    table, graph = discover(dense, data.input_shape)
+    space = SearchSpace.build(config.space, table)
+    if space.excluded:  # global magnitude allocations only over the searched layers
+        table = with_searchable(table, dense, space.layer_names)
+    latency_table, table_note = find_latency_table(runs_dir / config.name, table, profile,
+                                                   this_machine()["cpu"])
+    dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile,
+                                                     latency_table=latency_table)}
+    timer = _candidate_timer(config, dense, table, graph, data)
+    if timer is not None:  # the latency axis is normalised by the dense model, measured alike
+        dense_metrics["latency_ms"] = timer.dense_ms()
+    grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
+    dense.to(device)  # discovery, grids and timing above ran on the CPU copy
+    return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
+                         dense_metrics, table, space, profile, grid, graph=graph,
+                         latency_table=latency_table, latency_table_note=table_note,
+                         timer=timer, device=device, placement=(device,))
+
+
+MEASURE_CALIBRATION_BATCHES = 4  # train batches for the int8 ranges of measured candidates
+
+
+def _candidate_timer(config: SearchConfig, dense: torch.nn.Module, table: LayerTable,
+                     graph: ChannelGraph, data: DataSplits) -> CandidateTimer | None:
+    """With ``hardware: measure``, the timer every trial's latency comes from (else None)."""
+    if config.hardware != MEASURE or config.measure is None:
+        return None
+    batches = []
+    for x, _ in data.loader("train", config.data.batch_size):
+        batches.append(x.numpy())
+        if len(batches) == MEASURE_CALIBRATION_BATCHES:
+            break
+    settings = config.measure
+    return CandidateTimer(dense, table, graph, data.input_shape, rounds=settings.rounds,
+                          calls=settings.calls, warmup=settings.warmup, calibration=batches,
+                          seed=config.seed)
+
+
+def _check_space_before_training(config: SearchConfig, data: DataSplits, cache_dir: Path) -> None:
+    """Rules, include/exclude and patterns need only the layers, not trained weights: check them
+    on an untrained copy before minutes of dense training, so a typo costs a second."""
+    model_cfg = config.model
+    if model_cfg.builtin is None or model_cfg.checkpoint or \
+            cache_path(model_cfg, data, cache_dir, config.seed, build_task(config.task)).is_file():
+        return  # the model is ready at once: the normal check comes right away
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG stream stays as without it
+        untrained = build_model(model_cfg, data.input_shape, data.num_classes).eval()
+        table, _ = discover(untrained, data.input_shape)
+    SearchSpace.build(config.space, table)
+
+
+def _global_grid(dense: torch.nn.Module, space: SearchSpace) -> GridSpace:
+    """grid-global's points: exact one-threshold allocations at each of the space's sparsities."""
+    targets = sorted({s for d in space.decisions for s in d.sparsities if s > 0})
+    layers = find_layers(dense)
+    weights = {name: layers[name].weight for name in space.layer_names}
+    allocations = global_magnitude_allocation(weights, targets, digits=None)
+    return GridSpace(tuple(space.global_grid_candidates(allocations)))

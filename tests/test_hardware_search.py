@@ -24,7 +24,7 @@ LAYERS = ("conv1", "conv2", "conv3", "fc1", "fc2")
 def test_search_on_a_hardware_profile(tmp_path):
     runs_dir = tmp_path / "runs"
     profile_path = tmp_path / "my-a76.yaml"
-    shutil.copy(str(resources.files("autosparse.profiles") / "edge-arm-a76.yaml"), profile_path)
+    shutil.copy(str(resources.files("autosparse.config.profiles") / "edge-arm-a76.yaml"), profile_path)
     config = {
         "name": "hw-search",
         "model": {"builtin": "digits-cnn", "train_epochs": 1},

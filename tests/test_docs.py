@@ -317,9 +317,11 @@ def test_python_block_runs(block, project, monkeypatch):
     """Every ```python block runs in the scratch project after the tiny search."""
     if block.not_run:
         pytest.skip(f"{block.where}: {block.not_run}")
-    monkeypatch.chdir(project)
-    code = compile(block.text, block.where, "exec")
-    exec(code, {"__name__": "__docs__"})
+    # a fresh interpreter, as a user's notebook or script is: a block's MLflow or torch global
+    # state must not leak into the tests that run after it in this process
+    result = subprocess.run([sys.executable, "-c", block.text], cwd=project, env=_env(),
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{block.where}:\n{result.stderr[-3000:]}"
 
 
 COMMANDS = bash_commands()

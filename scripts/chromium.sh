@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Headless Chromium for the browser test (tests/test_browser.py): print its path.
+# Headless Chromium for the browser test (tests/tracking/test_browser.py): print its path.
 #
 # Found: $AUTOSPARSE_CHROMIUM, else chromium / chromium-browser / google-chrome on PATH.
 # Missing: as root with AUTOSPARSE_INSTALL_CHROMIUM=1 (what .ci/run sets), Debian's `chromium`

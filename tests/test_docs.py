@@ -48,22 +48,22 @@ DOC_SUBSTITUTIONS: list[tuple[str, str]] = [
 # neither run nor check must be listed here; an entry no page holds any more is an error.
 NOT_RUN: dict[str, str] = {
     ".venv/bin/autosparse ui":
-        "a server that runs until stopped; tests/test_browser.py starts it and drives it in "
+        "a server that runs until stopped; tests/tracking/test_browser.py starts it and drives it in "
         "headless Chromium",
     ".venv/bin/autosparse calibrate":
-        "times ~160 ONNX variants (over a minute); tests/test_calibrate_cli.py runs it with "
+        "times ~160 ONNX variants (over a minute); tests/cost/test_calibrate_cli.py runs it with "
         "small settings",
     ".venv/bin/autosparse calibrate --config search_spaces/digits-resnet18.yaml":
-        "trains and times ResNet-18 variants (minutes); tests/test_latency_table_model.py "
+        "trains and times ResNet-18 variants (minutes); tests/cost/test_latency_table_model.py "
         "builds tables on small models",
     ".venv/bin/autosparse calibrate --config search_spaces/quickstart.yaml":
-        "times 35 ONNX models (over 10 s on 2 busy cores); tests/test_latency_table_model.py "
+        "times 35 ONNX models (over 10 s on 2 busy cores); tests/cost/test_latency_table_model.py "
         "builds tables on small models",
     "autosparse search search.yaml --workers 2":
-        "one of several machines sharing a PostgreSQL study; tests/test_postgres_storage.py "
+        "one of several machines sharing a PostgreSQL study; tests/search/test_postgres_storage.py "
         "runs this on a real server",
     "autosparse search search.yaml":
-        "one of several machines sharing a PostgreSQL study; tests/test_postgres_storage.py "
+        "one of several machines sharing a PostgreSQL study; tests/search/test_postgres_storage.py "
         "runs this on a real server",
     'initdb -D /srv/pg && pg_ctl -D /srv/pg -o "-h 0.0.0.0 -p 5432" -l /srv/pg/log start':
         "sets up a database server for several machines; scripts/postgres.sh does the same for "

@@ -2,7 +2,7 @@
 classification: a regression model (mse) and a tiny language model (perplexity, int64 token ids).
 
 The two exports run the real command on a tiny real search of the shipped example configs (the
-settings of tests/test_task_e2e.py) and check every file against an independent recomputation:
+settings of tests/cli/test_task_e2e.py) and check every file against an independent recomputation:
 the ONNX model's outputs against the PyTorch student's on a batch, and the report's metric
 against one computed here from the ONNX outputs. The rest is pure and fast.
 """
@@ -43,14 +43,14 @@ from autosparse.workload import dense as dense_module
 from autosparse.workload.models import build_model
 from autosparse.workload.task import CLASSIFICATION, build_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "report.json", "report.md"}
 FORMATS = ("pytorch", "pytorch_shrunk", "pt2", "packed", "onnx", "onnx_int8")
 
 
 def tiny(name: str, directory: Path, **changes) -> Path:
     """The shipped example config, a short dense training and a 4-trial int8/int4 search (as in
-    tests/test_task_e2e.py), every layer at <= 8 bits so that model.int8.onnx is written."""
+    tests/cli/test_task_e2e.py), every layer at <= 8 bits so that model.int8.onnx is written."""
     config = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
     config.update(name=f"{name}-export", budget={"trials": 4},
                   strategy={"name": "ga", "population_size": 4},

@@ -15,7 +15,7 @@ import autosparse
 from autosparse.api import API_CONFIGS, config_file
 from autosparse.config.validation import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CONFIG = {
     "name": "api-tiny",

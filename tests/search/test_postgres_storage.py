@@ -33,8 +33,8 @@ pytestmark = [
         "scripts/postgres.sh can start a PostgreSQL server)",
     ),
 ]
-ROOT = Path(__file__).resolve().parents[1]
-BUDGET = 8
+ROOT = Path(__file__).resolve().parents[2]
+BUDGET = 6
 
 CONFIG = {
     "model": {"builtin": "digits-cnn", "train_epochs": 3},
@@ -43,7 +43,7 @@ CONFIG = {
     "strategy": {"name": "ga", "population_size": 4},
     "budget": {"trials": BUDGET},
     "constraints": ["accuracy_drop <= 30"],
-    "finetune": {"steps": 150},  # about 1-2 s a trial: both processes get to run some
+    "finetune": {"steps": 100},  # about 1 s a trial: both processes get to run some
 }
 
 

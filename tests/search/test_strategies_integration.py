@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from test_search_integration import ROOT, load_study, mlflow_runs, write_config
+from search_helpers import ROOT, load_study, mlflow_runs, write_config
 
 from autosparse.search.fidelity import LOW_ATTR, STEPS_ATTR
 from autosparse.search.objective import CANDIDATE_ATTR, KEY_ATTR, WORKER_ATTR

@@ -32,7 +32,7 @@ from autosparse.cost.estimate import estimate_cost
 from autosparse.space.candidate import Candidate, LayerChoice
 
 KIB, MIB = 1024, 1024 ** 2
-COMMITTED = (Path(__file__).resolve().parents[1]
+COMMITTED = (Path(__file__).resolve().parents[2]
              / "benchmarks/results/calibration/measured-ci-epyc.yaml")
 
 INTEL = """processor\t: 0

@@ -79,7 +79,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path):
 
 
 def test_every_shipped_config_validates():
-    configs = sorted(Path(__file__).parents[1].joinpath("search_spaces").glob("*.yaml"))
+    configs = sorted(Path(__file__).parents[2].joinpath("search_spaces").glob("*.yaml"))
     assert configs, "search_spaces/ ships example configs"
     for path in configs:
         load_config(path)

@@ -15,7 +15,7 @@ from autosparse.config.schema import load_config
 from autosparse.search.runner import run_search
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny(name: str, directory: Path, **changes) -> Path:
@@ -82,7 +82,7 @@ def test_regression_search_minimises_mse_end_to_end(tmp_path):
     # a minimised metric: the drop is candidate minus dense
     dense = outcome.trials["mse"] - outcome.trials["metric_drop"]
     assert dense.nunique() == 1 and 0 < dense.iloc[0] < 1.0  # better than predicting the mean
-    # export of these tasks: tests/test_task_export.py
+    # export of these tasks: tests/export/test_task_export.py
 
 
 def test_tiny_language_model_search_minimises_perplexity_end_to_end(tmp_path):

@@ -38,7 +38,7 @@ from autosparse.space.candidate import DENSE_FP32, Candidate
 from autosparse.space.layers import LayerInfo, LayerTable
 from autosparse.space.search_space import SearchSpace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # The quickstart's digits-cnn on 8x8 digits, as discovery reports it.
 DIGITS = LayerTable(

@@ -13,7 +13,7 @@ import math
 import optuna
 import pytest
 import torch
-from test_search_integration import load_study, write_config
+from search_helpers import load_study, write_config
 
 from autosparse.compress.apply import compress_model, taylor_scores
 from autosparse.config.runtime import MEASURE

@@ -21,7 +21,7 @@ from autosparse.space.candidate import Candidate
 from autosparse.space.structure import leaders
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHITECTURES = ["digits-resnet18", "digits-mobilenet", "digits-vit", "digits-conv1d"]
 
 

@@ -15,7 +15,7 @@ import yaml
 
 from autosparse.search.workers import thread_count
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_thread_count_follows_flag_env_and_affinity(monkeypatch):

@@ -39,10 +39,11 @@ from autosparse.config.sections import (
     FidelityConfig,
     FinetuneConfig,
     ModelConfig,
+    OneShotConfig,
     SensitivityConfig,
     StrategyConfig,
 )
-from autosparse.config.space_rules import SpaceConfig
+from autosparse.config.space_rules import SpaceConfig, check_oneshot_space
 from autosparse.config.task_metric import (
     _CONSTRAINT_RE,
     QUALITY_METRICS,
@@ -71,6 +72,8 @@ class SearchConfig(Strict):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     sensitivity: SensitivityConfig = Field(default_factory=SensitivityConfig)
     fidelity: FidelityConfig = Field(default_factory=FidelityConfig)
+    oneshot: OneShotConfig | None = Field(None, description="score candidates without a "
+                                          "fine-tune, from a level database (language models)")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite under runs/")
     storage_heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig)
     device: str = Field("auto", description="where dense training, fine-tunes, sensitivity and "
@@ -131,6 +134,34 @@ class SearchConfig(Strict):
                 f"energy_uj (objective 'energy' or a constraint) with 'hardware: {MEASURE}': "
                 "energy cannot be measured by timing a model (no power meter is read); set "
                 "'hardware' to a profile to predict energy, or drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _text_and_oneshot_rules(self) -> "SearchConfig":
+        language = self.task.kind == "language-model"
+        if self.data.source == "text" and not language:
+            raise ValueError("data.source 'text' gives next-token windows: set task.kind "
+                             "'language-model'")
+        if self.oneshot is None:
+            return self
+        if not language:
+            raise ValueError("oneshot scores next-token distributions: set task.kind "
+                             f"'language-model' (got {self.task.kind!r})")
+        check_oneshot_space(self.space)
+        if "steps" in self.finetune.model_fields_set and self.finetune.steps:
+            raise ValueError(f"finetune.steps {self.finetune.steps}: oneshot fine-tunes no "
+                             "candidate; remove finetune.steps (or remove oneshot)")
+        if self.budget.finetune_steps is not None:
+            raise ValueError("budget.finetune_steps counts fine-tune steps; oneshot takes none: "
+                             "give budget.trials or budget.minutes")
+        if self.strategy.name == "knapsack":
+            raise ValueError("strategy 'knapsack' with oneshot is not available yet: its "
+                             "sensitivity is measured by the fine-tune path; use ga, bo, "
+                             "random or grid-uniform")
+        # deterministic scoring: one score per candidate, nothing to re-run with other seeds
+        object.__setattr__(self.finetune, "steps", 0)
+        object.__setattr__(self.finetune, "reeval_seeds", 0)
+        object.__setattr__(self.strategy, "use_sensitivity", False)
         return self
 
     def cost_profile(self) -> str | None:

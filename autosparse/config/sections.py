@@ -18,30 +18,38 @@ STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
                   "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp", "tiny-lm")
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
-                "synthetic-tokens")
+                "synthetic-tokens", "text")
 _IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")  # 'package.module:function'
 
 
 class ModelConfig(Strict):
-    """Either a built-in name, or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint."""
+    """A built-in name; or ``factory: "pkg.module:function"`` plus kwargs and a checkpoint; or
+    ``pretrained:`` a local ``transformers`` folder (a causal language model)."""
 
     builtin: Literal["digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
                      "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp",
                      "tiny-lm"] | None = None
     factory: str | None = None
+    pretrained: str | None = Field(None, description="a local folder saved by transformers' "
+                                   "save_pretrained (config.json + weights): loaded with "
+                                   "AutoModelForCausalLM.from_pretrained, nothing downloaded")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
     train_epochs: int = Field(30, ge=1, description="epochs to train a built-in model on first use")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.builtin is None) == (self.factory is None):
-            raise ValueError(f"give exactly one of 'builtin' ({', '.join(BUILTIN_MODELS)}) "
-                             "or 'factory'")
+        given = [self.builtin, self.factory, self.pretrained]
+        if sum(value is not None for value in given) != 1:
+            raise ValueError(f"give exactly one of 'builtin' ({', '.join(BUILTIN_MODELS)}), "
+                             "'factory' or 'pretrained'")
         if self.factory is not None and not _IMPORT_RE.match(self.factory):
             raise ValueError(
                 f"factory {self.factory!r} must look like 'package.module:function'"
             )
+        if self.pretrained is not None and (self.kwargs or self.checkpoint):
+            raise ValueError("'pretrained' loads the folder's own config and weights; remove "
+                             "'kwargs' and 'checkpoint'")
         return self
 
 
@@ -88,12 +96,28 @@ class SplitConfig(Strict):
         return None
 
 
+class TextConfig(Strict):
+    """Token windows of ``source: text``: whole files go to one split each (a stable hash of
+    their path), so the test text is never seen in calibration or validation."""
+
+    seq_len: int = Field(256, ge=2, description="tokens a window")
+    calibration: int = Field(64, ge=1, description="windows for the level database and the "
+                             "fitness (the 'train' split)")
+    validation: int = Field(32, ge=1, description="windows scored per candidate (perplexity)")
+    test: int = Field(32, ge=1, description="windows of the final report only")
+    tokenizer: str = Field("bytes", description="'bytes' (token = byte value, vocabulary 256) "
+                           "or a local folder with a transformers tokenizer")
+
+
 class DataConfig(Strict):
     """Where the data comes from. Search scores on ``validation``; ``test`` is for final reports."""
 
     source: Literal["sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
-                    "synthetic-tokens"] = "sklearn-digits"
-    path: str | None = Field(None, description="npz file, torchvision root, or image folder")
+                    "synthetic-tokens", "text"] = "sklearn-digits"
+    path: str | None = Field(None, description="npz file, torchvision root, or image folder; "
+                             "for text: 'stdlib' (the Python standard library's source), a "
+                             "folder of text files or a glob")
+    text: TextConfig = Field(default_factory=TextConfig, description="with source: text")
     name: str | None = Field(None, description="torchvision dataset class, e.g. MNIST")
     x_key: str = "x"
     y_key: str = "y"
@@ -127,7 +151,7 @@ class DataConfig(Strict):
 
     @model_validator(mode="after")
     def _needs_path(self) -> "DataConfig":
-        if self.source in ("npz", "torchvision", "image-folder") and not self.path:
+        if self.source in ("npz", "torchvision", "image-folder", "text") and not self.path:
             raise ValueError(f"source {self.source!r} needs 'path'")
         if self.source == "torchvision" and not self.name:
             raise ValueError("source 'torchvision' needs 'name' (e.g. MNIST, CIFAR10)")
@@ -217,3 +241,20 @@ class FinetuneConfig(Strict):
         if self.epochs is not None and "steps" in self.model_fields_set:
             raise ValueError("give 'steps' or 'epochs', not both")
         return self
+
+
+class OneShotConfig(Strict):
+    """Scoring without a fine-tune per candidate (language models): every searched layer is
+    compressed once per level of its choices on calibration windows (the level database under
+    ``runs/<name>/levels``), a candidate is stitched from it and scored on validation windows;
+    its KL divergence to the dense model is recorded beside."""
+
+    sparsity_method: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "sparsegpt", description="how a level's weights are pruned")
+    bits_method: Literal["rtn", "gptq"] = Field(
+        "gptq", description="how a level's weights are rounded onto their GGUF type")
+    blocksize: int = Field(128, ge=1, description="GPTQ/SparseGPT lazy-update block (columns)")
+    percdamp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening (share of its "
+                            "mean diagonal)")
+    layers_at_once: int = Field(4, ge=1, description="layers whose calibration statistics are "
+                                "collected in one pass (memory: in_features^2 floats each)")

@@ -114,3 +114,30 @@ class SpaceConfig(Strict):
     exclude: list[str] = Field(default_factory=list, description="kept dense fp32")
     default: ChoiceSet = DEFAULT_CHOICES
     rules: list[LayerRule] = Field(default_factory=list)
+
+
+ONESHOT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)  # each a GGUF type (Q2_K ... Q8_0, F16, F32)
+
+
+def check_oneshot_space(space: SpaceConfig) -> None:
+    """The choices a level database can hold and a GGUF file can store: no channel removal
+    (one-shot levels prune weights, not channels), bits with a GGUF type, and no sparse 2-bit
+    levels (Q2_K stores a per-block minimum, so a pruned weight would not read back as 0)."""
+    sets = [("space.default", space.default)]
+    sets += [(f"space.rules[{i}]", rule) for i, rule in enumerate(space.rules)]
+    for where, choice_set in sets:
+        patterns = choice_set.patterns or space.default.patterns or []
+        bits = choice_set.bits or space.default.bits or []
+        sparsities = choice_set.sparsity_values() or space.default.sparsity_values() or [0.0]
+        if "channel" in patterns:
+            raise ValueError(f"{where}.patterns: 'channel' removes whole channels, which oneshot "
+                             "levels do not do; allowed with oneshot: unstructured, dense, N:M")
+        bad = [b for b in bits if b not in ONESHOT_BITS]
+        if bad:
+            raise ValueError(f"{where}.bits {bad}: oneshot stores each level as a GGUF type; "
+                             f"allowed: {', '.join(map(str, ONESHOT_BITS))}")
+        sparse = any(s > 0 for s in sparsities) or any(":" in str(p) for p in patterns)
+        if 2 in bits and sparse:
+            raise ValueError(f"{where}: bits 2 with sparsity: Q2_K stores a minimum per block, so "
+                             "a pruned weight cannot be stored as 0; give sparse layers bits >= 3 "
+                             "(a rule of their own) or drop 2")

@@ -34,6 +34,7 @@ import optuna
 import torch
 
 from autosparse.compress.apply import bake
+from autosparse.export.gguf_export import export_oneshot, gguf_report_markdown
 from autosparse.compress.footprint import footprint_metrics
 from autosparse.compress.shrink import ShrinkError, ShrinkReport, shrink_as_compressed
 from autosparse.compress.storage import model_zeros
@@ -116,6 +117,9 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
         return ExportOutcome(final_dir, read_report(final_dir) or {}, list(selection.warnings),
                              reused=True)
     tmp = staging_folder(final_dir)
+    if context.oneshot is not None:  # a GGUF of the stored levels: nothing to rebuild or tune
+        return _export_oneshot(context, selection, candidate, searched, digest, tmp, final_dir,
+                               state, printer)
     try:
         report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
                                       runs_dir, printer)
@@ -135,6 +139,24 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
         if registered:
             report["registered_model"] = registered
             update_report(final_dir, registered_model=registered)
+    return ExportOutcome(final_dir, report, list(selection.warnings))
+
+
+def _export_oneshot(context: SearchContext, selection: Selection, candidate: Candidate,
+                    searched: dict, digest: str, tmp: Path, final_dir: Path, state: str,
+                    printer: Printer) -> ExportOutcome:
+    """A one-shot search's export: ``model.gguf`` and its report (``gguf_export``)."""
+    try:
+        report = export_oneshot(context, candidate, searched, tmp, printer)
+        report.update(trial=selection.trial, selection=selection.reason)
+        report[DIGEST_KEY] = digest
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
+        (tmp / "report.md").write_text(gguf_report_markdown(report))
+        if publish(tmp, final_dir):
+            printer(f"replaced the earlier export in {final_dir}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return ExportOutcome(final_dir, report, list(selection.warnings))
 
 

@@ -15,6 +15,7 @@ from typing import Callable
 import optuna
 import torch
 
+from autosparse.compress.oneshot.search_levels import OneShotScoring
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.schema import SearchConfig
 from autosparse.cost.calibration.model_table import TableModel
@@ -60,6 +61,7 @@ class SearchContext:
     timer: CandidateTimer | None = None  # hardware: measure: times each candidate's ONNX
     device: str = "cpu"  # where this process trains and evaluates (the dense model lives there)
     placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
+    oneshot: OneShotScoring | None = None  # oneshot: the level database candidates come from
 
     @functools.cached_property
     def task(self) -> Task:
@@ -80,7 +82,7 @@ class SearchContext:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
                                        self.dense_metrics["accuracy"], self.profile, self.graph,
                                        latency_table=self.latency_table, timer=self.timer,
-                                       task=self.task)
+                                       task=self.task, oneshot=self.oneshot)
         fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)

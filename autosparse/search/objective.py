@@ -24,6 +24,7 @@ from autosparse.compress.finetune import (
     resolve_steps,
 )
 from autosparse.compress.footprint import StoredZeros, footprint_metrics
+from autosparse.compress.oneshot.search_levels import OneShotScoring
 from autosparse.compress.storage import model_zeros
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import metric_of
@@ -98,6 +99,7 @@ class CandidateEvaluator:
     latency_table: LatencyTable | None = None  # measured deltas of this model on this machine
     timer: CandidateTimer | None = None  # hardware: measure: latency_ms timed, not predicted
     task: Task | None = None  # loss and metric (None: classification, top-1 accuracy)
+    oneshot: OneShotScoring | None = None  # candidates stitched from the level database
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -145,6 +147,12 @@ class StagedRun:
 
     def __init__(self, evaluator: CandidateEvaluator, candidate: Candidate, cfg: FinetuneConfig):
         self.evaluator, self.candidate = evaluator, candidate
+        self._seconds = 0.0
+        self._measure_seconds = 0.0  # timing this candidate (a short and a full score: once)
+        if evaluator.oneshot is not None:  # no compression work: the levels are stored
+            self.student = evaluator.oneshot.model(evaluator.dense, candidate)
+            self.session = FinetuneSession(self.student, evaluator.dense, [], cfg, evaluator.task)
+            return
         scores = evaluator._scores(candidate)
         # which rows/columns the stored layers keep: the masks, and where the size objective
         # reads the student
@@ -155,8 +163,6 @@ class StagedRun:
         loader = evaluator.data.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed)
         self.session = FinetuneSession(self.student, evaluator.dense, loader, cfg,
                                        evaluator.task)
-        self._seconds = 0.0
-        self._measure_seconds = 0.0  # timing this candidate (a short and a full score: once)
 
     def __enter__(self) -> "StagedRun":
         return self
@@ -173,6 +179,8 @@ class StagedRun:
         accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size),
                             ev.task)  # the task metric, in the slot named accuracy
         self._seconds += tuned - start
+        if ev.oneshot is not None:
+            return self._oneshot_metrics(accuracy, tuned)
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         metrics = {
             "accuracy": accuracy,
@@ -191,6 +199,23 @@ class StagedRun:
             metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
             metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
         return metrics
+
+
+    def _oneshot_metrics(self, accuracy: float, tuned: float) -> dict[str, float]:
+        """A one-shot candidate: its task metric on validation, its KL to the dense model on
+        the calibration windows, and its size as GGUF stores it (``search_levels``)."""
+        ev = self.evaluator
+        assert ev.oneshot is not None
+        dense_bytes = sum(p.numel() * 4 for p in ev.dense.parameters())
+        return {
+            **cost_metrics(ev.table, self.candidate, ev.profile, latency_table=ev.latency_table),
+            "accuracy": accuracy,
+            "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
+                              else ev.task.drop(ev.dense_accuracy, accuracy)),
+            **ev.oneshot.metrics(self.student, dense_bytes, self.candidate),
+            "finetune_loss": math.nan, "finetune_steps": 0.0, "finetune_seconds": 0.0,
+            "eval_seconds": time.perf_counter() - tuned,
+        }
 
 
 def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile | None,

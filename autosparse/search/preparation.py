@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
+from autosparse.compress.oneshot.fitness import DenseReference
+from autosparse.compress.oneshot.search_levels import OneShotScoring, levels_for, open_or_build
 from autosparse.config.hardware import load_profile
 from autosparse.config.runtime import MEASURE
 from autosparse.config.schema import SearchConfig, load_config
+from autosparse.config.sections import OneShotConfig
 from autosparse.cost.calibration.machine import this_machine, warn_if_other_machine
 from autosparse.cost.latency_table import find_latency_table
 from autosparse.cost.measured_latency import CandidateTimer
@@ -31,7 +34,7 @@ from autosparse.space.discovery import (
 from autosparse.space.graph import ChannelGraph
 from autosparse.space.layers import LayerTable
 from autosparse.space.search_space import GridSpace, SearchSpace
-from autosparse.tracking.progress import dense_training
+from autosparse.tracking.progress import dense_training, oneshot_progress
 from autosparse.workload.data import load_data
 from autosparse.workload.dense import cache_path, prepare_dense
 from autosparse.workload.devices import amp_mode, place_workers, present_devices
@@ -61,7 +64,7 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
     dense, dense_metrics = prepare_dense(config.model, data, runs_dir / "dense", config.seed,
                                          device, task=build_task(config.task),
                                          announce=dense_training)
-    table, graph = discover(dense, data.input_shape)
+    table, graph = discover(dense, data.input_shape, channels=config.oneshot is None)
     space = SearchSpace.build(config.space, table)
     if space.excluded:  # global magnitude allocations only over the searched layers
         table = with_searchable(table, dense, space.layer_names)
@@ -74,10 +77,29 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
         dense_metrics["latency_ms"] = timer.dense_ms()
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
     dense.to(device)  # discovery, grids and timing above ran on the CPU copy
+    oneshot = None
+    if config.oneshot is not None:  # the level database: built once, opened by every process
+        oneshot = prepare_oneshot(config.oneshot, dense, space, data,
+                                  runs_dir / config.name / "levels", device)
+        dense_metrics = {**dense_metrics, "kl": 0.0, "compression": 1.0, "bits_per_weight": 32.0,
+                         "size_kb": sum(p.numel() * 4 for p in dense.parameters()) / 1000.0}
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
                          dense_metrics, table, space, profile, grid, graph=graph,
                          latency_table=latency_table, latency_table_note=table_note,
-                         timer=timer, device=device, placement=(device,))
+                         timer=timer, device=device, placement=(device,), oneshot=oneshot)
+
+
+def prepare_oneshot(cfg: OneShotConfig, dense: torch.nn.Module, space: SearchSpace,
+                    data: DataSplits, root: Path, device: str) -> OneShotScoring:
+    """The level database of the space's choices on the calibration windows (the ``train``
+    split's inputs), built where missing, and the dense reference the KL is measured against."""
+    choices = {layer: decision.distinct_choices() for decision in space.decisions
+               for layer in decision.layers}
+    windows = data.train.tensors[0]
+    with oneshot_progress(root) as progress:
+        db, info = open_or_build(dense, levels_for(choices, cfg), windows, root, cfg, device,
+                                 progress)
+    return OneShotScoring(db, cfg, DenseReference(dense, windows), info)
 
 
 MEASURE_CALIBRATION_BATCHES = 4  # train batches for the int8 ranges of measured candidates

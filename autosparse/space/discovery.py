@@ -314,11 +314,14 @@ def discover(
     input_shape: tuple[int, ...],
     global_targets: Sequence[float] = DEFAULT_TARGETS,
     searchable: Collection[str] | None = None,
+    channels: bool = True,
 ) -> tuple[LayerTable, ChannelGraph]:
     """The layer table of ``model`` and its channel graph (the indices masks and export need).
 
     ``searchable`` limits the global magnitude allocation to those layer names (the others are
     kept dense, so their weights must not pull the threshold); all layers stay in the table.
+    ``channels=False`` skips tracing channel groups (minutes on a large transformer's graph):
+    for searches that never remove channels (one-shot levels), the graph has no groups.
     """
     input_shape = tuple(int(d) for d in input_shape)
     layers = find_layers(model)
@@ -338,7 +341,8 @@ def discover(
         )
         for name, module in layers.items()
     )
-    graph = trace_channel_groups(model, layers, example_input(model, input_shape))
+    graph = (trace_channel_groups(model, layers, example_input(model, input_shape)) if channels
+             else ChannelGraph(groups=(), error="not traced: this search removes no channels"))
     table = LayerTable(
         layers=infos,
         other_params=count_other_params(model, layers),

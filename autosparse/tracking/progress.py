@@ -117,6 +117,37 @@ def dense_training(model: str, epochs: int, cache: os.PathLike | str,
           flush=True)
 
 
+@contextmanager
+def oneshot_progress(root: os.PathLike | str, stream: TextIO | None = None
+                     ) -> Iterator[Callable[[int, int, str, str, float], None]]:
+    """Say what happens while a level database is built (minutes on a CPU), on stderr: one
+    line when the build starts, the count redrawn in a terminal (a line per tenth in a pipe),
+    and one line at the end. Nothing at all when every entry was already stored."""
+    stream = sys.stderr if stream is None else stream
+    start = time.perf_counter()
+    built = {"count": 0, "shown": -1}
+
+    def progress(done: int, total: int, layer: str, level: object, seconds: float) -> None:
+        level = getattr(level, "key", level)
+        if built["count"] == 0:
+            print(f"building the level database ({total} layer levels; kept in {root} for "
+                  "later runs) ...", file=stream, flush=True)
+        built["count"] += 1
+        tenth = 10 * done // max(total, 1)
+        if is_terminal(stream):
+            print(f"\r  {done}/{total} {layer} {level}".ljust(70)[:70], end="", file=stream,
+                  flush=True)
+        elif tenth != built["shown"]:
+            built["shown"] = tenth
+            print(f"  {done}/{total} layer levels", file=stream, flush=True)
+
+    yield progress
+    if built["count"]:
+        end = "\n" if is_terminal(stream) else ""
+        print(f"{end}level database: {built['count']} layer levels built in "
+              f"{time.perf_counter() - start:.1f} s", file=stream, flush=True)
+
+
 def fit_table(frame: pd.DataFrame, width: int | None, drop_order: Sequence[str] = (),
               float_format: Callable[[float], str] = "{:.4g}".format) -> tuple[str, list[str]]:
     """``frame`` as text no wider than ``width`` (None: no limit). The last column, when it is

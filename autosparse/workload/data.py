@@ -45,6 +45,10 @@ def load_data(cfg: DataConfig) -> DataSplits:
         "sklearn-diabetes": _task_source("load_diabetes_splits"),  # regression (task.kind)
         "synthetic-tokens": _task_source("load_token_splits"),  # language model (task.kind)
     }
+    if cfg.source == "text":  # next-token windows of local text, fingerprinted by its files
+        from autosparse.workload.text_data import load_text_splits
+
+        return load_text_splits(cfg, cfg.split_seed)
     splits = loaders[cfg.source](cfg)
     splits.fingerprint = data_fingerprint(cfg)
     return splits

@@ -253,6 +253,8 @@ def model_name(cfg: ModelConfig) -> str:
     """Short name for files and logs: the built-in name or the factory's function name."""
     if cfg.builtin is not None:
         return cfg.builtin
+    if cfg.pretrained is not None:
+        return Path(cfg.pretrained).resolve().name
     return str(cfg.factory).rsplit(":", 1)[1].rsplit(".", 1)[-1]
 
 
@@ -260,6 +262,8 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     """Build the configured model on CPU and load its checkpoint if one is given."""
     if cfg.builtin is not None:
         model = _build_builtin(cfg.builtin, tuple(input_shape), num_classes, cfg.kwargs)
+    elif cfg.pretrained is not None:
+        model = load_pretrained(cfg.pretrained)
     else:
         model = _build_from_factory(str(cfg.factory), cfg.kwargs)
     if cfg.checkpoint:
@@ -320,6 +324,24 @@ def _need_image(name: str, input_shape: tuple[int, ...], least: int) -> None:
             f"model {name} needs image inputs (channels, height, width) with height and width "
             f">= {least}; the data gives samples of shape {input_shape}"
         )
+
+
+def load_pretrained(folder: str) -> nn.Module:
+    """A causal language model saved by ``save_pretrained``, from the local folder only."""
+    if not Path(folder, "config.json").is_file():
+        raise ConfigError(f"model.pretrained: {folder} holds no config.json; give a folder "
+                          "written by transformers' save_pretrained")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
+                                                     dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.pretrained: {folder} could not be loaded as a causal "
+                          f"language model: {first}") from None
+    model.config.use_cache = False  # scoring whole windows: no key/value cache to keep
+    return model
 
 
 def _build_from_factory(spec: str, kwargs: Mapping[str, Any]) -> nn.Module:

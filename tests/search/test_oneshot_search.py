@@ -1,0 +1,161 @@
+"""A one-shot search end to end: a local transformers Llama folder, text windows from local
+files split by whole file, the level database built once and reused, candidates stitched from
+it with no fine-tune, scored by perplexity on validation and KL on calibration, sized as GGUF
+stores them, logged to MLflow like any search."""
+
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from autosparse.compress.oneshot.levels import Level
+from autosparse.compress.oneshot.search_levels import level_of, levels_for
+from autosparse.config.sections import OneShotConfig
+from autosparse.config.validation import ConfigError
+from autosparse.export.exporter import run_export
+from autosparse.export.request import ExportRequest
+from autosparse.search.preparation import prepare
+from autosparse.search.runner import run_search
+from autosparse.space.candidate import Candidate, LayerChoice
+from search_helpers import load_study, mlflow_runs
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_thread")]
+EXCLUDE = ["model.embed_tokens", "lm_head"]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    # 64 wide: block-32 types (Q5_0, Q8_0) only; K-quants (256 blocks) are tested on the database
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_folder(tmp_path_factory):
+    """Forty small 'files' of real text: the split puts whole files in one role each."""
+    folder = tmp_path_factory.mktemp("text")
+    source = (torch.__file__.rsplit("/", 1)[0] + "/nn/modules/module.py")
+    lines = open(source, encoding="utf-8").read().splitlines()
+    for i in range(40):
+        (folder / f"part{i:02d}.txt").write_text("\n".join(lines[i * 60:(i + 1) * 60]) * 2)
+    return folder
+
+
+def write_config(directory, name, model_folder, text_folder, **changes):
+    config = {
+        "name": name,
+        "model": {"pretrained": str(model_folder)},
+        "data": {"source": "text", "path": str(text_folder),
+                 "text": {"seq_len": 32, "calibration": 8, "validation": 4, "test": 4}},
+        "task": {"kind": "language-model"},
+        "oneshot": {"bits_method": "gptq"},
+        "space": {"exclude": EXCLUDE,
+                  "default": {"sparsity": [0.0], "patterns": ["unstructured"], "bits": [5, 8, 32]},
+                  "rules": [{"layers": ["model.layers.0.mlp.*"], "sparsity": [0.0, 0.5],
+                             "bits": [5, 8]}]},
+        "strategy": {"name": "random"},
+        "budget": {"trials": 4},
+        "objectives": ["perplexity", "size"],
+        **changes,
+    }
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_levels_of_search_choices():
+    cfg = OneShotConfig(sparsity_method="wanda", bits_method="rtn")
+    assert level_of(LayerChoice.make("dense", 0.0, 32), cfg) == Level()
+    assert level_of(LayerChoice.make("dense", 0.0, 4), cfg) == Level(bits=4, method="rtn")
+    assert level_of(LayerChoice.make("2:4", 0.5, 8), cfg) == Level(0.5, "2:4", 8, "wanda+rtn")
+    assert level_of(LayerChoice.make("unstructured", 0.5, 32), cfg) == Level(0.5, method="wanda")
+    assert level_of(LayerChoice.make("dense", 0.0, 16), OneShotConfig()).method == "rtn"
+    levels = levels_for({"fc": {LayerChoice.make("dense", 0.0, 4), LayerChoice.make("dense", 0.0, 32)}},
+                        cfg)
+    assert levels["fc"][0] == Level() and len(levels["fc"]) == 2
+
+
+def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_folder, text_folder,
+                                                               capfd):
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "os", model_folder, text_folder)
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    assert "building the level database" in capfd.readouterr().err
+    trials = outcome.trials
+    assert (trials["state"] == "COMPLETE").sum() == 4
+    assert (trials["finetune_steps"] == 0).all() and (trials["kl"] >= -1e-9).all()
+
+    # every trial's size is the GGUF bytes of its levels, read back from the database
+    context = prepare(config, runs)
+    db = context.oneshot.db
+    assert context.oneshot.info.built == 0, "a second prepare builds nothing"
+    for _, row in trials.iterrows():
+        candidate = Candidate.from_json(row["candidate"])
+        assignment = context.oneshot.assignment(candidate)
+        searched = sum(db.stored_bytes(layer, level) for layer, level in assignment.items())
+        others = sum(p.numel() * 4 for n, p in context.dense.named_parameters()
+                     if n.removesuffix(".weight") not in assignment)
+        assert row["size_kb"] == pytest.approx((searched + others) / 1000)
+        model = context.oneshot.model(context.dense, candidate)
+        for layer, level in assignment.items():
+            assert torch.equal(dict(model.named_modules())[layer].weight, db.weight(layer, level))
+
+    # the export: a GGUF holding exactly the scored bytes, the candidate rebuilt to the digit
+    best = int(outcome.front["trial"].iloc[0])
+    exported = run_export(config, ExportRequest(trial=best, mlflow=False), runs_dir=runs,
+                          printer=lambda line: None)
+    report = exported.report
+    row = trials[trials["trial"] == best].iloc[0]
+    assert (exported.out_dir / "model.gguf").is_file()
+    assert report["size"]["tensor_bytes"] == round(row["size_kb"] * 1000)
+    assert report["validation"]["rebuilt"] == pytest.approx(row["perplexity"], rel=1e-6)
+    reader = gguf.GGUFReader(exported.out_dir / "model.gguf")
+    assert sum(int(t.n_bytes) for t in reader.tensors) == report["size"]["tensor_bytes"]
+    cpp = report["llama_cpp"]
+    if cpp["measured"]:  # llama.cpp computes the file's perplexity as PyTorch scored it
+        assert cpp["relative_to_pytorch"] <= 0.01 and cpp["gen_tokens_per_s"] > 0
+    else:
+        assert "llama-cpp-python" in cpp["why"]
+
+    more = run_search(config, runs_dir=runs, extend=2, printer=lambda line: None)
+    assert more.new_trials == 2 and "building the level database" not in capfd.readouterr().err
+    _, parents, children = mlflow_runs(runs, "os")
+    assert len(parents) == 1 and len(children) == 6
+    assert "kl" in children[0].data.metrics
+    assert len(load_study(runs, "os").trials) == 6
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"space": {"default": {"patterns": ["channel"], "sparsity": [0.5], "bits": [8]}}},
+     "'channel' removes whole channels"),
+    ({"space": {"default": {"patterns": ["unstructured"], "sparsity": [0.5], "bits": [2]}}},
+     "bits 2 with sparsity"),
+    ({"space": {"default": {"bits": [7]}}}, "bits [7]"),
+    ({"finetune": {"steps": 10}}, "fine-tunes no candidate"),
+    ({"strategy": {"name": "knapsack"}}, "knapsack"),
+    ({"task": {"kind": "classification"}, "objectives": ["accuracy", "size"]}, "language-model"),
+])
+def test_oneshot_config_errors_name_the_field(tmp_path, model_folder, text_folder, changes, words):
+    config = write_config(tmp_path, "bad", model_folder, text_folder, **changes)
+    with pytest.raises(ConfigError) as err:
+        run_search(config, runs_dir=tmp_path / "runs", printer=lambda line: None)
+    assert words in str(err.value)
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_a_layer_the_database_cannot_store_is_named(tmp_path, model_folder, text_folder):
+    config = write_config(tmp_path, "shape", model_folder, text_folder,
+                          space={"exclude": ["model.embed_tokens"],
+                                 "default": {"sparsity": [0.0], "patterns": ["unstructured"],
+                                             "bits": [4, 32]}})  # Q4_K: rows of 256
+    with pytest.raises(ConfigError) as err:
+        run_search(config, runs_dir=tmp_path / "runs", printer=lambda line: None)
+    assert "oneshot" in str(err.value) and "cannot be stored as Q4_K" in str(err.value)

@@ -28,7 +28,12 @@ from torch import nn
 from autosparse.compress.oneshot.database import LevelDatabase
 from autosparse.compress.oneshot.levels import Level
 from autosparse.export.checks import ExportCheckFailed
-from autosparse.export.gguf_writer import GGUFFileInfo, PackedTensor, write_llama_gguf
+from autosparse.export.gguf_writer import (
+    GGUFFileInfo,
+    PackedTensor,
+    gguf_tensor_name,
+    write_llama_gguf,
+)
 from autosparse.search.context import SearchContext
 from autosparse.space.candidate import Candidate
 from autosparse.workload.evaluate import evaluate
@@ -64,6 +69,10 @@ def write_candidate_gguf(dense: nn.Module, db: LevelDatabase, assignment: Mappin
             f"(model_type {getattr(config, 'model_type', None)!r})")
     return write_llama_gguf(path, config, candidate_tensors(dense, db, assignment),
                             float_type=GGMLQuantizationType.F32)
+
+
+def _type_name(value: object) -> str:
+    return str(getattr(value, "name", value))
 
 
 def _windows(context: SearchContext, split: str) -> torch.Tensor:
@@ -103,8 +112,8 @@ def export_oneshot(context: SearchContext, candidate: Candidate, searched: dict,
                  "header_bytes": info.metadata_bytes, "padding_bytes": info.padding_bytes,
                  "file_bytes": info.file_size,
                  "dense_f32_bytes": sum(p.numel() * 4 for p in dense.parameters())},
-        "tensor_types": {k: str(v.name if hasattr(v, "name") else v)
-                         for k, v in info.tensor_types.items()},
+        "tensor_types": {layer: _type_name(info.tensor_types.get(gguf_tensor_name(f"{layer}.weight")))
+                         for layer in assignment},
         "metric": task.name,
     }
     report["llama_cpp"] = _llama_cpp_checks(context, dense, out, test, printer)

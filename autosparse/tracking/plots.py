@@ -234,7 +234,8 @@ def front_table(trials: pd.DataFrame, objectives: list[str], maximize: bool = Tr
     """The front's rows sorted by the first cost objective (then accuracy, best first: the
     lowest first when the task metric is minimised, ``maximize`` False).
 
-    Columns: ``trial``, the objective metrics, ``compression``, ``accuracy_drop`` (when the trials
+    Columns: ``trial``, the objective metrics, ``compression``, ``accuracy_drop``, ``bits_per_weight``
+    and ``kl`` (one-shot searches; each when the trials
     have them) and ``layers``, a short per-layer summary; after accuracy (the mean, for a
     re-evaluated front) its ``accuracy_std``, ``accuracy_seeds``, ``test_accuracy`` and
     ``accuracy_single`` when the trials have them. Feeds ``pareto.csv`` and the terminal table.
@@ -245,7 +246,7 @@ def front_table(trials: pd.DataFrame, objectives: list[str], maximize: bool = Tr
         metric = OBJECTIVES[name].metric
         if metric not in metrics:
             metrics.append(metric)
-    for extra in ("compression", "accuracy_drop"):
+    for extra in ("compression", "accuracy_drop", "bits_per_weight", "kl"):  # the last two: oneshot
         if extra in trials.columns and extra not in metrics:
             metrics.append(extra)
     # the spread of a re-evaluated front (front.trials_frame), right after the mean accuracy

@@ -1,5 +1,10 @@
 """Small models and builders shared by several test modules."""
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,3 +31,16 @@ class TinyNet(nn.Module):
 def two_conv_candidate(conv1: tuple, conv2: tuple) -> str:
     """JSON of a candidate for layers conv1 and conv2, each given as LayerChoice.make args."""
     return Candidate({"conv1": LayerChoice.make(*conv1), "conv2": LayerChoice.make(*conv2)}).to_json()
+
+
+def llm_model() -> ModuleType:
+    """benchmarks/llm_model.py (the benchmark LM's config and trainer) as a module: benchmarks/
+    is not a package."""
+    name = "autosparse_bench_llm_model"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_model.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

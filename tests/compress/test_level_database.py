@@ -3,7 +3,6 @@ them (and as the GGUF bytes dequantize), stored sizes are the GGUF sizes, candid
 and restore the dense model bitwise, a build killed with SIGKILL resumes with nothing rebuilt or
 lost, a database for other weights refuses to open, and KL matches hand computations."""
 
-import importlib.util
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from autosparse.compress.oneshot.fitness import (
 from autosparse.compress.oneshot.gguf_grids import grid_for_bits, stored_bytes
 from autosparse.compress.oneshot.levels import Level, compress_weight
 from autosparse.workload.text_corpus import stdlib_root
+from helpers import llm_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,15 +51,6 @@ SMALL_LEVELS = [Level(bits=8), Level(bits=5, method="rtn"), Level(sparsity=0.5),
                 Level(sparsity=0.5, bits=4)]
 
 
-def llm_model():
-    """benchmarks/llm_model.py as a module (benchmarks/ is not a package)."""
-    name = "autosparse_bench_llm_model"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "llm_model.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def linear_names(model: nn.Module) -> list[str]:

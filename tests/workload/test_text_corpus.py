@@ -3,11 +3,9 @@
 non-overlapping windows, hand-checked perplexity, and a few tiny training steps."""
 
 import dataclasses
-import importlib.util
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,19 +25,11 @@ from autosparse.workload.text_corpus import (
     text_token_sets,
     token_windows,
 )
+from helpers import llm_model
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _llm_model():
-    """benchmarks/llm_model.py as a module (benchmarks/ is not a package)."""
-    name = "autosparse_bench_llm_model"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "llm_model.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture
@@ -222,7 +212,7 @@ def test_perplexity_by_hand_on_a_two_token_model():
 
 
 def test_tiny_training_reduces_the_loss(one_thread):
-    bench = _llm_model()
+    bench = llm_model()
     spec = bench.LMSpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, seq_len=32,
                         batch_size=8, lr=3e-3, warmup_steps=3, steps=30, minutes=None)
     text = ("def add(a, b):\n    return a + b\n\n" * 200).encode()
@@ -239,7 +229,7 @@ def test_tiny_training_reduces_the_loss(one_thread):
 
 
 def test_train_or_load_caches_a_loadable_folder(corpus, tmp_path, one_thread):
-    bench = _llm_model()
+    bench = llm_model()
     spec = bench.LMSpec(hidden=32, layers=1, heads=2, kv_heads=2, intermediate=64, seq_len=16,
                         batch_size=4, warmup_steps=1, steps=2, minutes=None, eval_windows=2,
                         source=(str(tmp_path / "pkg*" / "*.py"),))
@@ -264,7 +254,7 @@ def test_train_or_load_caches_a_loadable_folder(corpus, tmp_path, one_thread):
 
 def test_full_config_fits_gguf_k_quants():
     """Every linear layer's input width of the benchmark's size is a multiple of 256."""
-    bench = _llm_model()
+    bench = llm_model()
     config = bench.llama_config(bench.LMSpec())
     with torch.device("meta"):
         from transformers import LlamaForCausalLM
@@ -276,7 +266,7 @@ def test_full_config_fits_gguf_k_quants():
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    bench = _llm_model()
+    bench = llm_model()
     spec = bench.LMSpec(lr=1e-3, min_lr_ratio=0.1, warmup_steps=100, warmup_fraction=0.05)
     assert bench.learning_rate(spec, 0, 0.0) == pytest.approx(1e-5)  # step 1 of 100
     assert bench.learning_rate(spec, 99, 0.01) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5 * (

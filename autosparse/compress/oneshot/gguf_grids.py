@@ -312,6 +312,13 @@ class Q3_KGrid(GGUFGrid):
                                _half_bytes(params.d)], 1)
 
 
+def _with_mins(d: Tensor, dmin: Tensor, sc: Tensor, m: Tensor) -> BlockParams:
+    """The parameters of a K-quant with mins (Q4_K, Q2_K): sub-block value ``step * q - shift``
+    with ``step = d * sc`` and ``shift = dmin * m``."""
+    return BlockParams(step=d[:, None] * sc.float(), shift=dmin[:, None] * m.float(),
+                       d=d, dmin=dmin, sc=sc, m=m)
+
+
 class Q4_KGrid(GGUFGrid):
     """4 bit K-quant with mins: 8 sub-blocks of 32, 6-bit scales and mins times fp16
     super-scales, values ``d * sc * q - dmin * m``, 4.5 bits/weight. No exact zero in general."""
@@ -320,9 +327,7 @@ class Q4_KGrid(GGUFGrid):
     sub, qmax, zero = 32, 15, None
 
     def _fit(self, w: Tensor) -> BlockParams:
-        d, dmin, sc, m = kquants.fit_q4_k(w)
-        return BlockParams(step=d[:, None] * sc.float(), shift=dmin[:, None] * m.float(),
-                           d=d, dmin=dmin, sc=sc, m=m)
+        return _with_mins(*kquants.fit_q4_k(w))
 
     def encode(self, codes: Tensor, params: BlockParams) -> np.ndarray:
         sc, m = params.sc, params.m
@@ -342,9 +347,7 @@ class Q2_KGrid(GGUFGrid):
     sub, qmax, zero = 16, 3, None
 
     def _fit(self, w: Tensor) -> BlockParams:
-        d, dmin, sc, m = kquants.fit_q2_k(w)
-        return BlockParams(step=d[:, None] * sc.float(), shift=dmin[:, None] * m.float(),
-                           d=d, dmin=dmin, sc=sc, m=m)
+        return _with_mins(*kquants.fit_q2_k(w))
 
     def encode(self, codes: Tensor, params: BlockParams) -> np.ndarray:
         return np.concatenate([_u8(params.sc | (params.m << 4)), _crumbs(codes),

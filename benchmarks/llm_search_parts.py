@@ -125,7 +125,8 @@ def achieved(target: Target, assignment: Mapping[str, Level], sizes: Mapping[str
     return sum(sizes[k] * nominal_bits_per_weight(lv) for k, lv in assignment.items()) / n
 
 
-def gguf_bits(db: LevelDatabase, assignment: Mapping[str, Level], sizes: Mapping[str, int]) -> float:
+def gguf_bits(db: LevelDatabase, assignment: Mapping[str, Level],
+              sizes: Mapping[str, int]) -> float:
     """Bits per weight the GGUF file stores for the searched layers (block scales included;
     a sparse unquantized layer is stored dense, in its values' float type)."""
     n = sum(sizes[name] for name in assignment)
@@ -261,31 +262,17 @@ def export_gguf(path: Path, model: nn.Module, db: LevelDatabase | None,
     """Write ``model`` as GGUF: the searched layers as the database's packed bytes, everything
     else (embeddings, norms, output head) as ``float_type`` floats (norms always F32). Returns
     the file's figures and the size the scoring predicts (stored bytes + fixed tensors)."""
-    from gguf import GGMLQuantizationType
+    from autosparse.export.gguf_export import candidate_tensors
+    from autosparse.export.gguf_writer import write_llama_gguf
 
-    from autosparse.export.gguf_writer import (
-        PackedTensor,
-        gguf_tensor_name,
-        write_llama_gguf,
-    )
-
-    tensors: dict[str, Any] = {}
-    predicted = 0
+    chosen = dict(assignment or {})
+    tensors = candidate_tensors(model, db, chosen)  # searched layers: the stored bytes
     float_size = {"F32": 4, "F16": 2}[float_type]
-    for name, value in model.state_dict().items():
-        try:
-            gguf_tensor_name(name)
-        except ValueError:
-            continue
-        layer = name.removesuffix(".weight")
-        if assignment is not None and layer in assignment:
-            assert db is not None
-            data, qtype = db.packed(layer, assignment[layer])
-            tensors[name] = PackedTensor(data, GGMLQuantizationType(qtype), tuple(value.shape))
-            predicted += db.stored_bytes(layer, assignment[layer])
-        else:
-            tensors[name] = value
-            predicted += value.numel() * (4 if value.ndim == 1 else float_size)
+    predicted = sum(db.stored_bytes(layer, level) for layer, level in chosen.items()) if chosen \
+        else 0
+    predicted += sum(value.numel() * (4 if value.ndim == 1 else float_size)
+                     for name, value in model.state_dict().items()
+                     if name.removesuffix(".weight") not in chosen)
     path.parent.mkdir(parents=True, exist_ok=True)
     info = write_llama_gguf(path, model.config, tensors, float_type=float_type)
     return {"path": str(path), "file_bytes": info.file_size, "tensor_bytes": info.tensor_bytes,
@@ -306,14 +293,9 @@ def llama_cpp_reason() -> str | None:
 
 
 def machine_note(threads: int) -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from autosparse.cost.calibration.machine import this_machine
+
+    cpu = this_machine().get("cpu") or platform.machine()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{os.cpu_count()} CPU cores ({cpu}), no GPU, torch {torch.__version__} with "
             f"{threads} threads, Python {platform.python_version()}, load average at start "
@@ -366,9 +348,9 @@ class Report:
         path.write_text("\n".join(self.lines).rstrip() + "\n")
 
 
-def write_report(args, command, machine, spec, train_info, run, sets, layers, sizes, params, db_info,
-           targets, rows, results, best, dense, exports, speed_rows, export_note, sens_note,
-           overhead, timing, date) -> None:
+def write_report(args, command, machine, spec, train_info, run, sets, layers, sizes, params,
+                 db_info, targets, rows, results, best, dense, exports, speed_rows, export_note,
+                 sens_note, overhead, timing, date) -> None:
     """<out>.md: setup, a table per target, the issue's targets, export, what is left out."""
     r = Report()
     r.add("# One-shot LLM search: uniform vs OWL vs knapsack vs GA vs BO, held-out perplexity",
@@ -393,7 +375,8 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
           f"each method's top {args.top_k} and picks the best searched method); test "
           f"{len(sets.test)} ({len(sets.test) * (spec.seq_len - 1):,} predicted tokens; report "
           f"only, never used to pick). EvoPress scores up to 64k calibration tokens per "
-          f"candidate; {args.fitness_windows * (spec.seq_len - 1):,} is what fits {args.evaluations} "
+          f"candidate; {args.fitness_windows * (spec.seq_len - 1):,} is what fits "
+          f"{args.evaluations} "
           f"evaluations x {len(targets)} targets x 4-5 methods on 2 shared cores.",
           f"- Dense: validation perplexity {dense.val_ppl:.4f}, **test perplexity "
           f"{dense.test_ppl:.4f}** ({math.log2(dense.test_ppl):.3f} bits per byte).",
@@ -408,7 +391,8 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
           f"within lambda <= 0.1 of the target, are not snapped back to uniform); "
           f"SparseGPT 2:4 jointly with GPTQ 4 bits (Q4_0: sparse layers need a type with an exact "
           f"zero) and 3 bits (Q3_K). Every level is compressed on the dense model's inputs.",
-          f"- Fitness: mean KL(dense || candidate) per token. Sensitivity (each layer alone at each "
+          f"- Fitness: mean KL(dense || candidate) per token. Sensitivity (each layer alone at "
+          f"each "
           f"level): {sens_note}. The knapsack solves on it; the GA takes the knapsack's solution "
           f"as one seed. Uniform, OWL and BO do not use it.",
           f"- Methods at equal candidate evaluations ({args.evaluations} per method and target, "
@@ -434,7 +418,8 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
           "the searched layers; **GGUF bpw** = bits per weight the GGUF file stores for them; "
           "**calib KL** = the pick's fitness; **val KL / val ppl** on the validation windows; "
           "**test ppl** and **increase** over dense, and **test KL** to dense, on the test windows "
-          "(KL is the less noisy view of fidelity when the increase is a few 0.01 %); **vs uniform** = "
+          "(KL is the less noisy view of fidelity when the increase is a few 0.01 %); "
+          "**vs uniform** = "
           "test log-perplexity difference to uniform's pick, ± its standard error over the "
           f"{len(sets.test)} test windows (paired); **evals** = ledger-charged evaluations (of "
           f"{args.evaluations}); **s** = search wall time (validation/test scoring apart). "
@@ -461,7 +446,8 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
                           + (f"; validation picked its calibration #{row['picked_rank']}"
                              if row["picked_rank"] > 1 else "")])
         r.table(["method", "achieved", "GGUF bpw", "calib KL", "val KL", "val ppl", "test ppl",
-                 "increase", "test KL", "vs uniform", "evals", "s", "levels (share of weights); notes"],
+                 "increase", "test KL", "vs uniform", "evals", "s",
+                 "levels (share of weights); notes"],
                 table)
 
     # the issue's targets
@@ -501,12 +487,14 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
         size_ok = e["tensor_bytes_match"] and abs(e["file_vs_predicted_pct"]) <= 1
         llama = e.get("llama_vs_torch_pct")
         verdicts.append(
-            f"- export {e['target']}: tensor bytes {'equal' if e['tensor_bytes_match'] else 'DIFFER from'} "
+            f"- export {e['target']}: tensor bytes "
+            f"{'equal' if e['tensor_bytes_match'] else 'DIFFER from'} "
             f"the scored size, file {e['file_vs_predicted_pct']:+.3f} % over it (metadata + "
             f"alignment) -> size within 1 % {'met' if size_ok else 'NOT met'}; llama.cpp "
             f"perplexity " + (f"{llama:+.3f} % vs torch -> within 1 % "
                               f"{'met' if abs(llama) <= 1 else 'NOT met'}."
-                              if llama is not None else f"not measured ({export_note or e.get('llama_cpp_ppl_note')})."))
+                              if llama is not None else
+                              f"not measured ({export_note or e.get('llama_cpp_ppl_note')})."))
     r.add(*verdicts, "")
 
     if exports:

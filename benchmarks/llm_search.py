@@ -226,7 +226,13 @@ def run_method(method: str, target: Target, common: dict[str, Any], ctx: dict[st
 def method_note(result: Any) -> str:
     info = result.info
     if result.method == "owl":
-        return f"lambda {info['lambda']:g}, M {info['M']:g}"
+        mixed = [h for h in result.history
+                 if h.fidelity >= 1.0 and len({lv.key for lv in h.assignment.values()}) > 1]
+        text = f"lambda {info['lambda']:g}, M {info['M']:g}"
+        if mixed:
+            text += (f"; best non-uniform grid point calib KL "
+                     f"{min(h.fitness for h in mixed):.5f} ({len(mixed)} scored)")
+        return text
     if result.method == "evolutionary":
         return f"{info['generations']} generations, {info['seeded']} seeds"
     if result.method == "knapsack":
@@ -239,7 +245,8 @@ def method_note(result: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/llm_search.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python benchmarks/llm_search.py", shlex.join(words)]).strip()
     started = time.perf_counter()
     machine = machine_note(args.threads)
     timing: dict[str, float] = {}
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         return 0
 
-    # --- fitness, sensitivity, outlier ratios -------------------------------------------------------
+    # --- fitness, sensitivity, outlier ratios --------------------------------------------------
     n_fit = args.fitness_windows
     reference = DenseReference(model, calibration[:n_fit], batch_size=8)
     scorer = CandidateScorer(model, db, reference)
@@ -303,10 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     ctx["evaluate_at"] = lambda a, f: scorer.score(a, max(1, round(f * n_fit)))
     sens_note = "not measured (no knapsack or GA)"
     if {"knapsack", "evolutionary"} & set(args.methods):
-        wanted = {n: list(dict.fromkeys(lv for f in families for lv in options[f][n])) for n in layers}
+        wanted = {n: list(dict.fromkeys(lv for f in families for lv in options[f][n]))
+                  for n in layers}
         pairs = sum(1 for n in layers for lv in wanted[n] if not lv.is_dense)
         runs_before, t0 = scorer.evaluations, time.perf_counter()
         path = search_dir / f"sensitivity-fit{n_fit}-w{args.sensitivity_windows}.json"
+        shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         ctx["sensitivity"] = layer_sensitivity(scorer, layers, wanted,
                                                args.sensitivity_windows, path=path)
         timing["sensitivity"] = time.perf_counter() - t0
@@ -314,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         equiv = pairs * args.sensitivity_windows / n_fit
         sens_note = (f"{pairs} (layer, level) pairs on {args.sensitivity_windows} windows = "
                      f"{equiv:.0f} full-evaluation equivalents (shared by all targets; "
-                     f"{ran} run now, the rest read from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}); "
+                     f"{ran} run now, the rest read from {shown}); "
                      f"NOT charged to the knapsack's or the GA's {args.evaluations} evaluations")
         log(f"sensitivity: {sens_note}; {timing['sensitivity']:.0f} s")
     if "evolutionary" in args.methods and args.overhead is not None:
@@ -335,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     judge.test_scores({})
     log(f"dense: validation perplexity {dense.val_ppl:.4f}, test {dense.test_ppl:.4f}")
 
-    # --- the searches --------------------------------------------------------------------------------
+    # --- the searches --------------------------------------------------------------------------
     rows: list[dict[str, Any]] = []
     picks: dict[str, dict[str, dict[str, str]]] = {}
     results: dict[tuple[str, str], tuple[dict[str, Any], dict[str, Level]]] = {}
@@ -382,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             picks.setdefault(target.name, {})[method] = {n: lv.key for n, lv in pick.items()}
             log(f"{target.name:>13} {method:>12}: calib KL {calib_kl:.4f}, val KL "
                 f"{val.val_kl:.4f}, test ppl {test.test_ppl:.4f} "
-                f"({row['test_increase_pct']:+.2f} %), test KL {test.test_kl:.4f}, {result.evaluations_used:g} evals, "
+                f"({row['test_increase_pct']:+.2f} %), test KL {test.test_kl:.4f}, "
+                f"{result.evaluations_used:g} evals, "
                 f"{seconds:.0f} s [{row['mix']}]")
     timing["searches + judging"] = sum(r["search_seconds"] for r in rows) + judge.seconds
     (search_dir / f"picks-seed{args.seed}.json").write_text(json.dumps(picks, indent=1) + "\n")
@@ -403,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["vs_uniform_log_ppl"], row["vs_uniform_se"] = diff, se
                 row["best_searched"] = method == best.get(target.name)
 
-    # --- export ---------------------------------------------------------------------------------------
+    # --- export --------------------------------------------------------------------------------
     exports: list[dict[str, Any]] = []
     speed_rows: list[dict[str, Any]] = []
     export_note = ""
@@ -474,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
              "rows": rows, "results": results, "best": best, "dense": dense,
              "exports": exports, "speed_rows": speed_rows, "export_note": export_note,
              "sens_note": sens_note, "overhead": ctx["overhead"], "timing": timing,
+             "ratios": ctx.get("ratios"),
              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     with (search_dir / f"report-seed{args.seed}.pkl").open("wb") as handle:
         pickle.dump(state, handle)
@@ -495,7 +506,7 @@ def render(state: dict[str, Any], out: Path) -> None:
                  state["db_info"], state["targets"], state["rows"], state["results"],
                  state["best"], dense, state["exports"], state["speed_rows"],
                  state["export_note"], state["sens_note"], state["overhead"], state["timing"],
-                 state["date"])
+                 state["date"], state.get("ratios"))
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ class Report:
 
 def write_report(args, command, machine, spec, train_info, run, sets, layers, sizes, params,
                  db_info, targets, rows, results, best, dense, exports, speed_rows, export_note,
-                 sens_note, overhead, timing, date) -> None:
+                 sens_note, overhead, timing, date, ratios=None) -> None:
     """<out>.md: setup, a table per target, the issue's targets, export, what is left out."""
     r = Report()
     r.add("# One-shot LLM search: uniform vs OWL vs knapsack vs GA vs BO, held-out perplexity",
@@ -450,6 +450,8 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
                  "levels (share of weights); notes"],
                 table)
 
+    allocation_section(r, targets, results, best, sizes, layers, ratios)
+
     # the issue's targets
     r.add("## The issue's targets", "")
     verdicts = []
@@ -536,3 +538,54 @@ def write_report(args, command, machine, spec, train_info, run, sets, layers, si
           "- The 2:4 and sparsity picks are not exported (GGUF stores them dense; llama.cpp has "
           "no sparse kernels).", "")
     r.write(args.out.with_suffix(".md"))
+
+
+def _group_mean(assignment: Mapping[str, Level], sizes: Mapping[str, int], names: list[str],
+                family: str) -> float:
+    """Weight-averaged sparsity (sparsity family) or nominal bits of ``names``."""
+    total = sum(sizes[n] for n in names)
+    if family == "sparsity":
+        return sum(assignment[n].sparsity * sizes[n] for n in names) / total
+    return sum(nominal_bits_per_weight(assignment[n]) * sizes[n] for n in names) / total
+
+
+def allocation_section(r: Report, targets: Sequence[Target], results: Mapping[Any, Any],
+                       best: Mapping[str, str], sizes: Mapping[str, int], layers: list[str],
+                       ratios: Mapping[float, Mapping[str, float]] | None) -> None:
+    """Where the best searched pick of each target spends its budget: by block, by layer kind;
+    and, for sparsity, what OWL's outlier ratios would have done instead."""
+    blocks = sorted({int(n.split(".")[2]) for n in layers})
+    kinds = list(dict.fromkeys(n.rsplit(".", 1)[1] for n in layers))
+    by_block = {b: [n for n in layers if int(n.split(".")[2]) == b] for b in blocks}
+    by_kind = {k: [n for n in layers if n.rsplit(".", 1)[1] == k] for k in kinds}
+    rows_block, rows_kind = [], []
+    for target in targets:
+        if target.name not in best:
+            continue
+        pick = results[(target.name, best[target.name])][1]
+        unit = "sparsity" if target.family == "sparsity" else "bits"
+        show = (lambda v: f"{v * 100:.1f}") if unit == "sparsity" else (lambda v: f"{v:.2f}")
+        what = "% sparse" if unit == "sparsity" else "bits"
+        label = f"{target.label} ({best[target.name]}; {what})"
+        rows_block.append([label] + [show(_group_mean(pick, sizes, by_block[b], target.family))
+                                     for b in blocks])
+        rows_kind.append([label] + [show(_group_mean(pick, sizes, by_kind[k], target.family))
+                                    for k in kinds])
+        if target.family == "sparsity" and ratios and 5.0 in ratios and target.value == max(
+                t.value for t in targets if t.family == "sparsity"):
+            from autosparse.search.levels import owl_sparsities
+
+            d = [ratios[5.0][by_block[b][0]] for b in blocks]
+            rows_block.append(["OWL outlier ratio, M 5 (%)"] + [f"{v * 100:.2f}" for v in d])
+            wanted = owl_sparsities(d, target.value, 0.08)
+            rows_block.append([f"OWL wanted sparsity at {target.label}, lambda 0.08 (%)"]
+                              + [f"{v * 100:.1f}" for v in wanted])
+    if not rows_block:
+        return
+    r.add("## Where the best searched picks spend the budget", "",
+          "Weight-averaged sparsity (%) or nominal bits per weight of each target's best searched "
+          "pick, per decoder block and per layer kind. OWL gives a block less sparsity the more "
+          "outliers (Wanda scores above M x their mean) it has; the rows under the largest "
+          "sparsity target show its ratios and the allocation they imply.", "")
+    r.table(["target"] + [f"block {b}" for b in blocks], rows_block)
+    r.table(["target"] + kinds, rows_kind)

@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                        (fig["file_bytes"] / fig["predicted_tensor_bytes"] - 1) * 100,
                    "types": " ".join(fig["types"]), "test_ppl": torch_ppl}
             if reason is None:
-                from autosparse.export.llama_cpp_eval import llama_cpp_perplexity
+                from autosparse.cost.llama_cpp import llama_cpp_perplexity
                 try:
                     ppl = llama_cpp_perplexity(fig["path"], windows, n_threads=args.threads)
                     out["llama_cpp_ppl"] = ppl
@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fig['tensor_bytes']:,} vs scored {fig['predicted_tensor_bytes']:,}; llama.cpp "
                 f"ppl {fmt(out.get('llama_cpp_ppl'))} vs torch {fmt(torch_ppl)}")
         if reason is None:
-            from autosparse.export.llama_cpp_eval import llama_cpp_tokens_per_second
+            from autosparse.cost.llama_cpp import llama_cpp_tokens_per_second
             rates: dict[str, list[tuple[float, float]]] = {}
             for _ in range(2):  # two interleaved rounds: the shared machine's load drifts
                 for label, fig, _ in files:

@@ -262,8 +262,8 @@ def export_gguf(path: Path, model: nn.Module, db: LevelDatabase | None,
     """Write ``model`` as GGUF: the searched layers as the database's packed bytes, everything
     else (embeddings, norms, output head) as ``float_type`` floats (norms always F32). Returns
     the file's figures and the size the scoring predicts (stored bytes + fixed tensors)."""
-    from autosparse.export.gguf_export import candidate_tensors
-    from autosparse.export.gguf_writer import write_llama_gguf
+    from autosparse.compress.oneshot.gguf_candidate import candidate_tensors
+    from autosparse.compress.oneshot.gguf_file import write_llama_gguf
 
     chosen = dict(assignment or {})
     tensors = candidate_tensors(model, db, chosen)  # searched layers: the stored bytes

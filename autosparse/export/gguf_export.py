@@ -17,23 +17,15 @@ and tokens/s of the file beside the dense model's F32 GGUF (1 thread, median of 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable
 
 import torch
-from gguf import GGMLQuantizationType
 from torch import nn
 
-from autosparse.compress.oneshot.database import LevelDatabase
-from autosparse.compress.oneshot.levels import Level
+from autosparse.compress.oneshot.gguf_candidate import write_candidate_gguf
+from autosparse.compress.oneshot.gguf_file import gguf_tensor_name, write_llama_gguf
 from autosparse.export.checks import ExportCheckFailed
-from autosparse.export.gguf_writer import (
-    GGUFFileInfo,
-    PackedTensor,
-    gguf_tensor_name,
-    write_llama_gguf,
-)
 from autosparse.search.context import SearchContext
 from autosparse.space.candidate import Candidate
 from autosparse.workload.evaluate import evaluate
@@ -41,34 +33,6 @@ from autosparse.workload.evaluate import evaluate
 Printer = Callable[[str], None]
 RELATIVE_MATCH = 1e-6  # rebuilt vs recorded validation metric: the same computation
 LLAMA_CPP_PERPLEXITY_TOLERANCE = 0.01  # the issue's bar: within 1 % of the scored perplexity
-
-
-def candidate_tensors(dense: nn.Module, db: LevelDatabase,
-                      assignment: Mapping[str, Level]) -> dict[str, object]:
-    """State-dict name -> the searched layers' stored bytes, every other tensor as floats."""
-    tensors: dict[str, object] = {}
-    for name, value in dense.state_dict().items():
-        layer = name.removesuffix(".weight")
-        level = assignment.get(layer) if name.endswith(".weight") else None
-        if level is not None and level != Level():
-            data, qtype = db.packed(layer, level)
-            tensors[name] = PackedTensor(data, qtype, tuple(value.shape))
-        else:
-            tensors[name] = value.detach().float().cpu().numpy()
-    return tensors
-
-
-def write_candidate_gguf(dense: nn.Module, db: LevelDatabase, assignment: Mapping[str, Level],
-                         path: Path) -> GGUFFileInfo:
-    """The candidate as a Llama GGUF; other architectures are refused with their name."""
-    config = getattr(dense, "config", None)
-    if getattr(config, "model_type", None) != "llama":
-        raise ExportCheckFailed(
-            f"GGUF export writes Llama-architecture models (LlamaForCausalLM, and Mistral/Qwen2-"
-            f"style checkpoints converted to it); this model is {type(dense).__name__} "
-            f"(model_type {getattr(config, 'model_type', None)!r})")
-    return write_llama_gguf(path, config, candidate_tensors(dense, db, assignment),
-                            float_type=GGMLQuantizationType.F32)
 
 
 def _type_name(value: object) -> str:
@@ -96,7 +60,10 @@ def export_oneshot(context: SearchContext, candidate: Candidate, searched: dict,
         raise ExportCheckFailed(f"the candidate rebuilt from the level database scores "
                                 f"{validation:.6g} on validation, the search recorded {recorded:.6g}")
     printer("writing model.gguf from the level database ...")
-    info = write_candidate_gguf(dense, scoring.db, assignment, out / "model.gguf")
+    try:
+        info = write_candidate_gguf(dense, scoring.db, assignment, out / "model.gguf")
+    except ValueError as err:  # an architecture the writer does not know
+        raise ExportCheckFailed(str(err)) from None
     scored_bytes = round(float(searched.get("size_kb", 0.0)) * 1000)
     if info.tensor_bytes != scored_bytes:
         raise ExportCheckFailed(f"model.gguf holds {info.tensor_bytes} bytes of tensors, the "
@@ -124,7 +91,7 @@ def _llama_cpp_checks(context: SearchContext, dense: nn.Module, out: Path, test:
                       printer: Printer) -> dict:
     """Perplexity and speed in llama.cpp, or why they were not measured."""
     try:
-        from autosparse.export.llama_cpp_eval import (
+        from autosparse.cost.llama_cpp import (
             llama_cpp_perplexity,
             llama_cpp_tokens_per_second,
         )

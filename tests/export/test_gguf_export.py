@@ -16,7 +16,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from autosparse.export.gguf_writer import (
+from autosparse.compress.oneshot.gguf_file import (
     PackedTensor,
     byte_level_tokens,
     gguf_tensor_name,
@@ -24,7 +24,7 @@ from autosparse.export.gguf_writer import (
     rope_unpermute_rows,
     write_llama_gguf,
 )
-from autosparse.export.llama_cpp_eval import (
+from autosparse.cost.llama_cpp import (
     llama_cpp_logits,
     llama_cpp_perplexity,
     llama_cpp_tokens_per_second,

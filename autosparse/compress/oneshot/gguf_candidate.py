@@ -1,0 +1,46 @@
+"""A one-shot candidate as GGUF tensors: each searched layer's stored level bytes from the level
+database (never re-quantized), every other tensor as floats, written by ``gguf_file``.
+
+Why in compress: the search measures a candidate's file in its runtime (``cost.llama_cpp``) and
+the export writes the same file; both assemble it here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from gguf import GGMLQuantizationType
+from torch import nn
+
+from autosparse.compress.oneshot.database import LevelDatabase
+from autosparse.compress.oneshot.gguf_file import GGUFFileInfo, PackedTensor, write_llama_gguf
+from autosparse.compress.oneshot.levels import Level
+
+
+def candidate_tensors(dense: nn.Module, db: LevelDatabase,
+                      assignment: Mapping[str, Level]) -> dict[str, object]:
+    """State-dict name -> the searched layers' stored bytes, every other tensor as floats."""
+    tensors: dict[str, object] = {}
+    for name, value in dense.state_dict().items():
+        layer = name.removesuffix(".weight")
+        level = assignment.get(layer) if name.endswith(".weight") else None
+        if level is not None and level != Level():
+            data, qtype = db.packed(layer, level)
+            tensors[name] = PackedTensor(data, qtype, tuple(value.shape))
+        else:
+            tensors[name] = value.detach().float().cpu().numpy()
+    return tensors
+
+
+def write_candidate_gguf(dense: nn.Module, db: LevelDatabase, assignment: Mapping[str, Level],
+                         path: Path) -> GGUFFileInfo:
+    """The candidate as a Llama GGUF; other architectures are refused with their name."""
+    config = getattr(dense, "config", None)
+    if getattr(config, "model_type", None) != "llama":
+        raise ValueError(
+            f"GGUF export writes Llama-architecture models (LlamaForCausalLM, and Mistral/Qwen2-"
+            f"style checkpoints converted to it); this model is {type(dense).__name__} "
+            f"(model_type {getattr(config, 'model_type', None)!r})")
+    return write_llama_gguf(path, config, candidate_tensors(dense, db, assignment),
+                            float_type=GGMLQuantizationType.F32)

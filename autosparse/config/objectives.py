@@ -26,8 +26,15 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("bops", "bops", "minimize", "bit operations per sample"),
         Objective("latency", "latency_ms", "minimize", "predicted latency (ms)"),
         Objective("energy", "energy_uj", "minimize", "predicted energy (µJ)"),
+        # oneshot only: read from the level database's stored types and the dense reference
+        Objective("bits", "bits_per_weight", "minimize", "stored bits per searched weight"),
+        Objective("kl", "kl", "minimize", "KL divergence to dense (nats/token, calibration)"),
     )
 }
+
+# Objectives that measure quality rather than a cost: the task metric's slot and the one-shot KL.
+# A planner spends budgets on the costs only; ``export --knee`` trades quality against a cost.
+QUALITY_OBJECTIVES: tuple[str, ...] = ("accuracy", "kl")
 
 # Metrics a constraint may bound (units: accuracy in %, drop in points, size in kB = 1000 bytes, latency
 # in ms and energy in µJ per inference at batch 1).
@@ -40,7 +47,13 @@ CONSTRAINT_METRICS: tuple[str, ...] = (
     "bops",
     "latency_ms",
     "energy_uj",
+    "bits_per_weight",
+    "kl",
 )
+
+# What only a one-shot search (``oneshot:`` in the config) computes: the level database knows each
+# layer's stored type, the dense reference the KL.
+ONESHOT_METRICS: tuple[str, ...] = ("bits_per_weight", "kl")
 
 # What needs a hardware profile (``hardware:`` in the config) to be computed.
 HARDWARE_METRICS: tuple[str, ...] = ("latency_ms", "energy_uj")

@@ -24,6 +24,7 @@ from autosparse.config.objectives import (
     CONSTRAINT_METRICS,
     HARDWARE_METRICS,
     OBJECTIVES,
+    ONESHOT_METRICS,
 )
 from autosparse.config.runtime import (
     MEASURE,
@@ -142,7 +143,14 @@ class SearchConfig(Strict):
         if self.data.source == "text" and not language:
             raise ValueError("data.source 'text' gives next-token windows: set task.kind "
                              "'language-model'")
+        oneshot_only = sorted({OBJECTIVES[o].metric for o in self.objectives
+                               if OBJECTIVES[o].metric in ONESHOT_METRICS}
+                              | {c.metric for c in self.constraints if c.metric in ONESHOT_METRICS})
         if self.oneshot is None:
+            if oneshot_only:
+                raise ValueError(f"{', '.join(oneshot_only)} (objectives 'bits', 'kl' or a "
+                                 "constraint) are measured by oneshot's level database: add a "
+                                 "'oneshot:' section, or use 'size' and the task metric")
             return self
         if not language:
             raise ValueError("oneshot scores next-token distributions: set task.kind "
@@ -154,14 +162,9 @@ class SearchConfig(Strict):
         if self.budget.finetune_steps is not None:
             raise ValueError("budget.finetune_steps counts fine-tune steps; oneshot takes none: "
                              "give budget.trials or budget.minutes")
-        if self.strategy.name == "knapsack":
-            raise ValueError("strategy 'knapsack' with oneshot is not available yet: its "
-                             "sensitivity is measured by the fine-tune path; use ga, bo, "
-                             "random or grid-uniform")
         # deterministic scoring: one score per candidate, nothing to re-run with other seeds
         object.__setattr__(self.finetune, "steps", 0)
         object.__setattr__(self.finetune, "reeval_seeds", 0)
-        object.__setattr__(self.strategy, "use_sensitivity", False)
         return self
 
     def cost_profile(self) -> str | None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
+from autosparse.config.objectives import QUALITY_OBJECTIVES
 from autosparse.config.validation import ConfigError
 from autosparse.export.folder import export_digest
 from autosparse.search.context import SearchContext
@@ -59,10 +60,12 @@ def _select(context: SearchContext, study: optuna.Study, request: ExportRequest)
         return by_number(trials, request.trial)
     maximize = context.task.maximize  # a minimised metric (mse): better is lower
     if request.max_drop is not None:
-        minimize = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
+        minimize = request.minimize or next(o for o in context.config.objectives
+                                            if o not in QUALITY_OBJECTIVES)
         return by_rule(trials, request.max_drop, minimize, maximize=maximize,
                        quality=context.task.name)
-    cost = request.minimize or next(o for o in context.config.objectives if o != "accuracy")
+    cost = request.minimize or next(o for o in context.config.objectives
+                                    if o not in QUALITY_OBJECTIVES)
     return knee(trials, cost, maximize=maximize, quality=context.task.name)
 
 

@@ -19,9 +19,11 @@ from autosparse.compress.oneshot.search_levels import OneShotScoring
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.schema import SearchConfig
 from autosparse.cost.calibration.model_table import TableModel
+from autosparse.cost.gguf_latency import GGUFTimer
 from autosparse.cost.latency_table import LatencyTable
 from autosparse.cost.measured_latency import CandidateTimer
 from autosparse.search.allocation.planner import BudgetPlanner, planner_for
+from autosparse.search.allocation.problem import StoredSizes
 from autosparse.search.allocation.table import SensitivityTable
 from autosparse.search.fidelity import FidelityPlan
 from autosparse.search.objective import CandidateEvaluator, SearchObjective
@@ -58,7 +60,7 @@ class SearchContext:
     graph: ChannelGraph | None = None  # channel groups' row/column indices (masks, export)
     latency_table: LatencyTable | None = None  # measured on this machine (calibrate --config)
     latency_table_note: str | None = None  # whether runs/<name>/latency-table.json is used
-    timer: CandidateTimer | None = None  # hardware: measure: times each candidate's ONNX
+    timer: CandidateTimer | GGUFTimer | None = None  # hardware: measure: ONNX / oneshot GGUF
     device: str = "cpu"  # where this process trains and evaluates (the dense model lives there)
     placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
     oneshot: OneShotScoring | None = None  # oneshot: the level database candidates come from
@@ -95,6 +97,13 @@ class SearchContext:
         return TableModel(self.dense, self.table, self.graph, tuple(self.data.input_shape),
                           allowed, self.config.name)
 
+    def stored_sizes(self) -> StoredSizes | None:
+        """A one-shot search's exact per-level sizes for the planner (None otherwise)."""
+        if self.oneshot is None:
+            return None
+        return StoredSizes(self.oneshot.weight_bytes, self.oneshot.weight_numel(),
+                           sum(p.numel() * 4 for p in self.dense.parameters()))
+
     def uses_sensitivity(self) -> bool:
         strategy = self.config.strategy
         return strategy.name == "knapsack" or (strategy.name in ("ga", "bo")
@@ -112,7 +121,8 @@ class SearchContext:
                            optuna.samplers.RandomSampler(seed=self.config.seed))
         self.sensitivity = ensure_sensitivity(self, study, printer)
         self.planner = planner_for(self.space, self.table, self.sensitivity,
-                                   self.config.objectives, self.config.constraints, self.profile)
+                                   self.config.objectives, self.config.constraints, self.profile,
+                                   stored=self.stored_sizes())
         study.sampler = make_sampler(self.config.strategy, self.space, self.config.seed,
                                      planner=self.planner, objectives=self.config.objectives,
                                      dense_accuracy=self.dense_metrics["accuracy"],

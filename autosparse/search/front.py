@@ -179,12 +179,19 @@ def _objective_matrix(frame: pd.DataFrame, objectives: list[str],
 
 @dataclass(frozen=True)
 class HypervolumeSpec:
-    """Objectives normalised so that dense = 1 on every cost axis and accuracy is a fraction."""
+    """Objectives normalised so that dense = 1 on every cost axis and accuracy is a fraction.
+
+    A one-shot ``kl`` objective is left out: it is 0 for the dense model (no scale to normalise
+    by) and a second view of the quality the task metric already measures.
+    """
 
     objectives: list[str]
     dense: dict[str, float]
     direction: str = "maximize"  # the task metric's (autosparse.workload.task)
     percent: bool = True  # the task metric is a percentage (accuracy, topK)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", [o for o in self.objectives if o != "kl"])
 
     def _quality_scale(self) -> float:
         return 100.0 if self.percent else abs(self.dense["accuracy"]) or 1.0

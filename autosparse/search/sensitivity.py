@@ -43,6 +43,9 @@ __all__ = ["validation_subset", "dense_baseline", "measure_sensitivity", "fisher
 
 Batches = list[tuple[Tensor, Tensor]]
 OnDecision = Callable[[str, list[ChoiceSensitivity]], None]
+# (layers, choice) -> {layer: {"weight": tensor}}: where a choice's compressed weights come from
+# when not from ``compress_model`` (a one-shot search reads them from its level database)
+TensorSource = Callable[[tuple[str, ...], LayerChoice], dict[str, dict[str, Tensor]]]
 _PER_SAMPLE_FLOATS = 2 ** 26
 
 
@@ -250,8 +253,12 @@ def measure_sensitivity(
     baseline: tuple[float, float] | None = None,
     graph: ChannelGraph | None = None,
     task: Task | None = None,
+    tensors_for: TensorSource | None = None,
 ) -> list[ChoiceSensitivity]:
     """Entries of every decision not in ``skip``, decision by decision (see the module doc).
+
+    ``tensors_for(layers, choice)`` gives a choice's compressed weights instead of
+    ``compress_model`` (one-shot: the level database's stored levels).
 
     ``on_decision(name, entries)`` runs after each decision, so a caller can store it at once
     and a kill loses at most the decision in progress. ``baseline`` is the dense (loss,
@@ -265,13 +272,16 @@ def measure_sensitivity(
     device = device_of(dense)
     batches = validation_subset(data, cfg, device)
     dense_modules = dict(dense.named_modules())
+    if tensors_for is None:
+        def tensors_for(layers, choice):
+            return compressed_tensors(dense_modules, layers, choice, scores, graph)
     out: list[ChoiceSensitivity] = []
     if cfg.method == "fisher":
         fisher = fisher_diagonal(dense, batches, [n for d in todo for n in d.layers], task)
         for decision in todo:
             entries = []
             for choice in measured_choices(decision):
-                tensors = compressed_tensors(dense_modules, decision.layers, choice, scores, graph)
+                tensors = tensors_for(tuple(decision.layers), choice)
                 # a channel group's consumers have no Fisher here: their removed columns read
                 # channels whose own change is already counted
                 delta = sum(float((fisher[name] * (by["weight"].float()
@@ -291,7 +301,7 @@ def measure_sensitivity(
     for decision in todo:
         entries = []
         for choice in measured_choices(decision):
-            tensors = compressed_tensors(dense_modules, decision.layers, choice, scores, graph)
+            tensors = tensors_for(tuple(decision.layers), choice)
             with _swapped(work_modules, tensors):
                 loss, accuracy = _loss_and_accuracy(work, batches, task)
             entries.append(ChoiceSensitivity(decision.name, choice_id(choice),

@@ -94,13 +94,14 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
             usable[name] = entries
             save_header(False)
 
-        taylor = any("taylor" in d.criteria for d in todo)
+        oneshot = getattr(context, "oneshot", None)  # levels stored: nothing to compress
+        taylor = oneshot is None and any("taylor" in d.criteria for d in todo)
         scores = scores_for_space(context.dense, context.data, context.space,
                                   context.config.finetune, task) if taylor else None
         measure_sensitivity(context.dense, context.data, context.space, cfg, scores=scores,
                             skip=frozenset(usable), on_decision=on_decision, baseline=baseline,
-                            graph=getattr(context, "graph", None),
-                            task=task)
+                            graph=getattr(context, "graph", None), task=task,
+                            tensors_for=None if oneshot is None else oneshot.layer_tensors)
         seconds = save_header(True)
     else:
         baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))

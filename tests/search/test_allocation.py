@@ -25,6 +25,7 @@ from autosparse.search.allocation.planner import BudgetPlanner, Observation, pla
 from autosparse.search.allocation.predictor import PRIOR_SCALE, fit, prior
 from autosparse.search.allocation.problem import (
     AllocationProblem,
+    StoredSizes,
     additive_error,
     build_problem,
     cost_objectives,
@@ -417,3 +418,20 @@ def test_planner_for_builds_costs_for_constraints(problem):
     assert planner.extra_budgets == {"latency": 1.0}
     with pytest.raises(ValueError, match="latency"):
         BudgetPlanner(problem, ["latency"])
+
+
+def test_stored_sizes_give_the_files_exact_size_and_bits():
+    """One-shot costs: a layer's bytes are what its level stores; the rest of the model is F32."""
+    from autosparse.space.candidate import LayerChoice
+
+    def weight_bytes(layer, choice):  # 34 bytes per 32 weights at 8 bits (Q8_0), F32 otherwise
+        n = {"a": 64, "b": 128}[layer]
+        return n * 34 // 32 if choice.bits == 8 else n * 4
+
+    stored = StoredSizes(weight_bytes, {"a": 64, "b": 128}, dense_bytes=4 * (64 + 128 + 10))
+    int8 = LayerChoice.make("dense", 0.0, 8)
+    assert stored.option_cost("size", ["a", "b"], int8) == pytest.approx(192 * 34 / 32 / 1000)
+    assert stored.option_cost("bits", ["a"], int8) == pytest.approx(8 * 68 / 192)
+    assert stored.fixed_and_dense("size") == pytest.approx((0.040, 0.808))
+    assert stored.fixed_and_dense("bits") == (0.0, 32.0)
+    assert cost_objectives(["accuracy", "kl", "bits"]) == ["bits"]

@@ -140,7 +140,7 @@ def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_f
      "bits 2 with sparsity"),
     ({"space": {"default": {"bits": [7]}}}, "bits [7]"),
     ({"finetune": {"steps": 10}}, "fine-tunes no candidate"),
-    ({"strategy": {"name": "knapsack"}}, "knapsack"),
+    ({"oneshot": None, "objectives": ["perplexity", "bits"]}, "add a 'oneshot:' section"),
     ({"task": {"kind": "classification"}, "objectives": ["accuracy", "size"]}, "language-model"),
 ])
 def test_oneshot_config_errors_name_the_field(tmp_path, model_folder, text_folder, changes, words):
@@ -159,3 +159,57 @@ def test_a_layer_the_database_cannot_store_is_named(tmp_path, model_folder, text
     with pytest.raises(ConfigError) as err:
         run_search(config, runs_dir=tmp_path / "runs", printer=lambda line: None)
     assert "oneshot" in str(err.value) and "cannot be stored as Q4_K" in str(err.value)
+
+
+def test_knapsack_plans_with_database_sensitivity_and_exact_stored_sizes(tmp_path, model_folder,
+                                                                       text_folder):
+    """knapsack on a one-shot search: each layer's sensitivity is measured with the database's
+    stored levels, and the planner's bits and size of every allocation are the stored file's."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "ks", model_folder, text_folder,
+                          strategy={"name": "knapsack"}, budget={"trials": 5},
+                          objectives=["perplexity", "bits"], constraints=["size_kb <= 400"],
+                          sensitivity={"samples": 4})
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    trials = outcome.trials
+    assert (trials["state"] == "COMPLETE").sum() == 5
+    assert len(set(trials["candidate"])) == 5, "the planner proposes each allocation once"
+
+    context = prepare(config, runs)
+    study = context.open_study()
+    problem = context.planner.problem
+    for _, row in trials.iterrows():
+        allocation = problem.allocation_of(Candidate.from_json(row["candidate"]))
+        assert problem.total("bits", allocation) == pytest.approx(row["bits_per_weight"])
+        assert problem.total("size", allocation) == pytest.approx(row["size_kb"])
+    assert study.trials, "the study reopened with the stored sensitivity"
+
+    # one entry by hand: the task loss with that layer alone at its level, the rest dense
+    from autosparse.search.sensitivity import _loss_and_accuracy, validation_subset
+    decision = context.space.decisions[0]
+    choice = sorted(c for c in decision.distinct_choices() if c.bits == 5)[0]
+    entry = context.sensitivity.get(decision.name, choice)
+    batches = validation_subset(context.data, context.config.sensitivity)
+    dense_loss, _ = _loss_and_accuracy(context.dense, batches, context.task)
+    alone = context.oneshot.model(context.dense, Candidate({n: choice for n in decision.layers}))
+    loss, _ = _loss_and_accuracy(alone, batches, context.task)
+    assert entry.loss_delta == pytest.approx(loss - dense_loss, rel=1e-5, abs=1e-7)
+
+
+def test_kl_objective_goes_on_the_front_and_the_knee_trades_a_cost(tmp_path, model_folder,
+                                                                  text_folder):
+    """objectives [perplexity, kl, size] with the GA (seeded from the database sensitivity):
+    kl is a front axis, and ``export --knee`` trades quality against size, never against kl."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "klf", model_folder, text_folder,
+                          strategy={"name": "ga"}, budget={"trials": 4},
+                          objectives=["perplexity", "kl", "size"], sensitivity={"samples": 4})
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    assert "kl" in outcome.front.columns and outcome.front["kl"].notna().all()
+    study = load_study(runs, "klf")
+    assert len(study.directions) == 3
+    exported = run_export(config, ExportRequest(knee=True, mlflow=False), runs_dir=runs,
+                          printer=lambda line: None)
+    assert (exported.out_dir / "model.gguf").is_file()
+    chosen = int(exported.out_dir.name.removeprefix("trial-"))
+    assert chosen in set(outcome.front["trial"])

@@ -131,6 +131,22 @@ class OneShotScoring:
     def model(self, dense: nn.Module, candidate: Candidate) -> nn.Module:
         return stitched(dense, self.db, self.assignment(candidate))
 
+    def layer_tensors(self, layers: list[str] | tuple[str, ...],
+                      choice: LayerChoice) -> dict[str, dict[str, torch.Tensor]]:
+        """The stored weights of ``layers`` at ``choice``'s level, as the sensitivity swaps
+        them in: each layer alone, exactly what a candidate holding that level computes."""
+        level = level_of(choice, self.config)
+        return {name: {"weight": self.db.weight(name, level)} for name in layers}
+
+    def weight_bytes(self, layer: str, choice: LayerChoice) -> int:
+        """Bytes of ``layer``'s weight at ``choice`` in the exported file (its GGUF type)."""
+        return self.db.stored_bytes(layer, level_of(choice, self.config))
+
+    def weight_numel(self) -> dict[str, int]:
+        """Weight elements of every searched layer (what ``bits_per_weight`` averages over)."""
+        return {layer: self.db.shape(layer)[0] * self.db.shape(layer)[1]
+                for layer in self.db.layers}
+
     def metrics(self, model: nn.Module, dense_bytes: int, candidate: Candidate) -> dict[str, float]:
         """KL to dense on the calibration windows, stored size and bits per searched weight."""
         assignment = self.assignment(candidate)

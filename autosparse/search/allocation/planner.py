@@ -23,7 +23,8 @@ over trials so far)::
     budget = sqrt(c_lo c_hi) of the largest gap (the next gap if that budget has nothing new)
     next   = solve(refit weights, k, budget, exclude=dense + every allocation tried or in flight)
 
-Constraints ``metric <= bound`` on additive metrics (size_kb, macs, bops, latency_ms, energy_uj)
+Constraints ``metric <= bound`` on additive metrics (size_kb, macs, bops, latency_ms, energy_uj,
+bits_per_weight with oneshot)
 become extra MILP budgets; ``accuracy_drop <= bound`` caps ``max_drop`` and ``near_lossless``.
 Other constraints are left to the study (their trials are scored and marked infeasible as usual).
 """
@@ -35,12 +36,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from autosparse.config.hardware import HardwareProfile
+from autosparse.config.objectives import QUALITY_OBJECTIVES
 from autosparse.search.allocation.knapsack import cheapest, solve
 from autosparse.search.allocation.predictor import Predictor, fit, prior
 from autosparse.search.allocation.problem import (
     ADDITIVE_METRICS,
     Allocation,
     AllocationProblem,
+    StoredSizes,
     build_problem,
     cost_objectives,
 )
@@ -82,7 +85,7 @@ class BudgetPlanner:
                  prior_scale: float | None = None, ridge: float = 1.0) -> None:
         if not isinstance(problem, AllocationProblem):
             raise ValueError(f"problem must be an AllocationProblem, got {type(problem).__name__}")
-        self.objectives = [o for o in objectives if o != "accuracy"]
+        self.objectives = [o for o in objectives if o not in QUALITY_OBJECTIVES]
         if not self.objectives:
             raise ValueError(f"objectives {list(objectives)} name no cost objective")
         for o in self.objectives:
@@ -226,10 +229,12 @@ def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def planner_for(space: SearchSpace, table: LayerTable, sensitivity: SensitivityTable,
                 objectives: Sequence[str], constraints: Iterable[Any] = (),
-                profile: HardwareProfile | None = None, **options: Any) -> BudgetPlanner:
-    """The planner for a search: costs for its cost objectives and constrained additive metrics."""
+                profile: HardwareProfile | None = None, stored: StoredSizes | None = None,
+                **options: Any) -> BudgetPlanner:
+    """The planner for a search: costs for its cost objectives and constrained additive metrics
+    (with ``stored``, a one-shot search's exact stored sizes)."""
     constraints = list(constraints)
     metrics = [_constraint_parts(c)[0] for c in constraints]
     needed = cost_objectives(objectives, metrics)
-    problem = build_problem(space, table, sensitivity, needed, profile)
+    problem = build_problem(space, table, sensitivity, needed, profile, stored)
     return BudgetPlanner(problem, cost_objectives(objectives), constraints, **options)

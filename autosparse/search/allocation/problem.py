@@ -11,12 +11,13 @@ a time with every other layer dense fp32, and :func:`additive_error` says how fa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from autosparse.compress.footprint import layer_footprint
 from autosparse.config.hardware import HardwareProfile
-from autosparse.config.objectives import OBJECTIVES, metric_of
+from autosparse.config.objectives import OBJECTIVES, QUALITY_OBJECTIVES, metric_of
 from autosparse.cost.estimate import estimate_cost
 from autosparse.search.allocation.table import SensitivityTable, choice_id
 from autosparse.space.candidate import DENSE_FP32, Candidate, LayerChoice
@@ -27,9 +28,34 @@ Allocation = tuple[int, ...]  # option index per decision, in problem.decisions 
 
 FOOTPRINT_OBJECTIVES = ("size", "macs", "bops")  # exactly additive
 HARDWARE_OBJECTIVES = ("latency", "energy")  # additive up to neighbour effects; need a profile
-COST_OBJECTIVES = FOOTPRINT_OBJECTIVES + HARDWARE_OBJECTIVES
+STORED_OBJECTIVES = ("bits",)  # one-shot: from the level database's stored types
+COST_OBJECTIVES = FOOTPRINT_OBJECTIVES + HARDWARE_OBJECTIVES + STORED_OBJECTIVES
 # constraint metric -> cost objective, for the metrics that are sums over layers
 ADDITIVE_METRICS = {metric_of(name): name for name in COST_OBJECTIVES}
+
+
+@dataclass(frozen=True)
+class StoredSizes:
+    """What a one-shot search stores, exactly: ``weight_bytes(layer, choice)`` is the bytes of
+    the layer's weight at that choice's level in its GGUF type (block scales included), and every
+    other parameter is stored F32. With it, ``size`` (kB) and ``bits`` (per searched weight) are
+    the file's own sums rather than the footprint's prediction."""
+
+    weight_bytes: Callable[[str, LayerChoice], int]
+    weight_numel: Mapping[str, int]  # searched layer -> weight elements
+    dense_bytes: int  # every parameter at F32
+
+    def option_cost(self, objective: str, layers: Sequence[str], choice: LayerChoice) -> float:
+        stored = sum(self.weight_bytes(name, choice) for name in layers)
+        if objective == "size":
+            return stored / 1000
+        return 8.0 * stored / sum(self.weight_numel.values())  # bits
+
+    def fixed_and_dense(self, objective: str) -> tuple[float, float]:
+        if objective == "size":
+            searched = 4 * sum(self.weight_numel.values())
+            return (self.dense_bytes - searched) / 1000, self.dense_bytes / 1000
+        return 0.0, 32.0  # bits: F32 everywhere
 
 
 @dataclass(frozen=True)
@@ -115,7 +141,7 @@ class AllocationProblem:
 def cost_objectives(objectives: Iterable[str], constraint_metrics: Iterable[str] = ()) -> list[str]:
     """The additive cost objectives a search needs costs for: its cost objectives, then the
     objectives behind its constraints on additive metrics (``size_kb`` -> ``size``)."""
-    out = [o for o in objectives if o != "accuracy"]
+    out = [o for o in objectives if o not in QUALITY_OBJECTIVES]
     out += [ADDITIVE_METRICS[m] for m in constraint_metrics if m in ADDITIVE_METRICS]
     unknown = [o for o in out if o not in COST_OBJECTIVES]
     if unknown:
@@ -125,9 +151,10 @@ def cost_objectives(objectives: Iterable[str], constraint_metrics: Iterable[str]
 
 
 def build_problem(space: SearchSpace, table: LayerTable, sensitivity: SensitivityTable,
-                  objectives: Iterable[str], profile: HardwareProfile | None = None
-                  ) -> AllocationProblem:
+                  objectives: Iterable[str], profile: HardwareProfile | None = None,
+                  stored: StoredSizes | None = None) -> AllocationProblem:
     """The problem for ``space``; ``objectives`` may list accuracy (ignored) and cost objectives.
+    With ``stored`` (one-shot), ``size`` and ``bits`` are the stored file's exact sums.
 
     Raises ValueError naming the first (decision, choice) the sensitivity table lacks.
     """
@@ -156,7 +183,17 @@ def build_problem(space: SearchSpace, table: LayerTable, sensitivity: Sensitivit
     costs: dict[str, tuple[tuple[float, ...], ...]] = {}
     fixed: dict[str, float] = {}
     dense: dict[str, float] = {}
-    footprint_wanted = [o for o in wanted if o in FOOTPRINT_OBJECTIVES]
+    stored_wanted = [o for o in wanted if o in STORED_OBJECTIVES
+                     or (stored is not None and o == "size")]
+    if stored_wanted and stored is None:
+        raise ValueError(f"objectives {stored_wanted} need the one-shot level database's sizes")
+    for objective in stored_wanted:
+        assert stored is not None
+        costs[objective] = tuple(tuple(stored.option_cost(objective, d.layers, choice)
+                                       for choice in opts)
+                                 for d, opts in zip(space.decisions, options))
+        fixed[objective], dense[objective] = stored.fixed_and_dense(objective)
+    footprint_wanted = [o for o in wanted if o in FOOTPRINT_OBJECTIVES and o not in stored_wanted]
     if footprint_wanted:
         c, f, t = _footprint_costs(space, table, options, footprint_wanted)
         costs.update(c), fixed.update(f), dense.update(t)

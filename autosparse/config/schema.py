@@ -147,6 +147,12 @@ class SearchConfig(Strict):
                                if OBJECTIVES[o].metric in ONESHOT_METRICS}
                               | {c.metric for c in self.constraints if c.metric in ONESHOT_METRICS})
         if self.oneshot is None:
+            if self.budget.tokens is not None:
+                raise ValueError("budget.tokens counts the tokens oneshot scores: add a "
+                                 "'oneshot:' section, or give budget.finetune_steps")
+            if "low_windows" in self.fidelity.model_fields_set:
+                raise ValueError("fidelity.low_windows screens oneshot candidates on a few "
+                                 "windows: add a 'oneshot:' section, or use fidelity.low_steps")
             if oneshot_only:
                 raise ValueError(f"{', '.join(oneshot_only)} (objectives 'bits', 'kl' or a "
                                  "constraint) are measured by oneshot's level database: add a "
@@ -161,7 +167,10 @@ class SearchConfig(Strict):
                              "candidate; remove finetune.steps (or remove oneshot)")
         if self.budget.finetune_steps is not None:
             raise ValueError("budget.finetune_steps counts fine-tune steps; oneshot takes none: "
-                             "give budget.trials or budget.minutes")
+                             "give budget.tokens, budget.trials or budget.minutes")
+        if "low_steps" in self.fidelity.model_fields_set:
+            raise ValueError("fidelity.low_steps counts fine-tune steps; oneshot screens on "
+                             "fewer windows: use fidelity.low_windows")
         # deterministic scoring: one score per candidate, nothing to re-run with other seeds
         object.__setattr__(self.finetune, "steps", 0)
         object.__setattr__(self.finetune, "reeval_seeds", 0)

@@ -187,12 +187,17 @@ class SensitivityConfig(Strict):
 
 class FidelityConfig(Strict):
     """Multi-fidelity screening (with ``budget.finetune_steps``): a short fine-tune first, the
-    full one only for candidates whose short result could still reach the front."""
+    full one only for candidates whose short result could still reach the front. With oneshot
+    and ``budget.tokens``: a score on a few windows first (successive halving by tokens)."""
 
     low_steps: int | None = Field(None, ge=0, description="steps of the short fine-tune; default "
                                   "a quarter of finetune.steps; 0 turns screening off")
     promote_rank: int = Field(0, ge=0, description="promote when the short result's non-dominated "
                               "rank among all short results is at most this (0 = first front)")
+    low_windows: int | None = Field(None, ge=0, description="oneshot with budget.tokens: "
+                                    "validation windows of the short score (the KL takes the "
+                                    "same share of calibration windows); default a quarter; "
+                                    "0 turns screening off")
     tolerance: float = Field(0.5, ge=0, description="accuracy points added to a short result "
                              "before ranking it (short fine-tunes are noisy and pessimistic); "
                              "for another task metric, its units, in its better direction")
@@ -203,15 +208,29 @@ class BudgetConfig(Strict):
     minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
     finetune_steps: int | None = Field(None, ge=1, description="total fine-tune steps of the "
                                        "search (all fidelities); an alternative to 'trials'")
+    tokens: int | None = Field(None, ge=1, description="oneshot: total tokens the search scores "
+                               "(validation and calibration windows x their length, all "
+                               "fidelities); an alternative to 'trials'")
 
     @model_validator(mode="after")
     def _some_budget(self) -> "BudgetConfig":
-        if self.finetune_steps is not None and "trials" not in self.model_fields_set:
+        if self.finetune_steps is not None and self.tokens is not None:
+            raise ValueError("give 'finetune_steps' (fine-tune path) or 'tokens' (oneshot), "
+                             "not both")
+        if self.work() is not None and "trials" not in self.model_fields_set:
             # an alternative to the default trial count, not an addition to it
             object.__setattr__(self, "trials", None)
-        if self.trials is None and self.minutes is None and self.finetune_steps is None:
-            raise ValueError("give 'trials', 'minutes', 'finetune_steps' or a combination")
+        if self.trials is None and self.minutes is None and self.work() is None:
+            raise ValueError("give 'trials', 'minutes', 'finetune_steps', 'tokens' or a "
+                             "combination")
         return self
+
+    def work(self) -> int | None:
+        """The compute budget in work units: fine-tune steps, or oneshot's scored tokens."""
+        return self.finetune_steps if self.finetune_steps is not None else self.tokens
+
+    def work_unit(self) -> str:
+        return "tokens scored" if self.tokens is not None else "fine-tune steps"
 
 
 class FinetuneConfig(Strict):

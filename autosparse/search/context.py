@@ -85,7 +85,9 @@ class SearchContext:
                                        self.dense_metrics["accuracy"], self.profile, self.graph,
                                        latency_table=self.latency_table, timer=self.timer,
                                        task=self.task, oneshot=self.oneshot)
-        fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps())
+        low = (None if self.oneshot is None
+               else evaluator.oneshot_low_tokens(self.config.fidelity.low_windows))
+        fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps(), low)
         return SearchObjective(self.grid or self.space, evaluator, self.config.objectives,
                                list(self.config.constraints), fidelity)
 

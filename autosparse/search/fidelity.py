@@ -10,6 +10,11 @@ for candidates whose short result could still reach the front.
 Ranks are non-dominated ranks over every objective (accuracy and each cost), not one scalar.
 Everything is read from the study, so it works with several workers and on resume; a trial
 records its fidelity and the fine-tune steps it used, which the ``finetune_steps`` budget sums.
+
+One-shot searches screen the same way by tokens (successive halving, as EvoPress's stages): the
+short score is the task metric on the first ``fidelity.low_windows`` validation windows and the
+KL on the same share of calibration windows; a trial records the tokens it scored, which
+``budget.tokens`` sums.
 """
 
 from __future__ import annotations
@@ -42,12 +47,15 @@ class FidelityPlan:
     constraints: tuple[Constraint, ...] = ()
 
     @classmethod
-    def from_config(cls, config: SearchConfig, full_steps: int) -> "FidelityPlan | None":
-        """The plan when ``budget.finetune_steps`` is set and a short fine-tune is shorter than
-        the full one; None (every candidate gets the full fine-tune) otherwise."""
-        if config.budget.finetune_steps is None:
+    def from_config(cls, config: SearchConfig, full_steps: int,
+                    low_steps: int | None = None) -> "FidelityPlan | None":
+        """The plan when ``budget.finetune_steps`` (or oneshot's ``budget.tokens``) is set and
+        a short fine-tune (score) is shorter than the full one; None (every candidate gets the
+        full one) otherwise. Steps are the budget's work units: fine-tune steps, or with oneshot
+        scored tokens (``low_steps`` then comes from ``fidelity.low_windows``)."""
+        if config.budget.work() is None:
             return None
-        low = config.fidelity.low_steps
+        low = config.fidelity.low_steps if low_steps is None else low_steps
         low = max(1, full_steps // 4) if low is None else low
         if low == 0 or low >= full_steps:
             return None

@@ -125,9 +125,37 @@ class CandidateEvaluator:
         return run.student, result.final_loss
 
     def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
-        """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split."""
+        """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split.
+        With oneshot, the work of one full score instead: the tokens it scores."""
+        if self.oneshot is not None:
+            return self.oneshot_tokens(*self.oneshot_windows(None))
         cfg = cfg or self.finetune_cfg
         return resolve_steps(cfg, _batches_per_epoch(self.data.loader("train", cfg.batch_size)))
+
+    def oneshot_windows(self, share: float | None) -> tuple[int, int]:
+        """(validation, calibration) windows a one-shot score reads: all of them, or the first
+        ``share`` of each (at least one) for a short score."""
+        assert self.oneshot is not None
+        validation = self.data.samples("validation")
+        calibration = self.oneshot.reference.n_windows
+        if share is None or share >= 1:
+            return validation, calibration
+        return (max(1, min(validation, round(share * validation))),
+                max(1, min(calibration, round(share * calibration))))
+
+    def oneshot_tokens(self, validation: int, calibration: int) -> int:
+        """Tokens scored over that many windows (each predicts its length - 1 tokens)."""
+        assert self.oneshot is not None
+        return (validation + calibration) * self.oneshot.reference.tokens_per_window
+
+    def oneshot_low_tokens(self, low_windows: int | None) -> int:
+        """The short score's tokens: ``low_windows`` validation windows (default a quarter)
+        and the same share of calibration windows; 0 turns screening off."""
+        validation = self.data.samples("validation")
+        if low_windows == 0:
+            return 0
+        share = (low_windows if low_windows is not None else max(1, validation // 4)) / validation
+        return self.oneshot_tokens(*self.oneshot_windows(share))
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         with self.staged(candidate) as run:
@@ -171,16 +199,17 @@ class StagedRun:
         self.session.close()
 
     def score(self, steps: int | None = None) -> dict[str, float]:
-        """Fine-tune up to ``steps`` (default: the full length), then validate."""
+        """Fine-tune up to ``steps`` (default: the full length), then validate. One-shot: no
+        fine-tune; ``steps`` is the tokens to score (a short score reads the first windows)."""
         ev = self.evaluator
+        if ev.oneshot is not None:
+            return self._oneshot_score(steps)
         start = time.perf_counter()
         result = self.session.run_until(steps)
         tuned = time.perf_counter()
         accuracy = evaluate(self.student, ev.data.loader("validation", ev.data.batch_size),
                             ev.task)  # the task metric, in the slot named accuracy
         self._seconds += tuned - start
-        if ev.oneshot is not None:
-            return self._oneshot_metrics(accuracy, tuned)
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         metrics = {
             "accuracy": accuracy,
@@ -201,21 +230,46 @@ class StagedRun:
         return metrics
 
 
-    def _oneshot_metrics(self, accuracy: float, tuned: float) -> dict[str, float]:
+    def _oneshot_score(self, tokens: int | None) -> dict[str, float]:
+        """The task metric on the first validation windows and the KL on the same share of
+        calibration windows: all of them unless ``tokens`` asks for less (screening)."""
+        ev = self.evaluator
+        full = ev.finetune_steps()
+        validation, calibration = ev.oneshot_windows(None if tokens is None else tokens / full)
+        x, y = ev.data.split("validation").tensors
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(x[:validation], y[:validation]),
+            batch_size=ev.data.batch_size)
+        start = time.perf_counter()
+        accuracy = evaluate(self.student, loader, ev.task)  # the task metric, in the accuracy slot
+        metrics = self._oneshot_metrics(accuracy, start, calibration)
+        metrics["tokens_scored"] = float(ev.oneshot_tokens(validation, calibration))
+        return metrics
+
+    def _oneshot_metrics(self, accuracy: float, tuned: float,
+                         calibration: int | None = None) -> dict[str, float]:
         """A one-shot candidate: its task metric on validation, its KL to the dense model on
-        the calibration windows, and its size as GGUF stores it (``search_levels``)."""
+        the calibration windows, and its size as GGUF stores it (``search_levels``); with
+        ``hardware: measure``, its GGUF's ms per generated token in llama.cpp (``gguf_latency``,
+        cached by candidate key), the profile's prediction kept as ``latency_ms_predicted``."""
         ev = self.evaluator
         assert ev.oneshot is not None
         dense_bytes = sum(p.numel() * 4 for p in ev.dense.parameters())
-        return {
+        metrics = {
             **cost_metrics(ev.table, self.candidate, ev.profile, latency_table=ev.latency_table),
             "accuracy": accuracy,
             "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
                               else ev.task.drop(ev.dense_accuracy, accuracy)),
-            **ev.oneshot.metrics(self.student, dense_bytes, self.candidate),
+            **ev.oneshot.metrics(self.student, dense_bytes, self.candidate, calibration),
             "finetune_loss": math.nan, "finetune_steps": 0.0, "finetune_seconds": 0.0,
             "eval_seconds": time.perf_counter() - tuned,
         }
+        if isinstance(ev.timer, GGUFTimer):  # hardware: measure: its GGUF timed in llama.cpp
+            measured = ev.timer.measure(self.candidate.key, ev.oneshot.assignment(self.candidate))
+            self._measure_seconds += measured.seconds
+            metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
+            metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
+        return metrics
 
 
 def cost_metrics(table: LayerTable, candidate: Candidate, profile: HardwareProfile | None,
@@ -310,12 +364,15 @@ class SearchObjective:
         trial that diverges or is running in another worker.
         """
         plan = self.fidelity
+        oneshot = self.evaluator.oneshot is not None
+        short = 0  # one-shot: the short score's tokens, which the full score does not continue
         with self.evaluator.staged(candidate) as run:
             if plan is not None:
                 low = stored_low(trial.study, candidate.key, KEY_ATTR)
                 trial.set_user_attr(STEPS_ATTR, 0 if low is not None else plan.low_steps)
                 if low is None:
                     low = run.score(plan.low_steps)
+                    short = plan.low_steps if oneshot else 0
                 self._check_finite(low)
                 trial.set_user_attr(LOW_ATTR, low)
                 promoted, why = plan.promote(trial.study, trial.number, low)
@@ -323,9 +380,11 @@ class SearchObjective:
                 if not promoted:
                     trial.set_user_attr(FIDELITY_ATTR, "low")
                     raise optuna.TrialPruned(why)
-            trial.set_user_attr(STEPS_ATTR, run.session.total_steps)
+            trial.set_user_attr(STEPS_ATTR, short + (self.evaluator.finetune_steps() if oneshot
+                                                     else run.session.total_steps))
             metrics = run.score()
-        trial.set_user_attr(STEPS_ATTR, int(metrics["finetune_steps"]))
+        spent = metrics["tokens_scored"] if oneshot else metrics["finetune_steps"]
+        trial.set_user_attr(STEPS_ATTR, short + int(spent))
         return metrics
 
     def _check_finite(self, metrics: Mapping[str, Any]) -> None:

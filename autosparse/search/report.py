@@ -72,7 +72,7 @@ class Progress:
         front = int(frame["on_front"].sum()) if done else 0
         if self.budget.finetune_steps is not None:
             pruned = int((frame["state"] == "PRUNED").sum()) if done else 0
-            left += (f" | fine-tune steps {self.budget.spent_steps(study)}/"
+            left += (f" | {self.budget.unit} {self.budget.spent_steps(study)}/"
                      f"{self.budget.finetune_steps} | screened out {pruned}")
         self.line.update(done, f"failed {failed} | front {front} | hypervolume {hv:.4f} | "
                                f"{_duration(elapsed)} elapsed{left}")
@@ -115,8 +115,10 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "budget_trials": config.budget.trials,
         "budget_minutes": config.budget.minutes,
         "budget_finetune_steps": config.budget.finetune_steps,
+        "budget_tokens": config.budget.tokens,
         "seed": config.seed,
-        "finetune_steps": context.objective().evaluator.finetune_steps(),  # epochs resolved
+        "finetune_steps": (context.objective().evaluator.finetune_steps()  # epochs resolved
+                           if context.oneshot is None else 0),
         "space_size": context.space.size(),
         "searched_layers": len(context.space.layer_names),
         "hardware": config.hardware or "none",

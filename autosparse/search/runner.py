@@ -102,10 +102,11 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     total = context.budget_trials(extend)
     _enqueue_warm_starts(context, study, total)
     deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
-    steps_budget = config.budget.finetune_steps
+    steps_budget = config.budget.work()  # fine-tune steps, or oneshot's scored tokens
     if steps_budget is not None and extend:  # --extend N: N more full fine-tunes' worth
         steps_budget += extend * context.objective().evaluator.finetune_steps()
-    budget = Budget(total, deadline, steps_budget, _in_flight_steps(context))
+    budget = Budget(total, deadline, steps_budget, _in_flight_steps(context),
+                    config.budget.work_unit())
     before = counted_trials(study)
     if budget.exhausted(study):
         printer(f"budget of {budget.describe()} already used ({before} trials in "

@@ -49,8 +49,9 @@ MAX_FREE_REPEATS = 50
 class Budget:
     trials: int | None
     deadline: float | None
-    finetune_steps: int | None = None
+    finetune_steps: int | None = None  # the work budget: fine-tune steps or oneshot's tokens
     in_flight_steps: int = 0  # what a running trial that recorded nothing yet will spend
+    unit: str = "fine-tune steps"  # what finetune_steps counts
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -74,7 +75,7 @@ class Budget:
     def describe(self) -> str:
         parts = [f"{self.trials} trials"] if self.trials is not None else []
         if self.finetune_steps is not None:
-            parts.append(f"{self.finetune_steps} fine-tune steps")
+            parts.append(f"{self.finetune_steps} {self.unit}")
         return " / ".join(parts) or "time"
 
 

@@ -141,6 +141,9 @@ def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_f
     ({"space": {"default": {"bits": [7]}}}, "bits [7]"),
     ({"finetune": {"steps": 10}}, "fine-tunes no candidate"),
     ({"oneshot": None, "objectives": ["perplexity", "bits"]}, "add a 'oneshot:' section"),
+    ({"oneshot": None, "budget": {"tokens": 1000}}, "budget.tokens counts the tokens"),
+    ({"fidelity": {"low_steps": 5}}, "use fidelity.low_windows"),
+    ({"budget": {"tokens": 1000, "finetune_steps": 10}}, "not both"),
     ({"task": {"kind": "classification"}, "objectives": ["accuracy", "size"]}, "language-model"),
 ])
 def test_oneshot_config_errors_name_the_field(tmp_path, model_folder, text_folder, changes, words):
@@ -213,3 +216,37 @@ def test_kl_objective_goes_on_the_front_and_the_knee_trades_a_cost(tmp_path, mod
     assert (exported.out_dir / "model.gguf").is_file()
     chosen = int(exported.out_dir.name.removeprefix("trial-"))
     assert chosen in set(outcome.front["trial"])
+
+
+def test_a_token_budget_screens_candidates_on_a_few_windows_first(tmp_path, model_folder,
+                                                                  text_folder):
+    """budget.tokens with fidelity.low_windows: each new candidate is scored on 1 validation
+    window and a quarter of the calibration windows first; only those that could reach the
+    front are scored in full. Every trial records the tokens it scored; the sum stays within
+    the budget plus the one score that crossed it."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "sh", model_folder, text_folder, strategy={"name": "random"},
+                          budget={"tokens": 2000},
+                          fidelity={"low_windows": 1, "tolerance": 0.0})
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    study = load_study(runs, "sh")
+    context = prepare(config, runs)
+    evaluator = context.objective().evaluator
+    full = evaluator.finetune_steps()
+    low = evaluator.oneshot_low_tokens(1)
+    per_window = context.oneshot.reference.tokens_per_window
+    assert (full, low) == ((4 + 8) * per_window, (1 + 2) * per_window)
+    spent = [int(t.user_attrs["finetune_steps_used"]) for t in study.trials]
+    states = [t.state.name for t in study.trials]
+    assert "PRUNED" in states, "some candidate was screened out on its short score"
+    for trial, used in zip(study.trials, spent):
+        assert "low_fidelity" in trial.user_attrs
+        assert used == (low + full if trial.state.name == "COMPLETE" else low)
+    assert 2000 <= sum(spent) < 2000 + low + full
+    complete = outcome.trials[outcome.trials["state"] == "COMPLETE"]
+    assert (complete["tokens_scored"] == full).all()
+    # the short score reads the first windows: a repeat of the full score on them agrees
+    trial = next(t for t in study.trials if t.state.name == "COMPLETE")
+    with evaluator.staged(Candidate.from_json(trial.user_attrs["candidate"])) as run:
+        again = run.score(low)
+    assert again["accuracy"] == pytest.approx(trial.user_attrs["low_fidelity"]["accuracy"])

@@ -147,10 +147,12 @@ class OneShotScoring:
         return {layer: self.db.shape(layer)[0] * self.db.shape(layer)[1]
                 for layer in self.db.layers}
 
-    def metrics(self, model: nn.Module, dense_bytes: int, candidate: Candidate) -> dict[str, float]:
-        """KL to dense on the calibration windows, stored size and bits per searched weight."""
+    def metrics(self, model: nn.Module, dense_bytes: int, candidate: Candidate,
+                n_windows: int | None = None) -> dict[str, float]:
+        """KL to dense on the calibration windows (the first ``n_windows``; all by default),
+        stored size and bits per searched weight."""
         assignment = self.assignment(candidate)
         size = stored_bytes(model, self.db, assignment)
-        return {"kl": kl_fitness(model, self.reference),
+        return {"kl": kl_fitness(model, self.reference, n_windows),
                 "size_kb": size / 1000.0, "compression": dense_bytes / size,
                 "bits_per_weight": stored_bits_per_weight(self.db, assignment)}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from autosparse.compress.oneshot.gguf_candidate import write_candidate_gguf
-from autosparse.compress.oneshot.gguf_file import gguf_tensor_name, write_llama_gguf
+from autosparse.compress.oneshot.gguf_file import gguf_tensor_name, write_gguf
 from autosparse.export.checks import ExportCheckFailed
 from autosparse.search.context import SearchContext
 from autosparse.space.candidate import Candidate
@@ -79,8 +79,8 @@ def export_oneshot(context: SearchContext, candidate: Candidate, searched: dict,
                  "header_bytes": info.metadata_bytes, "padding_bytes": info.padding_bytes,
                  "file_bytes": info.file_size,
                  "dense_f32_bytes": sum(p.numel() * 4 for p in dense.parameters())},
-        "tensor_types": {layer: _type_name(info.tensor_types.get(gguf_tensor_name(f"{layer}.weight")))
-                         for layer in assignment},
+        "tensor_types": {layer: _type_name(info.tensor_types.get(
+            gguf_tensor_name(f"{layer}.weight", dense.config))) for layer in assignment},
         "metric": task.name,
     }
     report["llama_cpp"] = _llama_cpp_checks(context, dense, out, test, printer)
@@ -108,8 +108,8 @@ def _llama_cpp_checks(context: SearchContext, dense: nn.Module, out: Path, test:
                                 f"test windows, PyTorch {test:.4g} ({relative:.1%} apart; "
                                 f"allowed {LLAMA_CPP_PERPLEXITY_TOLERANCE:.0%})")
     dense_path = out / ".dense.gguf"
-    write_llama_gguf(dense_path, dense.config, {k: v.detach().float().numpy()
-                                                 for k, v in dense.state_dict().items()})
+    write_gguf(dense_path, dense.config, {k: v.detach().float().numpy()
+                                          for k, v in dense.state_dict().items()})
     try:
         speed = llama_cpp_tokens_per_second(out / "model.gguf", n_threads=1)
         dense_speed = llama_cpp_tokens_per_second(dense_path, n_threads=1)

@@ -27,9 +27,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from autosparse.compress.oneshot.layer_weights import is_oneshot_layer, layer_weight
+
 
 class LayerStats:
-    """Input statistics of one ``nn.Linear``, accumulated batch by batch on the layer's device."""
+    """Input statistics of one ``nn.Linear`` (or transformers ``Conv1D``), accumulated batch by
+    batch on the layer's device."""
 
     def __init__(
         self,
@@ -87,7 +90,7 @@ def collect_layer_stats(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, LayerStats]:
     """Run the dense ``model`` on ``batches`` and return ``{name: LayerStats}`` for the named
-    ``nn.Linear`` modules.
+    ``nn.Linear`` modules (transformers' ``Conv1D`` too: its input is a Linear's input).
 
     Forward hooks on just those modules see their inputs; the hooks are removed however the pass
     ends. Pass a subset of names per call to bound memory (``H`` is ``in^2`` floats per layer):
@@ -107,10 +110,12 @@ def collect_layer_stats(
         module = modules.get(name)
         if module is None:
             raise ValueError(f"layer_names: the model has no module named {name!r}")
-        if not isinstance(module, nn.Linear):
+        if not is_oneshot_layer(module):
             raise ValueError(  # noqa: TRY004 - a bad name in layer_names, as above
-                f"layer_names: {name!r} is a {type(module).__name__}, not nn.Linear")
-        stats[name] = LayerStats(module.in_features, device=module.weight.device, dtype=dtype)
+                f"layer_names: {name!r} is a {type(module).__name__}, not nn.Linear (or "
+                "transformers Conv1D)")
+        stats[name] = LayerStats(layer_weight(module).shape[1], device=module.weight.device,
+                                 dtype=dtype)
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:

@@ -73,6 +73,11 @@ from autosparse.compress.oneshot.gguf_grids import (
     check_shape,
     pack,
 )
+from autosparse.compress.oneshot.layer_weights import (
+    is_oneshot_layer,
+    layer_weight,
+    swap_layer_weight,
+)
 from autosparse.compress.oneshot.level_files import (
     FORMAT,
     TYPE_OF,
@@ -235,7 +240,7 @@ class LevelDatabase:
         if module is None:
             raise ValueError(f"the dense level of {layer!r} is read from the model: open the "
                              "database with model=...")
-        return module.weight.detach()
+        return layer_weight(module).detach().contiguous()  # a Conv1D's: a [out, in] copy
 
     # --- reading ------------------------------------------------------------------------------
     def weight(self, layer: str, level: Level | str) -> torch.Tensor:
@@ -387,7 +392,7 @@ def _prepare_manifest(
     """Write the manifest, or check the existing one and add the new levels and grids to it."""
     layers = {}
     for name, lvls in per_layer.items():
-        w = modules[name].weight
+        w = layer_weight(modules[name])
         layers[name] = {"shape": list(w.shape), "dtype": TYPE_OF.get(w.dtype, str(w.dtype)),
                         "levels": [lv.key for lv in lvls if not lv.is_dense]}
     path = root / MANIFEST
@@ -422,7 +427,8 @@ def build_level_database(
     act_order: bool = False, device: torch.device | str | None = None,
     progress: Progress | None = None,
 ) -> DatabaseInfo:
-    """Compress each named ``nn.Linear`` at each of its levels and store the entries under
+    """Compress each named ``nn.Linear`` (or transformers ``Conv1D``, as ``[out, in]``) at each
+    of its levels and store the entries under
     ``root``; entries already complete are skipped, so a killed build resumes where it stopped.
 
     ``levels``: one list for every layer, or a dict layer -> list naming exactly ``layer_names``
@@ -457,14 +463,14 @@ def build_level_database(
     grids: dict[str, str] = {}
     for name, lvls in per_layer.items():
         module = modules.get(name)
-        if not isinstance(module, nn.Linear):
+        if not is_oneshot_layer(module):
             raise ValueError(  # noqa: TRY004 - a bad name in layer_names, as above
                 f"layer_names: {name!r} is {type(module).__name__ if module else 'absent'}, "
-                "not an nn.Linear of the model")
+                "not an nn.Linear (or transformers Conv1D) of the model")
         for lv in lvls:
             if lv.bits is not None:
                 grid = _grid(grid_for_bits, lv)
-                check_shape(grid, module.weight.shape, name)  # fail now, not hours in
+                check_shape(grid, layer_weight(module).shape, name)  # fail now, not hours in
                 grids[_grid_key(lv)] = grid.name
     settings = CompressorSettings(blocksize, percdamp, act_order, batch_size)
     _prepare_manifest(root, model, windows, settings, grids, per_layer, modules)
@@ -484,7 +490,9 @@ def build_level_database(
         stats_seconds += time.perf_counter() - t0
         for name in chunk:
             layer_stats = _on(stats.pop(name, None), device)
-            weight = modules[name].weight.detach()
+            # [out, in]; a Conv1D's transpose made contiguous, so it compresses bit for bit as
+            # the equivalent Linear does
+            weight = layer_weight(modules[name]).detach().contiguous()
             weight = weight.to(device) if device is not None else weight
             for lv in todo[name]:
                 t0 = time.perf_counter()
@@ -505,7 +513,7 @@ def build_level_database(
 
 
 class Assembled:
-    """A context manager that puts stored levels into the model's Linear layers and restores the
+    """A context manager that puts stored levels into the model's Linear (and Conv1D) layers and restores the
     dense weights on exit (also when the body raises).
 
     Each assigned layer's ``weight.data`` is swapped for the level's weights (cast to the
@@ -521,16 +529,17 @@ class Assembled:
         modules = dict(model.named_modules())
         known = set(db.layers)
         self.model, self.db = model, db
-        self._plan: list[tuple[nn.Linear, str, Level]] = []
-        self._saved: list[tuple[nn.Linear, torch.Tensor]] = []
+        self._plan: list[tuple[nn.Module, str, Level]] = []
+        self._saved: list[tuple[nn.Module, torch.Tensor]] = []
         for name, level in assignment.items():
             module = modules.get(name)
-            if not isinstance(module, nn.Linear) or name not in known:
-                raise ValueError(f"assignment: {name!r} is not a Linear layer of both the model "
-                                 f"and the level database")
-            if tuple(module.weight.shape) != db.shape(name):
-                raise ValueError(f"assignment: {name!r} has shape {tuple(module.weight.shape)}, "
-                                 f"the database {db.shape(name)}")
+            if not is_oneshot_layer(module) or name not in known:
+                raise ValueError(f"assignment: {name!r} is not a Linear (or Conv1D) layer of "
+                                 f"both the model and the level database")
+            shape = tuple(layer_weight(module).shape)
+            if shape != db.shape(name):
+                raise ValueError(f"assignment: {name!r} has shape {shape}, the database "
+                                 f"{db.shape(name)}")
             level = as_level(level)
             if not level.is_dense:
                 self._plan.append((module, name, level))
@@ -540,8 +549,7 @@ class Assembled:
             for module, name, level in self._plan:
                 dense = module.weight.data
                 new = self.db.weight(name, level).to(device=dense.device, dtype=dense.dtype)
-                self._saved.append((module, dense))
-                module.weight.data = new
+                self._saved.append((module, swap_layer_weight(module, new)))
         except BaseException:
             self._restore()
             raise

@@ -1,12 +1,15 @@
-"""A Llama-architecture GGUF from a transformers state dict, each tensor in the type a candidate
-gave it, so llama.cpp (llama-cpp-python) loads and runs exactly what the search scored.
+"""A GGUF from a transformers state dict, each tensor in the type a candidate gave it, so
+llama.cpp (llama-cpp-python) loads and runs exactly what the search scored. The architectures
+(Llama, Mistral, Qwen2, GPT-2, GPT-NeoX: names, row reorders, hyperparameters) are described in
+``gguf_archs``; this module writes the file any of them becomes.
 
 Why a writer of our own rather than llama.cpp's ``convert_hf_to_gguf.py``: the converter picks one
 output type for the whole model and quantizes itself, while a candidate assigns a type per tensor
 and the quantizers of this package already produced each tensor's bytes (ggml block layout). Here
 those bytes are written as given, so the file's tensor data is byte for byte what was scored.
 
-What llama.cpp's converter does for an HF Llama checkpoint, and this writer does as well:
+What llama.cpp's converter does for an HF Llama checkpoint, and this writer does as well (the
+other families differ as ``gguf_archs`` says):
 
 * names: ``model.embed_tokens`` -> ``token_embd``, ``model.layers.N.self_attn.q_proj`` ->
   ``blk.N.attn_q`` (``attn_k``, ``attn_v``, ``attn_output``), ``mlp.gate_proj`` -> ``ffn_gate``
@@ -35,7 +38,6 @@ text contains (llama.cpp re-encodes its pre-tokenized words as valid UTF-8 befor
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +46,19 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType, TokenType
 
+from autosparse.compress.oneshot.gguf_archs import (
+    ArchSpec,
+    arch_spec,
+    gguf_tensor_name,
+    rope_permute_rows,
+    rope_unpermute_rows,
+)
+
 if TYPE_CHECKING:
-    from transformers import LlamaConfig
+    from transformers import PretrainedConfig
 
 __all__ = ["GGUFFileInfo", "PackedTensor", "byte_level_tokens", "gguf_tensor_name",
-           "rope_permute_rows", "rope_unpermute_rows", "write_llama_gguf"]
+           "rope_permute_rows", "rope_unpermute_rows", "write_gguf", "write_llama_gguf"]
 
 # one file-level alignment: gguf's default (32 bytes), which llama.cpp also assumes by default
 ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
@@ -75,24 +85,6 @@ _FILE_TYPE = {
     GGMLQuantizationType.TQ1_0: LlamaFileType.MOSTLY_TQ1_0,
     GGMLQuantizationType.TQ2_0: LlamaFileType.MOSTLY_TQ2_0,
 }
-
-_GLOBAL_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-# what llama.cpp's Llama graph needs in every block (biases are optional there)
-_REQUIRED_PER_LAYER = ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm",
-                       "ffn_gate", "ffn_up", "ffn_down")
-_ORDER = {suffix: i for i, suffix in enumerate(_REQUIRED_PER_LAYER)}
-
 
 @dataclass(frozen=True)
 class PackedTensor:
@@ -146,36 +138,6 @@ class GGUFFileInfo:
         return self.metadata_bytes
 
 
-def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's name for a transformers Llama state-dict name (ValueError for any other)."""
-    if hf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[hf_name]
-    match = _LAYER_RE.match(hf_name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"blk.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.{match.group(3)}"
-    raise ValueError(f"no llama.cpp tensor for {hf_name!r} (not a Llama state-dict name)")
-
-
-def rope_permute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """HF's half-split rotary layout -> llama.cpp's interleaved one, on the first axis (output
-    rows: float weights, biases or packed quantized rows alike); ``n_head`` is the number of heads
-    the rows belong to (kv heads for k). Same reordering as ``LlamaModel.permute``."""
-    n = rows.shape[0]
-    if n % (2 * n_head):
-        raise ValueError(f"{n} rows do not split into {n_head} heads of an even size")
-    return np.ascontiguousarray(
-        rows.reshape(n_head, 2, n // n_head // 2, *rows.shape[1:]).swapaxes(1, 2)
-        .reshape(rows.shape))
-
-
-def rope_unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
-    """The inverse of :func:`rope_permute_rows` (llama.cpp layout -> HF layout)."""
-    n = rows.shape[0]
-    return np.ascontiguousarray(
-        rows.reshape(n_head, n // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2)
-        .reshape(rows.shape))
-
-
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (bytes that print as themselves keep
     their character, the rest are moved to code points from 256 up), which llama.cpp's byte-level
@@ -212,44 +174,29 @@ def _special_id(value: Any, vocab_size: int, fallback: int) -> int:
     return fallback
 
 
-def _rope_theta(config: LlamaConfig) -> float:
-    """rope theta from ``rope_parameters`` (transformers 5) or ``rope_theta`` (older); only the
-    plain rope is written: scaled variants need extra tensors/keys this writer does not emit."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise NotImplementedError(f"rope type {rope_type!r}: only the default rope is written")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
-
-
 def _as_float_array(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch tensor, without importing torch here
         value = value.detach().to("cpu").float().numpy()
     return np.asarray(value, dtype=np.float32)
 
 
-def _prepare(hf_name: str, value: Any, float_type: GGMLQuantizationType, n_head: int,
-             n_head_kv: int) -> tuple[np.ndarray, tuple[int, ...], GGMLQuantizationType]:
-    """One tensor as (bytes-or-float array for GGUFWriter.add_tensor, logical torch-order shape,
-    ggml type), permuted for rope when it is q or k."""
-    permute_heads = (n_head if ".q_proj." in hf_name else n_head_kv if ".k_proj." in hf_name
-                     else 0)
-    if isinstance(value, PackedTensor):
+def _prepare(hf_name: str, value: Any, float_type: GGMLQuantizationType, spec: ArchSpec,
+             config: Any) -> tuple[np.ndarray, tuple[int, ...], GGMLQuantizationType]:
+    """One tensor as (bytes-or-float array for GGUFWriter.add_tensor, logical ``[out, in]``
+    shape, ggml type): a Conv1D's float weight transposed, rows reordered as the arch needs."""
+    if isinstance(value, PackedTensor):  # rows of blocks: already [out, in]
         qtype = GGMLQuantizationType(value.ggml_type)
-        rows = value.rows()
-        if permute_heads:
-            rows = rope_permute_rows(rows, permute_heads)
-        return rows, tuple(int(d) for d in value.shape), qtype
+        return spec.rows(hf_name, value.rows(), config), tuple(int(d) for d in value.shape), qtype
     array = _as_float_array(value)
-    if permute_heads:
-        array = rope_permute_rows(array, permute_heads)
+    if spec.is_transposed(hf_name):
+        array = array.T
+    array = spec.rows(hf_name, array, config)
     qtype = GGMLQuantizationType.F32 if array.ndim == 1 else float_type
     if qtype == GGMLQuantizationType.F32:
         return np.ascontiguousarray(array), array.shape, qtype
     if qtype == GGMLQuantizationType.F16:
         return np.ascontiguousarray(array.astype(np.float16)), array.shape, qtype
-    return gguf.quants.quantize(array, qtype), array.shape, qtype
+    return gguf.quants.quantize(np.ascontiguousarray(array), qtype), array.shape, qtype
 
 
 def _n_elements(shape: tuple[int, ...]) -> int:
@@ -257,72 +204,72 @@ def _n_elements(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def _sort_key(gguf_name: str) -> tuple[int, int, int, str]:
-    """The converter's order: token_embd, the blocks in order, output_norm, output."""
-    if gguf_name.startswith("blk."):
-        _, index, suffix, kind = gguf_name.split(".")
-        return (1, int(index), _ORDER.get(suffix, len(_ORDER)), kind)
-    return ({"token_embd.weight": 0, "output_norm.weight": 2}.get(gguf_name, 3), 0, 0, gguf_name)
-
-
-def write_llama_gguf(path: str | os.PathLike[str], config: LlamaConfig,
-                     tensors: dict[str, Any], *, name: str = "autosparse",
-                     float_type: GGMLQuantizationType | str = GGMLQuantizationType.F32,
-                     ) -> GGUFFileInfo:
-    """Write ``tensors`` (transformers Llama state-dict names -> float array/tensor, or
-    :class:`PackedTensor` in ggml block layout) as a GGUF llama.cpp loads.
+def write_gguf(path: str | os.PathLike[str], config: PretrainedConfig,
+               tensors: dict[str, Any], *, name: str = "autosparse",
+               float_type: GGMLQuantizationType | str = GGMLQuantizationType.F32,
+               ) -> GGUFFileInfo:
+    """Write ``tensors`` (state-dict names of ``config``'s family -> float array/tensor as in
+    the state dict, or :class:`PackedTensor` in ggml block layout, ``[out, in]`` also for a
+    Conv1D) as a GGUF llama.cpp loads, as ``gguf_archs.arch_spec(config)`` says.
 
     Float arrays of 2 or more dimensions are written as ``float_type`` (F32, F16 or BF16); 1-D
-    ones as F32. ``lm_head.weight`` is dropped when ``config.tie_word_embeddings``. Every tensor
-    llama.cpp's Llama graph needs must be there (ValueError naming the missing ones).
+    ones as F32. The output head is dropped when ``config.tie_word_embeddings`` (llama.cpp then
+    reuses ``token_embd``). Every tensor llama.cpp's graph needs must be there (ValueError naming
+    the missing ones); an unsupported family, or a variant of a supported one that llama.cpp's
+    graph does not compute (activation, rope scaling), is a ValueError too.
     """
     float_type = GGMLQuantizationType[float_type.upper()] if isinstance(float_type, str) \
         else GGMLQuantizationType(float_type)
     if float_type not in FLOAT_TYPES:
         raise ValueError(f"float_type must be one of {[t.name for t in FLOAT_TYPES]}")
+    spec = arch_spec(config)
     n_layer = int(config.num_hidden_layers)
-    n_head = int(config.num_attention_heads)
-    n_head_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
     n_embd = int(config.hidden_size)
-    head_dim = int(getattr(config, "head_dim", None) or n_embd // n_head)
     vocab_size = int(config.vocab_size)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise NotImplementedError(f"hidden_act {config.hidden_act!r}: llama.cpp's llama is SiLU")
 
-    prepared: dict[str, tuple[np.ndarray, tuple[int, ...], GGMLQuantizationType]] = {}
-    for hf_name, value in tensors.items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        gguf_name = gguf_tensor_name(hf_name)
-        prepared[gguf_name] = _prepare(hf_name, value, float_type, n_head, n_head_kv)
-    required = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
-    required += [f"blk.{i}.{s}.weight" for i in range(n_layer) for s in _REQUIRED_PER_LAYER]
-    missing = [t for t in required if t not in prepared]
-    if missing:
-        raise ValueError(f"tensors missing for a llama.cpp Llama: {', '.join(missing)}")
-    embd_shape = prepared["token_embd.weight"][1]
-    if tuple(embd_shape) != (vocab_size, n_embd):
-        raise ValueError(f"token embedding shape {embd_shape} is not (vocab_size, hidden_size) "
-                         f"= {(vocab_size, n_embd)}")
+    writer = GGUFWriter(os.fspath(path), arch=spec.arch)
+    try:
+        spec.metadata(writer, config)  # first: refuses unsupported variants before any work
+        prepared: dict[str, tuple[np.ndarray, tuple[int, ...], GGMLQuantizationType]] = {}
+        for hf_name, value in tensors.items():
+            gguf_name = spec.tensor_name(hf_name)
+            if tied and gguf_name == "output.weight":
+                continue
+            prepared[gguf_name] = _prepare(hf_name, value, float_type, spec, config)
+        required = list(spec.required_global) + ([] if tied else ["output.weight"])
+        required += [f"blk.{i}.{s}" for i in range(n_layer) for s in spec.required]
+        missing = [t for t in required if t not in prepared]
+        if missing:
+            raise ValueError(f"tensors missing for a llama.cpp {spec.family}: "
+                             f"{', '.join(missing)}")
+        embd_shape = prepared["token_embd.weight"][1]
+        if tuple(embd_shape) != (vocab_size, n_embd):
+            raise ValueError(f"token embedding shape {embd_shape} is not (vocab_size, "
+                             f"hidden_size) = {(vocab_size, n_embd)}")
+        writer.add_name(name)
+        writer.add_type("model")
+        writer.add_vocab_size(vocab_size)
+        writer.add_block_count(n_layer)
+        return _write(writer, Path(path), config, prepared, spec)
+    finally:
+        writer.close()
 
-    writer = GGUFWriter(os.fspath(path), arch="llama")
-    writer.add_name(name)
-    writer.add_type("model")
-    writer.add_vocab_size(vocab_size)
-    writer.add_context_length(int(config.max_position_embeddings))
-    writer.add_embedding_length(n_embd)
-    writer.add_block_count(n_layer)
-    writer.add_feed_forward_length(int(config.intermediate_size))
-    writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_head_kv)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != n_embd // n_head:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_freq_base(_rope_theta(config))
 
+def write_llama_gguf(path: str | os.PathLike[str], config: PretrainedConfig,
+                     tensors: dict[str, Any], *, name: str = "autosparse",
+                     float_type: GGMLQuantizationType | str = GGMLQuantizationType.F32,
+                     ) -> GGUFFileInfo:
+    """:func:`write_gguf`, under the name the first (Llama-only) callers know; any supported
+    family's config works."""
+    return write_gguf(path, config, tensors, name=name, float_type=float_type)
+
+
+def _write(writer: GGUFWriter, path: Path, config: Any,
+           prepared: dict[str, tuple[np.ndarray, tuple[int, ...], GGMLQuantizationType]],
+           spec: ArchSpec) -> GGUFFileInfo:
+    """File type, tokenizer and tensors, then the file; its figures."""
+    vocab_size = int(config.vocab_size)
     per_type: dict[GGMLQuantizationType, int] = {}  # parameters of the 2-D weights by type
     for _, shape, qtype in prepared.values():
         if len(shape) >= 2:
@@ -350,7 +297,7 @@ def write_llama_gguf(path: str | os.PathLike[str], config: LlamaConfig,
 
     tensor_types: dict[str, str] = {}
     tensor_nbytes: dict[str, int] = {}
-    for gguf_name in sorted(prepared, key=_sort_key):
+    for gguf_name in sorted(prepared, key=spec.sort_key):
         data, _, qtype = prepared[gguf_name]
         if data.dtype == np.uint8:
             writer.add_tensor(gguf_name, data, raw_shape=data.shape, raw_dtype=qtype)
@@ -358,12 +305,10 @@ def write_llama_gguf(path: str | os.PathLike[str], config: LlamaConfig,
             writer.add_tensor(gguf_name, data)
         tensor_types[gguf_name] = qtype.name
         tensor_nbytes[gguf_name] = int(data.nbytes)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
     file_size = Path(path).stat().st_size
     tensor_bytes = sum(tensor_nbytes.values())

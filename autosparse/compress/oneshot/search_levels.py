@@ -25,6 +25,7 @@ from autosparse.compress.oneshot.database import (
     LevelDatabase,
     build_level_database,
 )
+from autosparse.compress.oneshot.layer_weights import is_conv1d, is_oneshot_layer, layer_weight
 from autosparse.compress.oneshot.level_files import DatabaseMismatch
 from autosparse.compress.oneshot.fitness import DenseReference, kl_fitness
 from autosparse.compress.oneshot.levels import Level
@@ -55,13 +56,15 @@ def levels_for(choices: Mapping[str, set[LayerChoice]], cfg: OneShotConfig) -> d
 
 
 def check_linear(model: nn.Module, layers: list[str]) -> None:
-    """One-shot compressors work on ``nn.Linear`` weights: name the first layer that is not."""
+    """One-shot compressors work on ``nn.Linear`` weights (and transformers' ``Conv1D``, read
+    as ``[out, in]`` by ``layer_weights``): name the first layer that is neither."""
     modules = dict(model.named_modules())
     for name in layers:
-        if not isinstance(modules.get(name), nn.Linear):
+        if not is_oneshot_layer(modules.get(name)):
             kind = type(modules.get(name)).__name__
-            raise ConfigError(f"oneshot: layer {name} is a {kind}, not a Linear; exclude it "
-                              "(space.exclude) or search it with the fine-tune path")
+            raise ConfigError(f"oneshot: layer {name} is a {kind}, not a Linear (or transformers "
+                              "Conv1D); exclude it (space.exclude) or search it with the "
+                              "fine-tune path")
 
 
 def open_or_build(model: nn.Module, levels: Mapping[str, list[Level]], windows: torch.Tensor,
@@ -88,7 +91,7 @@ def stitched(dense: nn.Module, db: LevelDatabase,
     with torch.no_grad():
         for layer, level in assignment.items():
             if level != Level():
-                weight = modules[layer].weight
+                weight = layer_weight(modules[layer])  # [out, in], a view of the parameter
                 weight.copy_(db.weight(layer, level).to(weight.device, weight.dtype))
     return model
 
@@ -136,7 +139,11 @@ class OneShotScoring:
         """The stored weights of ``layers`` at ``choice``'s level, as the sensitivity swaps
         them in: each layer alone, exactly what a candidate holding that level computes."""
         level = level_of(choice, self.config)
-        return {name: {"weight": self.db.weight(name, level)} for name in layers}
+        modules = dict(self.db.model.named_modules()) if self.db.model is not None else {}
+        weights = {name: self.db.weight(name, level) for name in layers}  # [out, in]
+        # in the module's own layout: a Conv1D holds [in, out]
+        return {name: {"weight": w.t() if is_conv1d(modules.get(name)) else w}
+                for name, w in weights.items()}
 
     def weight_bytes(self, layer: str, choice: LayerChoice) -> int:
         """Bytes of ``layer``'s weight at ``choice`` in the exported file (its GGUF type)."""

@@ -250,3 +250,16 @@ def test_a_token_budget_screens_candidates_on_a_few_windows_first(tmp_path, mode
     with evaluator.staged(Candidate.from_json(trial.user_attrs["candidate"])) as run:
         again = run.score(low)
     assert again["accuracy"] == pytest.approx(trial.user_attrs["low_fidelity"]["accuracy"])
+
+
+def test_two_workers_share_one_database_and_one_study(tmp_path, model_folder, text_folder, capfd):
+    """--workers 2: the database is built once (by the first process, before the workers
+    start), each worker opens it on its own device and works on the one study (the second
+    worker may start after tiny trials are all taken: which worker ran what is not asserted)."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "two", model_folder, text_folder, budget={"trials": 4})
+    outcome = run_search(config, runs_dir=runs, workers=2, threads=2, printer=lambda line: None)
+    err = capfd.readouterr().err
+    assert err.count("building the level database") == 1
+    assert (outcome.trials["state"] == "COMPLETE").sum() == 4
+    assert len(load_study(runs, "two").trials) == 4

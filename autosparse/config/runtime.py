@@ -62,17 +62,24 @@ class ExportConfig(Strict):
                                        "export instead of the search's own")
 
 
-MEASURE = "measure"  # ``hardware: measure``: latency timed in onnxruntime, not predicted
+MEASURE = "measure"  # ``hardware: measure``: latency timed (onnxruntime; llama.cpp with oneshot)
 MEASURE_PROFILE = "x86-server-vnni"  # the analytic model that plans and screens by default
 
 
 class MeasureConfig(Strict):
     """``hardware: measure``: each candidate's compressed model timed on this machine
-    (onnxruntime, 1 thread, batch 1) in interleaved rounds with the dense model."""
+    (onnxruntime, 1 thread, batch 1) in interleaved rounds with the dense model. With
+    ``oneshot``: its GGUF in llama.cpp beside the dense F32 GGUF, latency_ms per generated
+    token (``cost.gguf_latency``)."""
 
     rounds: int = Field(21, ge=1, description="interleaved rounds (median over rounds)")
-    calls: int = Field(11, ge=1, description="individually timed calls per round (median)")
-    warmup: int = Field(10, ge=0, description="untimed calls per session first")
+    calls: int = Field(11, ge=1, description="individually timed calls per round (median); "
+                       "oneshot: single-token decodes after the prompt")
+    warmup: int = Field(10, ge=0, description="untimed calls per session first (oneshot: "
+                        "untimed decodes after loading)")
+    prompt_tokens: int = Field(32, ge=1, description="oneshot only: prompt tokens evaluated in "
+                               "one batch at the start of each round (timed: "
+                               "latency_prompt_ms per token) before the timed decodes")
     profile: str = Field(MEASURE_PROFILE, description="analytic profile (built-in name or YAML "
                          "path) that the sensitivity planner and screening predict with; "
                          "latency_ms itself is measured")

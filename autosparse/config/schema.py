@@ -128,6 +128,10 @@ class SearchConfig(Strict):
             return self
         if self.measure is None:
             object.__setattr__(self, "measure", MeasureConfig())
+        if self.oneshot is None and "prompt_tokens" in self.measure.model_fields_set:
+            raise ValueError("measure.prompt_tokens is the prompt of a oneshot candidate's "
+                             "llama.cpp timing; without 'oneshot' the ONNX model is timed: "
+                             "remove it")
         wanted = {OBJECTIVES[o].metric for o in self.objectives}
         wanted |= {c.metric for c in self.constraints}
         if "energy_uj" in wanted:

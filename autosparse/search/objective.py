@@ -31,6 +31,7 @@ from autosparse.config.objectives import metric_of
 from autosparse.config.sections import FinetuneConfig
 from autosparse.config.task_metric import Constraint
 from autosparse.cost.estimate import estimate_cost
+from autosparse.cost.gguf_latency import GGUFTimer
 from autosparse.cost.latency_table import LatencyTable, table_latency
 from autosparse.cost.measured_latency import CandidateTimer
 from autosparse.search.fidelity import (
@@ -97,7 +98,7 @@ class CandidateEvaluator:
     profile: HardwareProfile | None = None
     graph: ChannelGraph | None = None
     latency_table: LatencyTable | None = None  # measured deltas of this model on this machine
-    timer: CandidateTimer | None = None  # hardware: measure: latency_ms timed, not predicted
+    timer: CandidateTimer | GGUFTimer | None = None  # hardware: measure: latency_ms timed
     task: Task | None = None  # loss and metric (None: classification, top-1 accuracy)
     oneshot: OneShotScoring | None = None  # candidates stitched from the level database
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)

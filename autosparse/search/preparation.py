@@ -1,5 +1,6 @@
 """Preparing a search: config -> data -> dense model (trained and cached on first use) -> layer
-table -> space, plus the candidate timer of ``hardware: measure`` and grid-global's points.
+table -> space, plus the candidate timer of ``hardware: measure`` (ONNX in onnxruntime; with
+``oneshot``, the candidate's GGUF in llama.cpp) and grid-global's points.
 
 Split out of ``runner``: every worker process, ``autosparse export`` and the other commands
 prepare the same ``SearchContext``, without running any trial.
@@ -17,8 +18,10 @@ from autosparse.compress.oneshot.search_levels import OneShotScoring, levels_for
 from autosparse.config.hardware import load_profile
 from autosparse.config.runtime import MEASURE
 from autosparse.config.schema import SearchConfig, load_config
+from autosparse.config.validation import ConfigError
 from autosparse.config.sections import OneShotConfig
 from autosparse.cost.calibration.machine import this_machine, warn_if_other_machine
+from autosparse.cost.gguf_latency import GGUFTimer, require_llama_cpp
 from autosparse.cost.latency_table import find_latency_table
 from autosparse.cost.measured_latency import CandidateTimer
 from autosparse.search.context import SearchContext
@@ -49,6 +52,8 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
     against the devices present before anything heavy)."""
     use_fast_sqlite()
     config = load_config(config_path)
+    if config.oneshot is not None and config.hardware == MEASURE:
+        require_llama_cpp()  # one line now, not after the dense model and the level database
     if device is None:
         device = place_workers(1, config.device, config.devices, present_devices())[0]
     amp_mode(torch.device(device).type, config.finetune.amp)  # refused here, not mid-search
@@ -72,9 +77,14 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
                                                    this_machine()["cpu"])
     dense_metrics = {**dense_metrics, **cost_metrics(table, Candidate({}), profile,
                                                      latency_table=latency_table)}
-    timer = _candidate_timer(config, dense, table, graph, data)
+    timer: CandidateTimer | GGUFTimer | None = None
+    if config.oneshot is None:
+        timer = _candidate_timer(config, dense, table, graph, data)
     if timer is not None:  # the latency axis is normalised by the dense model, measured alike
         dense_metrics["latency_ms"] = timer.dense_ms()
+    gguf_timer = _gguf_timer(config, dense, runs_dir / config.name)
+    if gguf_timer is not None:  # the dense F32 GGUF per token, before the database is built
+        dense_metrics.update(gguf_timer.dense_metrics())
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
     dense.to(device)  # discovery, grids and timing above ran on the CPU copy
     oneshot = None
@@ -83,6 +93,9 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
                                   runs_dir / config.name / "levels", device)
         dense_metrics = {**dense_metrics, "kl": 0.0, "compression": 1.0, "bits_per_weight": 32.0,
                          "size_kb": sum(p.numel() * 4 for p in dense.parameters()) / 1000.0}
+        if gguf_timer is not None:
+            gguf_timer.db = oneshot.db
+            timer = gguf_timer
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
                          dense_metrics, table, space, profile, grid, graph=graph,
                          latency_table=latency_table, latency_table_note=table_note,
@@ -119,6 +132,27 @@ def _candidate_timer(config: SearchConfig, dense: torch.nn.Module, table: LayerT
     return CandidateTimer(dense, table, graph, data.input_shape, rounds=settings.rounds,
                           calls=settings.calls, warmup=settings.warmup, calibration=batches,
                           seed=config.seed)
+
+
+def _gguf_timer(config: SearchConfig, dense: torch.nn.Module, folder: Path) -> GGUFTimer | None:
+    """oneshot with ``hardware: measure``: each candidate's GGUF timed in llama.cpp (its files
+    in a private folder under ``runs/<name>/``, removed when the process ends). The dense F32
+    GGUF is written and timed here, so a model the GGUF writer or llama.cpp cannot run is a
+    one-line error before the level database is built."""
+    if config.oneshot is None or config.hardware != MEASURE or config.measure is None:
+        return None
+    settings = config.measure
+    timer = GGUFTimer(dense, None, rounds=settings.rounds, calls=settings.calls,
+                      warmup=settings.warmup, prompt_tokens=settings.prompt_tokens,
+                      parent=folder, seed=config.seed)
+    try:
+        timer.dense_latency()
+    except ValueError as err:  # an architecture the writer does not know, a file llama.cpp refuses
+        timer.close()
+        raise ConfigError(f"hardware: measure with oneshot times each candidate's GGUF in "
+                          f"llama.cpp, and this model's cannot be: {err}; set 'hardware' to a "
+                          "profile to predict latency instead") from None
+    return timer
 
 
 def _check_space_before_training(config: SearchConfig, data: DataSplits, cache_dir: Path) -> None:

@@ -24,7 +24,7 @@ OBJECTIVES: dict[str, Objective] = {
         Objective("size", "size_kb", "minimize", "stored size (kB)"),
         Objective("macs", "macs", "minimize", "MACs per sample"),
         Objective("bops", "bops", "minimize", "bit operations per sample"),
-        Objective("latency", "latency_ms", "minimize", "predicted latency (ms)"),
+        Objective("latency", "latency_ms", "minimize", "latency (ms; measured with hardware: measure)"),
         Objective("energy", "energy_uj", "minimize", "predicted energy (µJ)"),
         # oneshot only: read from the level database's stored types and the dense reference
         Objective("bits", "bits_per_weight", "minimize", "stored bits per searched weight"),

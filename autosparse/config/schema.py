@@ -175,6 +175,11 @@ class SearchConfig(Strict):
         if "low_steps" in self.fidelity.model_fields_set:
             raise ValueError("fidelity.low_steps counts fine-tune steps; oneshot screens on "
                              "fewer windows: use fidelity.low_windows")
+        wanted = {OBJECTIVES[o].metric for o in self.objectives} | {c.metric for c in self.constraints}
+        if self.strategy.name == "knapsack" and self.hardware == MEASURE and "latency_ms" in wanted:
+            raise ValueError("strategy 'knapsack' plans latency with an analytic profile, but "
+                             "'hardware: measure' with oneshot measures ms per token in llama.cpp, "
+                             "another scale: use ga or bo for a measured latency, or a profile")
         # deterministic scoring: one score per candidate, nothing to re-run with other seeds
         object.__setattr__(self.finetune, "steps", 0)
         object.__setattr__(self.finetune, "reeval_seeds", 0)

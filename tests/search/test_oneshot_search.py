@@ -144,6 +144,8 @@ def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_f
     ({"oneshot": None, "budget": {"tokens": 1000}}, "budget.tokens counts the tokens"),
     ({"fidelity": {"low_steps": 5}}, "use fidelity.low_windows"),
     ({"budget": {"tokens": 1000, "finetune_steps": 10}}, "not both"),
+    ({"strategy": {"name": "knapsack"}, "hardware": "measure",
+      "objectives": ["perplexity", "latency"]}, "another scale"),
     ({"task": {"kind": "classification"}, "objectives": ["accuracy", "size"]}, "language-model"),
 ])
 def test_oneshot_config_errors_name_the_field(tmp_path, model_folder, text_folder, changes, words):

@@ -24,6 +24,7 @@ __all__ = ["LlamaCppSpeed", "llama_cpp_logits", "llama_cpp_perplexity",
            "llama_cpp_tokens_per_second"]
 
 GGML_TYPE_F32 = 0  # ggml_type of an F32 key/value cache
+LEARNED_POSITIONS = ("gpt2",)  # architectures with a position_embd table of n_ctx_train rows
 
 
 def _llama_cpp() -> Any:
@@ -66,7 +67,19 @@ def _check_ids(token_ids: Sequence[int], n_vocab: int) -> list[int]:
     return ids
 
 
+def _check_positions(llm: Any, n_tokens: int) -> None:
+    """A model with learned positions (GPT-2's ``position_embd``) has no row for a position past
+    its trained context: llama.cpp then aborts the whole process (``GGML_ASSERT`` in
+    ``get_rows``), so such a request is refused first, in one line."""
+    arch = llm.metadata.get("general.architecture")
+    n_ctx_train = llm._model.n_ctx_train()
+    if arch in LEARNED_POSITIONS and n_tokens > n_ctx_train:
+        raise ValueError(f"{n_tokens} tokens in one context: this {arch} file has learned "
+                         f"positions for {n_ctx_train} only")
+
+
 def _sequence_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    _check_positions(llm, len(ids))
     llm.reset()  # n_tokens = 0: the next eval drops the whole key/value cache
     llm.eval(_check_ids(ids, llm.n_vocab()))
     return np.array(llm.scores[: len(ids)], dtype=np.float32, copy=True)
@@ -127,12 +140,15 @@ def llama_cpp_tokens_per_second(path: str | os.PathLike[str], n_prompt: int = 12
     has llama.cpp's default type (F16), as a deployment would run it.
     ``n_threads`` defaults to every core; on a machine other processes keep busy, pass fewer:
     ggml's threads spin at each barrier and collapse when descheduled (measured on 2 cores at
-    load 6, 25M-parameter F32 model: 0.9 generated tokens/s with 2 threads, 68 with 1)."""
+    load 6, 25M-parameter F32 model: 0.9 generated tokens/s with 2 threads, 68 with 1).
+    A model with learned positions (GPT-2) cannot run past its trained context: ValueError when
+    ``n_prompt + n_gen`` exceeds it."""
     if n_prompt < 1 or n_gen < 1 or repeats < 1:
         raise ValueError("n_prompt, n_gen and repeats must be at least 1")
     threads = n_threads or max(1, os.cpu_count() or 1)
     with _model(path, n_ctx=n_prompt + n_gen, logits_all=False, n_threads=threads,
                 n_batch=min(n_prompt, 512), exact_kv=False) as llm:
+        _check_positions(llm, n_prompt + n_gen)
         rng = np.random.default_rng(seed)
         ids = rng.integers(0, llm.n_vocab(), size=n_prompt + n_gen).tolist()
         llm.reset()

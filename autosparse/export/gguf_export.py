@@ -33,6 +33,18 @@ from autosparse.workload.evaluate import evaluate
 Printer = Callable[[str], None]
 RELATIVE_MATCH = 1e-6  # rebuilt vs recorded validation metric: the same computation
 LLAMA_CPP_PERPLEXITY_TOLERANCE = 0.01  # the issue's bar: within 1 % of the scored perplexity
+SPEED_TOKENS = (128, 32)  # llama-bench's prompt and generated tokens
+
+
+def _speed_tokens(config: object) -> tuple[int, int]:
+    """llama-bench's prompt and generated tokens, scaled into the model's trained context when
+    that is shorter: GPT-2's learned positions end there (llama.cpp cannot run past them)."""
+    n_prompt, n_gen = SPEED_TOKENS
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    if not context or context >= n_prompt + n_gen:
+        return n_prompt, n_gen
+    gen = max(1, context * n_gen // (n_prompt + n_gen))
+    return context - gen, gen
 
 
 def _type_name(value: object) -> str:
@@ -110,16 +122,18 @@ def _llama_cpp_checks(context: SearchContext, dense: nn.Module, out: Path, test:
     dense_path = out / ".dense.gguf"
     write_gguf(dense_path, dense.config, {k: v.detach().float().numpy()
                                           for k, v in dense.state_dict().items()})
+    n_prompt, n_gen = _speed_tokens(dense.config)
     try:
-        speed = llama_cpp_tokens_per_second(out / "model.gguf", n_threads=1)
-        dense_speed = llama_cpp_tokens_per_second(dense_path, n_threads=1)
+        speed = llama_cpp_tokens_per_second(out / "model.gguf", n_prompt, n_gen, n_threads=1)
+        dense_speed = llama_cpp_tokens_per_second(dense_path, n_prompt, n_gen, n_threads=1)
     finally:
         dense_path.unlink(missing_ok=True)
     return {"measured": True, "perplexity": perplexity, "relative_to_pytorch": relative,
             "prompt_tokens_per_s": speed.prompt_tokens_per_s,
             "gen_tokens_per_s": speed.gen_tokens_per_s,
             "dense_prompt_tokens_per_s": dense_speed.prompt_tokens_per_s,
-            "dense_gen_tokens_per_s": dense_speed.gen_tokens_per_s, "threads": 1}
+            "dense_gen_tokens_per_s": dense_speed.gen_tokens_per_s, "threads": 1,
+            "prompt_tokens": n_prompt, "gen_tokens": n_gen}
 
 
 def gguf_report_markdown(report: dict) -> str:

@@ -46,7 +46,7 @@ from autosparse.compress.oneshot.database import LevelDatabase
 from autosparse.compress.oneshot.gguf_candidate import write_candidate_gguf
 from autosparse.compress.oneshot.levels import Level
 from autosparse.config.validation import ConfigError
-from autosparse.cost.llama_cpp import _model
+from autosparse.cost.llama_cpp import _check_positions, _model
 
 __all__ = ["GGUFTimer", "GGUFLatency", "require_llama_cpp", "DEFAULT_PROMPT_TOKENS",
            "INSTALL_HINT"]
@@ -166,6 +166,7 @@ class GGUFTimer:
             except Exception:
                 stderr.write(log.getvalue())
                 raise
+        _check_positions(llm, self.n_ctx)  # learned positions (GPT-2): past them llama.cpp aborts
         if self._ids is None:
             rng = np.random.default_rng(self.seed)
             self._ids = rng.integers(0, llm.n_vocab(), size=self.n_ctx).tolist()

@@ -164,3 +164,25 @@ def test_prompt_tokens_needs_oneshot():
         parse_config(config)
     del config["measure"]
     assert parse_config(config).measure.prompt_tokens == 32  # the default, unused without oneshot
+
+
+def test_a_timing_longer_than_learned_positions_is_refused_not_aborted(tmp_path):
+    """GPT-2's positions are a table: timing past it would abort llama.cpp (and Python) in
+    get_rows, so the timer refuses in one line first."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                        "(bash scripts/llama_cpp.sh)")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=64, n_layer=1, n_head=4,
+                                       n_positions=16)).eval()
+    root = tmp_path / "levels"
+    windows = torch.randint(0, 256, (2, 8))
+    build_level_database(model, ["transformer.h.0.mlp.c_fc"], [Level()], windows, root)
+    db = LevelDatabase(root, model=model, calibration_windows=windows)
+    fits = GGUFTimer(model, db, parent=tmp_path / "fits", **SETTINGS)  # 8 + 4 tokens
+    assert fits.dense_ms() > 0
+    fits.close()
+    with pytest.raises(ValueError, match="learned positions for 16"):
+        GGUFTimer(model, db, parent=tmp_path / "long", **{**SETTINGS, "prompt_tokens": 16}
+                  ).dense_ms()

@@ -13,7 +13,8 @@ the front (``front.trials_frame``) then uses the mean over the trial's own score
     until every front point has every wanted seed
 
 Test accuracy is the mean over the re-fine-tuned models: reported next to the front, never used
-to pick anything. Every seed is stored as soon as it is scored, so a run killed here resumes
+to pick anything. A one-shot search has no seeds to re-run: its front points are scored once on
+the test windows (``test_oneshot_front``). Every seed is stored as soon as it is scored, so a run killed here resumes
 where it stopped (no fine-tune lost or redone). A seed whose fine-tune raises (e.g. diverges) is
 stored with its reason under "failed", printed, left out of the mean and never retried.
 """
@@ -74,6 +75,37 @@ def reevaluate_front(context: "SearchContext", study: optuna.Study, printer: Pri
             runs += _reevaluate(context, study, evaluator, trials[number], record, seeds)
             printer(_summary(trials[number], record))
     raise AssertionError("re-evaluation did not settle")  # unreachable: see the bound above
+
+
+def test_oneshot_front(context: "SearchContext", study: optuna.Study,
+                       printer: Printer = print) -> int:
+    """One-shot: each front point's task metric on the test windows, stored as its record's
+    ``test_accuracy`` (a one-shot score is deterministic: no extra seeds). Never used to pick;
+    a point already scored (an earlier run, a cached repeat) is not scored again. Returns the
+    candidates scored."""
+    assert context.oneshot is not None
+    trials = {t.number: t for t in study.get_trials(deepcopy=False,
+                                                    states=(optuna.trial.TrialState.COMPLETE,))}
+    frame = trials_frame(study, context.config.objectives)
+    stored = stored_reevaluations(study)
+    done = {r.get("candidate_key") for r in stored.values() if r.get("test_accuracy")}
+    todo = []
+    for number in frame.loc[frame["on_front"].astype(bool), "trial"].astype(int):
+        trial = trials.get(number)
+        if trial is not None and CANDIDATE_ATTR in trial.user_attrs and _key(trial) not in done:
+            done.add(_key(trial))
+            todo.append(trial)
+    if todo:
+        printer(f"scoring {len(todo)} front point(s) on the test windows (reported, never "
+                "used to pick) ...")
+    loader = context.data.loader("test", context.data.batch_size)
+    for trial in todo:
+        model = context.oneshot.model(context.dense, Candidate.from_json(
+            trial.user_attrs[CANDIDATE_ATTR]))
+        record = {"candidate_key": _key(trial), "seeds": [], "accuracy": [],
+                  "test_accuracy": [evaluate(model, loader, context.task)]}
+        study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
+    return len(todo)
 
 
 def _key(trial: optuna.trial.FrozenTrial) -> str:

@@ -29,7 +29,7 @@ from autosparse.search.early_stop import (
 from autosparse.search.front import trials_frame
 from autosparse.search.objective import CANDIDATE_ATTR
 from autosparse.search.preparation import prepare
-from autosparse.search.reeval import reevaluate_front
+from autosparse.search.reeval import reevaluate_front, test_oneshot_front
 from autosparse.search.report import Progress, SearchOutcome, _start_tracking, report
 from autosparse.search.samplers.knapsack import seed_candidates
 from autosparse.search.sensitivity_study import ensure_sensitivity, log_sensitivity
@@ -155,6 +155,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     loop_seconds = time.perf_counter() - loop_start
     if config.finetune.reeval_seeds > 0:  # also when a resumed search's budget was used up
         reevaluate_front(context, study, printer)
+    if context.oneshot is not None:  # held-out perplexity of the front: reported, never picked on
+        test_oneshot_front(context, study, printer)
     outcome = report(context, study, tracker, parent, counted_trials(study) - before)
     outcome.search_seconds = loop_seconds
     if parent is not None:

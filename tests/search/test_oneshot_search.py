@@ -108,6 +108,16 @@ def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_f
         for layer, level in assignment.items():
             assert torch.equal(dict(model.named_modules())[layer].weight, db.weight(layer, level))
 
+    # every front point has its held-out test perplexity (reported, never used to pick)
+    from autosparse.workload.evaluate import evaluate
+    assert outcome.front["test_perplexity"].notna().all()
+    first = outcome.front.iloc[0]
+    stitched_model = context.oneshot.model(context.dense, Candidate.from_json(
+        trials[trials["trial"] == first["trial"]].iloc[0]["candidate"]))
+    assert first["test_perplexity"] == pytest.approx(evaluate(
+        stitched_model, context.data.loader("test", context.data.batch_size), context.task))
+    assert (trials.loc[~trials["on_front"], "test_perplexity"].isna()).all()
+
     # the export: a GGUF holding exactly the scored bytes, the candidate rebuilt to the digit
     best = int(outcome.front["trial"].iloc[0])
     exported = run_export(config, ExportRequest(trial=best, mlflow=False), runs_dir=runs,

@@ -147,6 +147,11 @@ class SearchConfig(Strict):
         if self.data.source == "text" and not language:
             raise ValueError("data.source 'text' gives next-token windows: set task.kind "
                              "'language-model'")
+        if self.strategy.switch_prob() > 0 and (self.strategy.name != "ga"
+                                                or not self.strategy.use_sensitivity):
+            raise ValueError(f"strategy.level_switch {self.strategy.level_switch}: the level "
+                             "switch is a GA mutation on the sensitivity planner's costs; use "
+                             "strategy 'ga' with use_sensitivity, or remove level_switch")
         oneshot_only = sorted({OBJECTIVES[o].metric for o in self.objectives
                                if OBJECTIVES[o].metric in ONESHOT_METRICS}
                               | {c.metric for c in self.constraints if c.metric in ONESHOT_METRICS})
@@ -154,7 +159,7 @@ class SearchConfig(Strict):
             if self.budget.tokens is not None:
                 raise ValueError("budget.tokens counts the tokens oneshot scores: add a "
                                  "'oneshot:' section, or give budget.finetune_steps")
-            if "low_windows" in self.fidelity.model_fields_set:
+            if self.fidelity.low_windows is not None:
                 raise ValueError("fidelity.low_windows screens oneshot candidates on a few "
                                  "windows: add a 'oneshot:' section, or use fidelity.low_steps")
             if oneshot_only:
@@ -172,7 +177,7 @@ class SearchConfig(Strict):
         if self.budget.finetune_steps is not None:
             raise ValueError("budget.finetune_steps counts fine-tune steps; oneshot takes none: "
                              "give budget.tokens, budget.trials or budget.minutes")
-        if "low_steps" in self.fidelity.model_fields_set:
+        if self.fidelity.low_steps is not None:
             raise ValueError("fidelity.low_steps counts fine-tune steps; oneshot screens on "
                              "fewer windows: use fidelity.low_windows")
         wanted = {OBJECTIVES[o].metric for o in self.objectives} | {c.metric for c in self.constraints}
@@ -180,6 +185,9 @@ class SearchConfig(Strict):
             raise ValueError("strategy 'knapsack' plans latency with an analytic profile, but "
                              "'hardware: measure' with oneshot measures ms per token in llama.cpp, "
                              "another scale: use ga or bo for a measured latency, or a profile")
+        if self.strategy.level_switch is None and self.strategy.name == "ga" \
+                and self.strategy.use_sensitivity:
+            object.__setattr__(self.strategy, "level_switch", 0.5)
         # deterministic scoring: one score per candidate, nothing to re-run with other seeds
         object.__setattr__(self.finetune, "steps", 0)
         object.__setattr__(self.finetune, "reeval_seeds", 0)

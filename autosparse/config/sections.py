@@ -173,6 +173,13 @@ class StrategyConfig(Strict):
                         "only the most promising is fine-tuned (1 = no screening)")
     use_sensitivity: bool = Field(True, description="GA/BO: measure per-layer sensitivity first "
                                   "and use it for seeds, screening and mutation (knapsack always does)")
+    level_switch: float | None = Field(None, ge=0, le=1, description="GA: probability that a "
+                                       "child is mutated by one cost-keeping level switch "
+                                       "(EvoPress) instead of gene resets; needs "
+                                       "use_sensitivity; default 0.5 with oneshot, else 0")
+
+    def switch_prob(self) -> float:
+        return self.level_switch or 0.0
 
 
 class SensitivityConfig(Strict):

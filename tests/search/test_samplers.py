@@ -24,7 +24,8 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # ga-sens / bo-sens: GA and TPE with a sensitivity table (planner seeds aside: screening and
 # sensitivity-weighted mutation); knapsack: budgeted allocation from the same table.
-STRATEGIES = ["random", "bo", "ga", "grid-uniform", "knapsack", "ga-sens", "bo-sens"]
+# ga-switch: ga-sens whose every child is mutated by a cost-keeping level switch (EvoPress)
+STRATEGIES = ["random", "bo", "ga", "grid-uniform", "knapsack", "ga-sens", "bo-sens", "ga-switch"]
 DIRECTIONS = ["maximize", "minimize"]
 
 TABLE = LayerTable(
@@ -92,6 +93,8 @@ PLANNERS = {n: planner_for(SPACE, TABLE, _sensitivity(), objectives)
 
 
 def sampler_for(name, seed=0, n_objectives=2, **strategy):
+    if name == "ga-switch":
+        name, strategy = "ga-sens", {"level_switch": 1.0, **strategy}
     if name in ("knapsack", "ga-sens", "bo-sens"):
         return make_sampler(StrategyConfig(name=name.removesuffix("-sens"), **strategy), SPACE,
                             seed, planner=PLANNERS[n_objectives],
@@ -406,3 +409,26 @@ def test_grid_rejects_bad_arguments():
         UniformGridSampler(space=None)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="seed"):
         UniformGridSampler(space=SPACE, seed=1.5)  # type: ignore[arg-type]
+
+
+def test_ga_level_switch_mutation_moves_two_decisions_toward_the_parents_cost():
+    """With level_switch 1, a mutation is one switch: one decision moves, and a second one
+    moves only when it brings the planner's cost back toward the parent's."""
+    import random as stdlib_random
+
+    sampler = sampler_for("ga-switch")
+    problem = PLANNERS[2].problem
+    rng = stdlib_random.Random(3)
+    for _ in range(30):
+        genome = [rng.randrange(len(c)) for c in sampler._choices]
+        parent, _, _ = sampler._decode(list(genome))
+        stdlib_random.seed(rng.random())
+        child, _, _ = sampler._decode(sampler._mutate(list(genome)))
+        before, after = problem.allocation_of(parent), problem.allocation_of(child)
+        moved = [d for d in range(len(before)) if before[d] != after[d]]
+        assert 1 <= len(moved) <= 2
+        if len(moved) == 2:  # the second move brought the total closer than the first alone
+            change = [abs(problem.costs_of("size")[d][after[d]]
+                          - problem.costs_of("size")[d][before[d]]) for d in moved]
+            assert abs(problem.total("size", after) - problem.total("size", before)) \
+                < max(change)

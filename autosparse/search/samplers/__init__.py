@@ -27,6 +27,7 @@ from autosparse.search.allocation.planner import BudgetPlanner
 from autosparse.search.samplers.ga import GeneticSampler
 from autosparse.search.samplers.grid import GridSampler, UniformGridSampler
 from autosparse.search.samplers.knapsack import KnapsackSampler
+from autosparse.search.samplers.level_switch import LevelSwitch
 from autosparse.search.samplers.screening import (
     AllocationPredictor,
     ScreenedSampler,
@@ -80,6 +81,9 @@ def make_sampler(
             screen=strategy.screen,
             predictor=predictor,
             gene_weights=gene_weights(planner) if planner is not None else None,
+            level_switch=(LevelSwitch(planner.problem, planner.objectives[0])
+                          if planner is not None and strategy.switch_prob() > 0 else None),
+            switch_prob=strategy.switch_prob() if planner is not None else 0.0,
         )
     if name == "grid-uniform":
         return UniformGridSampler(space=space, seed=seed)

@@ -18,6 +18,7 @@ from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from autosparse.search.samplers._proposing import ProposingSampler
+from autosparse.search.samplers.level_switch import LevelSwitch
 from autosparse.search.samplers.screening import (
     Predictor,
     observed_values,
@@ -52,6 +53,9 @@ class GeneticSampler(ProposingSampler):
         parents = binary_tournament(population, 2)     # Deb: feasible, then rank, then crowding
         child = cxUniform(*parents) if random() < crossover_prob else copy(parents[0])
         trial.params = decode(mutate(child))           # mutate again while it is a duplicate
+
+    With a ``level_switch`` (EvoPress's cost-keeping mutation, :mod:`.level_switch`), a child is
+    mutated by one switch with probability ``switch_prob`` instead of by gene resets.
 
     With a ``predictor`` (per-layer sensitivity), ``screen`` distinct children are bred per trial
     and the one whose predicted point adds most hypervolume to the observed front is kept
@@ -94,6 +98,8 @@ class GeneticSampler(ProposingSampler):
         screen: int = 1,
         predictor: Predictor | None = None,
         gene_weights: Mapping[str, float] | None = None,
+        level_switch: LevelSwitch | None = None,
+        switch_prob: float = 0.0,
     ) -> None:
         if not isinstance(space, SearchSpace):
             raise ValueError(f"space must be a SearchSpace, got {type(space).__name__}")
@@ -112,6 +118,10 @@ class GeneticSampler(ProposingSampler):
             )
         if isinstance(screen, bool) or not isinstance(screen, int) or screen < 1:
             raise ValueError(f"screen must be an integer >= 1, got {screen!r}")
+        if not 0.0 <= switch_prob <= 1.0 or (switch_prob > 0 and level_switch is None):
+            raise ValueError(f"switch_prob must be in [0, 1] (and > 0 only with a "
+                             f"level_switch), got {switch_prob!r}")
+        self._switch, self._switch_prob = level_switch, float(switch_prob)
         super().__init__(seed)
         self._space = space
         self._screen = screen if predictor is not None else 1
@@ -170,10 +180,15 @@ class GeneticSampler(ProposingSampler):
 
     def _mutate(self, genome: list[int], force: bool = False,
                 active: Sequence[int] | None = None) -> list[int]:
-        """Reset each gene with ``mutation_prob`` to a random other index (global ``random``).
+        """Reset each gene with ``mutation_prob`` to a random other index (global ``random``);
+        with a level switch, instead (with ``switch_prob``) one cost-keeping level switch.
 
         With ``force``, at least one gene of ``active`` (default: any gene) changes.
         """
+        if self._switch is not None and random.random() < self._switch_prob:
+            switched = self._switched(genome)
+            if switched is not None:
+                return switched
         pool = list(active) if active else list(range(len(self._choices)))
         changed = False
         for i, choices in enumerate(self._choices):
@@ -183,6 +198,19 @@ class GeneticSampler(ProposingSampler):
         if force and not changed and pool:
             i = random.choices(pool, weights=[self._gene_weights[j] for j in pool])[0]
             genome[i] = _other_index(genome[i], len(self._choices[i]))
+        return genome
+
+    def _switched(self, genome: list[int]) -> list[int] | None:
+        """The genome after one level switch (``level_switch``), or None when it changes
+        nothing; genes the child's candidate does not ask for keep their values."""
+        assert self._switch is not None
+        candidate, _, _ = self._decode(genome)
+        child = self._switch(candidate, random)  # the fenced global state: reproducible
+        if child is None or child.key == candidate.key:
+            return None
+        position = {p: i for i, p in enumerate(self._params)}
+        for param, value in self._space.params_of(child).items():
+            genome[position[param]] = self._choices[position[param]].index(value)
         return genome
 
     def _fitness_class(self, directions: Sequence[StudyDirection]) -> type:

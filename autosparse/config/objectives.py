@@ -49,11 +49,13 @@ CONSTRAINT_METRICS: tuple[str, ...] = (
     "energy_uj",
     "bits_per_weight",
     "kl",
+    "sparsity",
 )
 
 # What only a one-shot search (``oneshot:`` in the config) computes: the level database knows each
-# layer's stored type, the dense reference the KL.
-ONESHOT_METRICS: tuple[str, ...] = ("bits_per_weight", "kl")
+# layer's stored type, the dense reference the KL; ``sparsity`` is the share of the searched
+# weights that are pruned (0 to 1), as EvoPress's average-sparsity budgets count it.
+ONESHOT_METRICS: tuple[str, ...] = ("bits_per_weight", "kl", "sparsity")
 
 # What needs a hardware profile (``hardware:`` in the config) to be computed.
 HARDWARE_METRICS: tuple[str, ...] = ("latency_ms", "energy_uj")

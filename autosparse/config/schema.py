@@ -188,6 +188,12 @@ class SearchConfig(Strict):
         if self.strategy.level_switch is None and self.strategy.name == "ga" \
                 and self.strategy.use_sensitivity:
             object.__setattr__(self.strategy, "level_switch", 0.5)
+        for constraint in self.constraints:
+            if constraint.metric == "sparsity" and not (
+                    (constraint.op == ">=" and 0 <= constraint.bound < 1)
+                    or (constraint.op == "<=" and 0 < constraint.bound <= 1)):
+                raise ValueError(f"constraint '{constraint}' can never be met or always is: "
+                                 "sparsity is the pruned share of the searched weights, 0 to 1")
         # deterministic scoring: one score per candidate, nothing to re-run with other seeds
         object.__setattr__(self.finetune, "steps", 0)
         object.__setattr__(self.finetune, "reeval_seeds", 0)

@@ -92,6 +92,7 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
         oneshot = prepare_oneshot(config.oneshot, dense, space, data,
                                   runs_dir / config.name / "levels", device)
         dense_metrics = {**dense_metrics, "kl": 0.0, "compression": 1.0, "bits_per_weight": 32.0,
+                         "sparsity": 0.0,
                          "size_kb": sum(p.numel() * 4 for p in dense.parameters()) / 1000.0}
         if gguf_timer is not None:
             gguf_timer.db = oneshot.db

@@ -154,6 +154,7 @@ def test_oneshot_search_scores_from_the_database_and_reuses_it(tmp_path, model_f
     ({"oneshot": None, "budget": {"tokens": 1000}}, "budget.tokens counts the tokens"),
     ({"fidelity": {"low_steps": 5}}, "use fidelity.low_windows"),
     ({"budget": {"tokens": 1000, "finetune_steps": 10}}, "not both"),
+    ({"constraints": ["sparsity >= 1.5"]}, "pruned share of the searched weights"),
     ({"strategy": {"name": "knapsack"}, "hardware": "measure",
       "objectives": ["perplexity", "latency"]}, "another scale"),
     ({"task": {"kind": "classification"}, "objectives": ["accuracy", "size"]}, "language-model"),
@@ -275,3 +276,24 @@ def test_two_workers_share_one_database_and_one_study(tmp_path, model_folder, te
     assert err.count("building the level database") == 1
     assert (outcome.trials["state"] == "COMPLETE").sum() == 4
     assert len(load_study(runs, "two").trials) == 4
+
+
+def test_an_average_sparsity_constraint_is_planned_by_the_knapsack(tmp_path, model_folder,
+                                                                  text_folder):
+    """'sparsity >= 0.2' (the pruned share of the searched weights, EvoPress's budget): the
+    knapsack plans under it, so every proposal meets it; the metric is the weighted share."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "sp", model_folder, text_folder,
+                          strategy={"name": "knapsack"}, budget={"trials": 4},
+                          objectives=["perplexity", "size"], constraints=["sparsity >= 0.2"],
+                          sensitivity={"samples": 4})
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    trials = outcome.trials
+    assert (trials["state"] == "COMPLETE").sum() == 4
+    assert (trials["sparsity"] >= 0.2).all() and trials["feasible"].all()
+    context = prepare(config, runs)
+    numel = context.oneshot.weight_numel()
+    row = trials.iloc[0]
+    assignment = context.oneshot.assignment(Candidate.from_json(row["candidate"]))
+    by_hand = sum(level.sparsity * numel[layer] for layer, level in assignment.items())
+    assert row["sparsity"] == pytest.approx(by_hand / sum(numel.values()))

@@ -160,6 +160,9 @@ class OneShotScoring:
         stored size and bits per searched weight."""
         assignment = self.assignment(candidate)
         size = stored_bytes(model, self.db, assignment)
+        numel = self.weight_numel()
+        pruned = sum(level.sparsity * numel[layer] for layer, level in assignment.items())
         return {"kl": kl_fitness(model, self.reference, n_windows),
+                "sparsity": pruned / sum(numel.values()),
                 "size_kb": size / 1000.0, "compression": dense_bytes / size,
                 "bits_per_weight": stored_bits_per_weight(self.db, assignment)}

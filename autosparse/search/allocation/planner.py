@@ -24,7 +24,7 @@ over trials so far)::
     next   = solve(refit weights, k, budget, exclude=dense + every allocation tried or in flight)
 
 Constraints ``metric <= bound`` on additive metrics (size_kb, macs, bops, latency_ms, energy_uj,
-bits_per_weight with oneshot)
+bits_per_weight with oneshot; ``sparsity >= s`` as a kept share <= 1 - s)
 become extra MILP budgets; ``accuracy_drop <= bound`` caps ``max_drop`` and ``near_lossless``.
 Other constraints are left to the study (their trials are scored and marked infeasible as usual).
 """
@@ -101,6 +101,10 @@ class BudgetPlanner:
                 name = ADDITIVE_METRICS[metric]
                 problem.costs_of(name)
                 self.extra_budgets[name] = min(bound, self.extra_budgets.get(name, math.inf))
+            elif metric == "sparsity" and op == ">=":  # one-shot: kept share <= 1 - bound
+                problem.costs_of("density")
+                self.extra_budgets["density"] = min(1.0 - bound,
+                                                    self.extra_budgets.get("density", math.inf))
             elif metric == "accuracy_drop" and op == "<=":
                 max_drop, near_lossless = min(max_drop, bound), min(near_lossless, bound)
         self.max_drop, self.near_lossless = max(max_drop, 0.0), max(near_lossless, 0.0)

@@ -20,7 +20,7 @@ from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import OBJECTIVES, QUALITY_OBJECTIVES, metric_of
 from autosparse.cost.estimate import estimate_cost
 from autosparse.search.allocation.table import SensitivityTable, choice_id
-from autosparse.space.candidate import DENSE_FP32, Candidate, LayerChoice
+from autosparse.space.candidate import DENSE, DENSE_FP32, Candidate, LayerChoice
 from autosparse.space.layers import LayerTable
 from autosparse.space.search_space import SearchSpace
 
@@ -28,10 +28,12 @@ Allocation = tuple[int, ...]  # option index per decision, in problem.decisions 
 
 FOOTPRINT_OBJECTIVES = ("size", "macs", "bops")  # exactly additive
 HARDWARE_OBJECTIVES = ("latency", "energy")  # additive up to neighbour effects; need a profile
-STORED_OBJECTIVES = ("bits",)  # one-shot: from the level database's stored types
+# one-shot: from the level database (stored types; "density", the kept share of the searched
+# weights, is internal: it budgets a constraint 'sparsity >= s' as density <= 1 - s)
+STORED_OBJECTIVES = ("bits", "density")
 COST_OBJECTIVES = FOOTPRINT_OBJECTIVES + HARDWARE_OBJECTIVES + STORED_OBJECTIVES
 # constraint metric -> cost objective, for the metrics that are sums over layers
-ADDITIVE_METRICS = {metric_of(name): name for name in COST_OBJECTIVES}
+ADDITIVE_METRICS = {metric_of(name): name for name in COST_OBJECTIVES if name in OBJECTIVES}
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,10 @@ class StoredSizes:
     dense_bytes: int  # every parameter at F32
 
     def option_cost(self, objective: str, layers: Sequence[str], choice: LayerChoice) -> float:
+        if objective == "density":  # kept share of all searched weights
+            kept = sum((1.0 - choice.sparsity if choice.pattern != DENSE else 1.0)
+                       * self.weight_numel[name] for name in layers)
+            return kept / sum(self.weight_numel.values())
         stored = sum(self.weight_bytes(name, choice) for name in layers)
         if objective == "size":
             return stored / 1000
@@ -55,7 +61,7 @@ class StoredSizes:
         if objective == "size":
             searched = 4 * sum(self.weight_numel.values())
             return (self.dense_bytes - searched) / 1000, self.dense_bytes / 1000
-        return 0.0, 32.0  # bits: F32 everywhere
+        return 0.0, (1.0 if objective == "density" else 32.0)  # bits: F32 everywhere
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ def cost_objectives(objectives: Iterable[str], constraint_metrics: Iterable[str]
     objectives behind its constraints on additive metrics (``size_kb`` -> ``size``)."""
     out = [o for o in objectives if o not in QUALITY_OBJECTIVES]
     out += [ADDITIVE_METRICS[m] for m in constraint_metrics if m in ADDITIVE_METRICS]
+    out += ["density" for m in constraint_metrics if m == "sparsity"]
     unknown = [o for o in out if o not in COST_OBJECTIVES]
     if unknown:
         raise ValueError(f"objectives {unknown} are not additive cost objectives "

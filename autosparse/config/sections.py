@@ -282,5 +282,8 @@ class OneShotConfig(Strict):
     blocksize: int = Field(128, ge=1, description="GPTQ/SparseGPT lazy-update block (columns)")
     percdamp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening (share of its "
                             "mean diagonal)")
+    offload: bool = Field(False, description="keep the model's weights on the CPU and run it "
+                          "on the device one block at a time (database build, dense reference, "
+                          "scoring): for a model larger than the GPU's memory; slower otherwise")
     layers_at_once: int = Field(4, ge=1, description="layers whose calibration statistics are "
                                 "collected in one pass (memory: in_features^2 floats each)")

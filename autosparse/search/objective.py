@@ -242,8 +242,9 @@ class StagedRun:
             torch.utils.data.TensorDataset(x[:validation], y[:validation]),
             batch_size=ev.data.batch_size)
         start = time.perf_counter()
-        accuracy = evaluate(self.student, loader, ev.task)  # the task metric, in the accuracy slot
-        metrics = self._oneshot_metrics(accuracy, start, calibration)
+        with ev.oneshot.running(self.student):  # offload: block by block on the device
+            accuracy = evaluate(self.student, loader, ev.task)  # the task metric's slot
+            metrics = self._oneshot_metrics(accuracy, start, calibration)
         metrics["tokens_scored"] = float(ev.oneshot_tokens(validation, calibration))
         return metrics
 

@@ -15,6 +15,7 @@ import torch
 
 from autosparse.compress.oneshot.fitness import DenseReference
 from autosparse.compress.oneshot.search_levels import OneShotScoring, levels_for, open_or_build
+from autosparse.compress.oneshot.streaming import streamed
 from autosparse.config.hardware import load_profile
 from autosparse.config.runtime import MEASURE
 from autosparse.config.schema import SearchConfig, load_config
@@ -86,7 +87,9 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
     if gguf_timer is not None:  # the dense F32 GGUF per token, before the database is built
         dense_metrics.update(gguf_timer.dense_metrics())
     grid = _global_grid(dense, space) if config.strategy.name == "grid-global" else None
-    dense.to(device)  # discovery, grids and timing above ran on the CPU copy
+    offload = config.oneshot is not None and config.oneshot.offload
+    if not offload:  # offload: the weights stay on the CPU, blocks visit the device in turn
+        dense.to(device)  # discovery, grids and timing above ran on the CPU copy
     oneshot = None
     if config.oneshot is not None:  # the level database: built once, opened by every process
         oneshot = prepare_oneshot(config.oneshot, dense, space, data,
@@ -113,7 +116,10 @@ def prepare_oneshot(cfg: OneShotConfig, dense: torch.nn.Module, space: SearchSpa
     with oneshot_progress(root) as progress:
         db, info = open_or_build(dense, levels_for(choices, cfg), windows, root, cfg, device,
                                  progress)
-    return OneShotScoring(db, cfg, DenseReference(dense, windows), info)
+    stream = device if cfg.offload else None
+    with streamed(dense, stream):
+        reference = DenseReference(dense, windows)
+    return OneShotScoring(db, cfg, reference, info, stream_device=stream)
 
 
 MEASURE_CALIBRATION_BATCHES = 4  # train batches for the int8 ranges of measured candidates

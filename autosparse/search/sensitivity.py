@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
-from typing import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Collection, ContextManager, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -254,11 +254,13 @@ def measure_sensitivity(
     graph: ChannelGraph | None = None,
     task: Task | None = None,
     tensors_for: TensorSource | None = None,
+    running: Callable[[nn.Module], ContextManager[Any]] | None = None,
 ) -> list[ChoiceSensitivity]:
     """Entries of every decision not in ``skip``, decision by decision (see the module doc).
 
     ``tensors_for(layers, choice)`` gives a choice's compressed weights instead of
-    ``compress_model`` (one-shot: the level database's stored levels).
+    ``compress_model`` (one-shot: the level database's stored levels); ``running(model)`` is
+    the context the zero-shot evaluations run in (one-shot offload: block by block on the GPU).
 
     ``on_decision(name, entries)`` runs after each decision, so a caller can store it at once
     and a kill loses at most the decision in progress. ``baseline`` is the dense (loss,
@@ -295,14 +297,18 @@ def measure_sensitivity(
                 on_decision(decision.name, entries)
         return out
 
-    dense_loss, dense_accuracy = baseline or _loss_and_accuracy(dense, batches, task)
+    run = running or (lambda model: nullcontext(model))
+    if baseline is None:
+        with run(dense):
+            baseline = _loss_and_accuracy(dense, batches, task)
+    dense_loss, dense_accuracy = baseline
     work = copy.deepcopy(dense)  # the one copy: layers are swapped in and out of it
     work_modules = dict(work.named_modules())
     for decision in todo:
         entries = []
         for choice in measured_choices(decision):
             tensors = tensors_for(tuple(decision.layers), choice)
-            with _swapped(work_modules, tensors):
+            with _swapped(work_modules, tensors), run(work):
                 loss, accuracy = _loss_and_accuracy(work, batches, task)
             entries.append(ChoiceSensitivity(decision.name, choice_id(choice),
                                              loss - dense_loss, accuracy - dense_accuracy))

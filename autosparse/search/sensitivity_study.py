@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import time
 import warnings
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Callable
 
 import optuna
@@ -74,8 +75,10 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
     todo = [d for d in context.space.decisions if d.name not in usable]
     if todo:
         start = time.perf_counter()
+        oneshot = getattr(context, "oneshot", None)  # levels stored: nothing to compress
         if header is None:
-            baseline = dense_baseline(context.dense, context.data, cfg, task)
+            with oneshot.running(context.dense) if oneshot is not None else nullcontext():
+                baseline = dense_baseline(context.dense, context.data, cfg, task)
         else:
             baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))
 
@@ -94,14 +97,14 @@ def ensure_sensitivity(context: "SearchContext", study: optuna.Study, printer: P
             usable[name] = entries
             save_header(False)
 
-        oneshot = getattr(context, "oneshot", None)  # levels stored: nothing to compress
         taylor = oneshot is None and any("taylor" in d.criteria for d in todo)
         scores = scores_for_space(context.dense, context.data, context.space,
                                   context.config.finetune, task) if taylor else None
         measure_sensitivity(context.dense, context.data, context.space, cfg, scores=scores,
                             skip=frozenset(usable), on_decision=on_decision, baseline=baseline,
                             graph=getattr(context, "graph", None), task=task,
-                            tensors_for=None if oneshot is None else oneshot.layer_tensors)
+                            tensors_for=None if oneshot is None else oneshot.layer_tensors,
+                            running=None if oneshot is None else oneshot.running)
         seconds = save_header(True)
     else:
         baseline = (float(header["dense_loss"]), float(header["dense_accuracy"]))

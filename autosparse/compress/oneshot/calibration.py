@@ -88,6 +88,7 @@ def collect_layer_stats(
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
     *,
     dtype: torch.dtype = torch.float32,
+    stats_device: torch.device | str | None = None,
 ) -> dict[str, LayerStats]:
     """Run the dense ``model`` on ``batches`` and return ``{name: LayerStats}`` for the named
     ``nn.Linear`` modules (transformers' ``Conv1D`` too: its input is a Linear's input).
@@ -98,6 +99,7 @@ def collect_layer_stats(
     batch (token ids ``[batch, seq]`` for a language model; anything the model takes) - the
     default moves the batch to the model's device and calls ``model(batch)``. The model is run in
     eval mode under ``no_grad`` (dropout would otherwise perturb the inputs) and its mode restored.
+    ``stats_device``: where the Hessians accumulate (default: each layer's weight's device).
     """
     names = list(layer_names)
     if not names:
@@ -114,8 +116,8 @@ def collect_layer_stats(
             raise ValueError(  # noqa: TRY004 - a bad name in layer_names, as above
                 f"layer_names: {name!r} is a {type(module).__name__}, not nn.Linear (or "
                 "transformers Conv1D)")
-        stats[name] = LayerStats(layer_weight(module).shape[1], device=module.weight.device,
-                                 dtype=dtype)
+        stats[name] = LayerStats(layer_weight(module).shape[1],
+                                 device=stats_device or module.weight.device, dtype=dtype)
 
     def hook_for(name: str) -> Callable[..., None]:
         def hook(_module: nn.Module, inputs: tuple[Any, ...], _output: Any) -> None:

@@ -96,6 +96,7 @@ from autosparse.compress.oneshot.level_files import (
     write_atomic,
 )
 from autosparse.compress.oneshot.levels import Level, compress_weight
+from autosparse.compress.oneshot.streaming import streamed
 
 __all__ = ["Assembled", "CompressorSettings", "DatabaseInfo", "DatabaseMismatch", "LevelDatabase",
            "assemble", "build_level_database", "compress_entry"]
@@ -425,7 +426,7 @@ def build_level_database(
     forward: Callable[[nn.Module, torch.Tensor], Any] | None = None,
     layers_at_once: int = 4, batch_size: int = 8, blocksize: int = 128, percdamp: float = 0.01,
     act_order: bool = False, device: torch.device | str | None = None,
-    progress: Progress | None = None,
+    progress: Progress | None = None, stream: bool = False,
 ) -> DatabaseInfo:
     """Compress each named ``nn.Linear`` (or transformers ``Conv1D``, as ``[out, in]``) at each
     of its levels and store the entries under
@@ -442,9 +443,9 @@ def build_level_database(
 
     ``device`` (e.g. ``"cuda"``): each layer's weight and Hessian are moved there one layer at
     a time for compression (the result comes back to the CPU to be packed). The stats pass runs
-    the model where the caller put it: a model too large for the GPU would need layer-by-layer
-    propagation (run the decoder blocks one at a time on the GPU, keeping every block's inputs
-    on the CPU), which is not implemented. ``progress(done, total, layer, level, seconds)``
+    the model where the caller put it; with ``stream`` (the model on the CPU, larger than the
+    device) it runs there one block at a time (``streaming.streamed``) and the Hessians
+    accumulate on the device. ``progress(done, total, layer, level, seconds)``
     after each entry. Returns the database's ``DatabaseInfo`` with this call's figures.
     """
     started = time.perf_counter()
@@ -486,7 +487,11 @@ def build_level_database(
         wanted = [n for n in chunk if any(_needs_stats(lv) for lv in todo[n])]
         t0 = time.perf_counter()
         batches = windows.split(batch_size)
-        stats = collect_layer_stats(model, wanted, batches, forward or lm_forward) if wanted else {}
+        stats = {}
+        if wanted:
+            with streamed(model, device if stream else None):
+                stats = collect_layer_stats(model, wanted, batches, forward or lm_forward,
+                                            stats_device=device if stream else None)
         stats_seconds += time.perf_counter() - t0
         for name in chunk:
             layer_stats = _on(stats.pop(name, None), device)

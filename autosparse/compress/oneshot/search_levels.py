@@ -29,6 +29,7 @@ from autosparse.compress.oneshot.layer_weights import is_conv1d, is_oneshot_laye
 from autosparse.compress.oneshot.level_files import DatabaseMismatch
 from autosparse.compress.oneshot.fitness import DenseReference, kl_fitness
 from autosparse.compress.oneshot.levels import Level
+from autosparse.compress.oneshot.streaming import streamed
 from autosparse.config.sections import OneShotConfig
 from autosparse.config.validation import ConfigError
 from autosparse.space.candidate import DENSE, FLOAT_BITS, Candidate, LayerChoice
@@ -76,7 +77,8 @@ def open_or_build(model: nn.Module, levels: Mapping[str, list[Level]], windows: 
     try:
         info = build_level_database(model, list(levels), dict(levels), windows, root,
                                     layers_at_once=cfg.layers_at_once, blocksize=cfg.blocksize,
-                                    percdamp=cfg.percdamp, device=device, progress=progress)
+                                    percdamp=cfg.percdamp, device=device, progress=progress,
+                                    stream=cfg.offload)
         db = LevelDatabase(root, model=model, calibration_windows=windows)
     except (ValueError, DatabaseMismatch) as err:  # a layer's shape, or another model's database
         raise ConfigError(f"oneshot: {err}") from None
@@ -125,6 +127,11 @@ class OneShotScoring:
     config: OneShotConfig
     reference: DenseReference
     info: DatabaseInfo
+    stream_device: str | None = None  # oneshot.offload: where models run, block by block
+
+    def running(self, model: nn.Module):
+        """Context in which ``model`` (weights on the CPU with offload) runs on the device."""
+        return streamed(model, self.stream_device)
 
     def assignment(self, candidate: Candidate) -> dict[str, Level]:
         """The candidate's level of every layer of the database (unlisted layers: dense)."""

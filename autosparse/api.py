@@ -157,8 +157,9 @@ def load(path: str | os.PathLike, *, skeleton: torch.nn.Module | None = None) ->
     - an export folder or ``model.pt2``: the compressed model as a ``torch.nn.Module``
       (``torch.export``; no model code needed);
     - ``*.onnx``: an ``onnxruntime.InferenceSession`` on the CPU;
-    - ``model.packed``: the smallest file; it stores weights only, so give ``skeleton``, an
-      untrained instance of the searched model (``load_packed``).
+    - ``model.packed``: the smallest file, its weights exactly as scored and the model's graph
+      beside them: a ``torch.nn.Module`` with no model code needed (``load_packed``); a file
+      without a graph (packed format 2) needs ``skeleton``, an untrained instance of the model.
     """
     path = Path(path)
     if path.is_dir():
@@ -174,11 +175,11 @@ def load(path: str | os.PathLike, *, skeleton: torch.nn.Module | None = None) ->
 
         return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if path.suffix == ".packed":
-        if skeleton is None:
-            raise ValueError(f"{path}: a packed file holds weights only; pass skeleton= (an "
-                             "untrained instance of the searched model) or load model.pt2")
-        from autosparse.export.packed import load_packed
+        from autosparse.export.packed import PackedFormatError, load_packed
 
-        return load_packed(path, skeleton)
+        try:
+            return load_packed(path, skeleton)
+        except PackedFormatError as err:
+            raise ValueError(str(err)) from None
     raise ValueError(f"{path}: not an exported model (expected an export folder, .pt2, .onnx "
                      "or .packed)")

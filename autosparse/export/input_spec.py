@@ -80,8 +80,8 @@ def _tokens_markdown(spec: dict) -> list[str]:
         "import torch                                   # model.pt2",
         "program = torch.export.load('model.pt2').module()",
         "next_tokens = program(torch.from_numpy(x)).argmax(dim=-1)", "",
-        "from autosparse.export.packed import load_packed  # model.packed (smallest file)",
-        "# model = load_packed('model.packed', skeleton)  # skeleton: the config's model, untrained",
+        "import autosparse                              # model.packed (smallest file)",
+        "model = autosparse.load('model.packed')        # its graph travels with it",
         "```", ""]
 
 
@@ -111,8 +111,8 @@ def input_markdown(spec: dict) -> list[str]:
         "program = torch.export.load('model.pt2').module()",
         "y = program(torch.from_numpy(x))" if regression else
         "labels = program(torch.from_numpy(x)).argmax(dim=1)", "",
-        "from autosparse.export.packed import load_packed  # model.packed (smallest file)",
-        "# model = load_packed('model.packed', skeleton)  # skeleton: the config's model, untrained",
+        "import autosparse                              # model.packed (smallest file)",
+        "model = autosparse.load('model.packed')        # its graph travels with it",
         "```", ""]
 
 

@@ -12,8 +12,14 @@ file), then fills every tensor.
 
 File layout (little-endian)::
 
-    b"ASPK" | uint16 version (2) | uint32 header length | uint32 header CRC-32 | header (compact
-    UTF-8 JSON) | payload
+    b"ASPK" | uint16 version (3) | uint32 header length | uint32 header CRC-32 | header (compact
+    UTF-8 JSON) | payload | graph (optional)
+
+The graph section (version 3, ``save_packed(..., example=...)``) is the model's weight-free
+``torch.export`` program (``packed_graph``), so ``load_packed(path)`` returns a runnable model
+with no model code and no skeleton; its bytes are counted apart (header ``graph``: offset after
+the payload, size, CRC-32, the torch version that wrote it). Version 2 files (no graph) still load
+with a skeleton.
 
 The header holds the input shape (one sample, used to trace the skeleton), the channel groups
 removed (``groups``: name, leader layer, where its kept-channel bitmask is, channels and how many
@@ -67,6 +73,7 @@ from autosparse.export.bitpack import (
     _unpack_layer,
     group_bitmask,
 )
+from autosparse.export.packed_graph import GRAPH_FORMAT, PackedProgram, graph_bytes, load_graph
 from autosparse.space.candidate import CHANNEL, Candidate
 from autosparse.space.discovery import count_other_params, find_layers, layer_kind
 from autosparse.space.layers import LayerInfo, LayerTable
@@ -84,7 +91,8 @@ __all__ = [
 ]
 
 MAGIC = b"ASPK"
-VERSION = 2  # 2: the shrunk model, with one kept-channel bitmask per removed group
+VERSION = 3  # 2: the shrunk model, with one kept-channel bitmask per removed group; 3: + graph
+READABLE = (2, 3)
 _PREFIX = struct.Struct("<4sHII")  # magic, version, header length, header CRC-32
 
 
@@ -93,8 +101,9 @@ class PackedInfo:
     """What ``save_packed`` wrote: byte counts by section and bits by layer and part.
 
     ``payload_bytes`` is what the size formula counts (searched layers, padded to a byte each, plus
-    the other parameters at fp32); ``buffer_bytes`` (batch-norm statistics) and ``header_bytes``
-    are extra. ``file_bytes = header_bytes + payload_bytes + buffer_bytes``.
+    the other parameters at fp32); ``buffer_bytes`` (batch-norm statistics), ``header_bytes``
+    and ``graph_bytes`` (the model's program, when written) are extra.
+    ``file_bytes = header_bytes + payload_bytes + buffer_bytes + graph_bytes``.
     """
 
     path: Path
@@ -106,6 +115,7 @@ class PackedInfo:
     other_param_bits: int
     predicted_bits: int
     predicted_other_bits: int
+    graph_bytes: int = 0
 
     @property
     def payload_bits(self) -> int:
@@ -127,7 +137,8 @@ class PackedInfo:
     def summary(self) -> str:
         lines = [
             f"{self.path}: {self.file_bytes} bytes = header {self.header_bytes} + payload "
-            f"{self.payload_bytes} + buffers {self.buffer_bytes}; predicted "
+            f"{self.payload_bytes} + buffers {self.buffer_bytes} + graph {self.graph_bytes}; "
+            "predicted "
             f"{self.predicted_bits / 8:.1f} bytes ({self.predicted_kb:.3f} kB)"
         ]
         for layer in self.layers.values():
@@ -264,7 +275,8 @@ def _other_tensors(model: nn.Module, layers: dict[str, nn.Module]
 
 def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
                 table: LayerTable | None = None,
-                kept: Mapping[str, Tensor] | None = None) -> PackedInfo:
+                kept: Mapping[str, Tensor] | None = None,
+                example: tuple[Tensor, ...] | None = None) -> PackedInfo:
     """Write the shrunk compressed ``model`` as a packed checkpoint.
 
     ``table`` is the dense model's layer table (``discover``), which the model's shapes must
@@ -274,7 +286,8 @@ def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
     bitmask goes into the leader's index, where ``load_packed`` finds it. Every Conv1d/Conv2d/
     Linear is a searched layer stored as ``candidate.get_choice(name)`` says; the layer's bits
     must equal the footprint's exactly (ValueError otherwise). Every other parameter is raw
-    float32 and every buffer raw (floats as float32).
+    float32 and every buffer raw (floats as float32). With ``example`` (model inputs, batch 2),
+    the model's weight-free program is written too, so the file loads without a skeleton.
     """
     path = Path(path)
     layers = find_layers(model)
@@ -312,6 +325,7 @@ def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
             offset += len(data)
 
     payload = b"".join(blobs)
+    graph = b"" if example is None else graph_bytes(model, example)
     header = {
         "format": "autosparse-packed",
         "input_shape": list(table.input_shape),
@@ -322,13 +336,17 @@ def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
         "payload_bytes": len(payload),
         "crc32": zlib.crc32(payload),
     }
+    if graph:
+        header["graph"] = {"format": GRAPH_FORMAT, "nbytes": len(graph),
+                           "crc32": zlib.crc32(graph), "torch": torch.__version__,
+                           "state": list(model.state_dict())}  # the program's input order
     header_json = json.dumps(header, separators=(",", ":")).encode()
     prefix = _PREFIX.pack(MAGIC, VERSION, len(header_json), zlib.crc32(header_json))
-    path.write_bytes(prefix + header_json + payload)
+    path.write_bytes(prefix + header_json + payload + graph)
     footprint = model_footprint(table, candidate, model_zeros(model, table, candidate))
     return PackedInfo(
         path=path,
-        file_bytes=len(prefix) + len(header_json) + len(payload),
+        file_bytes=len(prefix) + len(header_json) + len(payload) + len(graph),
         header_bytes=len(prefix) + len(header_json),
         payload_bytes=payload_bytes,
         buffer_bytes=len(payload) - payload_bytes,
@@ -336,6 +354,7 @@ def save_packed(model: nn.Module, candidate: Candidate, path: str | PathLike,
         other_param_bits=other_bits,
         predicted_bits=footprint.total_bits,
         predicted_other_bits=footprint.other_bits,
+        graph_bytes=len(graph),
     )
 
 
@@ -349,6 +368,13 @@ def _tensor_key(t: Tensor) -> tuple:
 
 def read_header(path: str | PathLike) -> tuple[dict, bytes]:
     """The header dict and the verified payload of a packed checkpoint."""
+    header, payload, _ = read_file(path)
+    return header, payload
+
+
+def read_file(path: str | PathLike) -> tuple[dict, bytes, bytes]:
+    """The header dict, the verified payload and the verified graph section (b"" when the
+    file has none) of a packed checkpoint."""
     path = Path(path)
     data = path.read_bytes()
     if data[:4] != MAGIC:
@@ -359,9 +385,10 @@ def read_header(path: str | PathLike) -> tuple[dict, bytes]:
     if len(data) < len(MAGIC) + 2:
         raise PackedFormatError(f"{path}: file ends inside its prefix (truncated)")
     version = struct.unpack_from("<H", data, len(MAGIC))[0]
-    if version != VERSION:
+    if version not in READABLE:
         raise PackedFormatError(
-            f"{path} is packed format version {version}; this autosparse reads version {VERSION}"
+            f"{path} is packed format version {version}; this autosparse reads versions "
+            f"{', '.join(map(str, READABLE))}"
         )
     if len(data) < _PREFIX.size:
         raise PackedFormatError(f"{path}: file ends inside its prefix (truncated)")
@@ -379,7 +406,9 @@ def read_header(path: str | PathLike) -> tuple[dict, bytes]:
         header["layers"], header["tensors"], header["groups"]  # noqa: B018 - required keys
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise PackedFormatError(f"{path}: corrupt header ({err})") from None
-    payload = data[start:]
+    graph_entry = header.get("graph") or {}
+    graph_size = int(graph_entry.get("nbytes", 0))
+    payload = data[start:len(data) - graph_size] if graph_size else data[start:]
     if len(payload) != expected:
         raise PackedFormatError(
             f"{path}: payload is {len(payload)} bytes, the header says {expected} "
@@ -387,7 +416,10 @@ def read_header(path: str | PathLike) -> tuple[dict, bytes]:
         )
     if zlib.crc32(payload) != crc:
         raise PackedFormatError(f"{path}: payload checksum mismatch (corrupt file)")
-    return header, payload
+    graph = data[start + expected:]
+    if len(graph) != graph_size or (graph and zlib.crc32(graph) != int(graph_entry["crc32"])):
+        raise PackedFormatError(f"{path}: graph section corrupt or truncated")
+    return header, payload, graph
 
 
 def _removed_in_file(header: dict, payload: bytes, modules: dict[str, nn.Module]
@@ -426,8 +458,10 @@ def _shrink_skeleton(header: dict, payload: bytes, skeleton: nn.Module) -> None:
         raise PackedFormatError(f"the skeleton cannot be shrunk as the file says: {err}") from None
 
 
-def _file_state(header: dict, payload: bytes, state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Every tensor the file holds, by state-dict key, checked against the skeleton's shapes."""
+def _file_state(header: dict, payload: bytes,
+                state: dict[str, Tensor] | None) -> dict[str, Tensor]:
+    """Every tensor the file holds, by state-dict key, checked against the skeleton's shapes
+    (``state``; None: no skeleton, the header's shapes only)."""
     new: dict[str, Tensor] = {}
     for entry in header["layers"]:
         weight, bias = _unpack_layer(entry, payload)
@@ -440,13 +474,16 @@ def _file_state(header: dict, payload: bytes, state: dict[str, Tensor]) -> dict[
         if "alias_of" in entry:
             aliases.append((key, entry["alias_of"]))
             continue
-        if key not in state:
+        if state is not None and key not in state:
             raise PackedFormatError(f"the file has tensor {key!r} {tuple(entry['shape'])}, "
                                     "the skeleton does not")
         start = int(entry["offset"])
         array = np.frombuffer(payload[start:start + int(entry["nbytes"])], dtype=entry["dtype"])
         shape = tuple(entry["shape"])
-        if tuple(state[key].shape) != shape or array.size != int(np.prod(shape)):
+        if array.size != int(np.prod(shape)):
+            raise PackedFormatError(f"tensor {key!r}: {array.size} values for shape {shape} "
+                                    "(corrupt file)")
+        if state is not None and tuple(state[key].shape) != shape:
             raise PackedFormatError(f"tensor {key!r}: the file has shape {shape}, the skeleton "
                                     f"{tuple(state[key].shape)}")
         new[key] = torch.from_numpy(array.copy()).reshape(shape)
@@ -474,15 +511,28 @@ def _check_layers(header: dict, modules: dict[str, nn.Module]) -> None:
                                     f"{'has one' if has_bias else 'has none'}")
 
 
-def load_packed(path: str | PathLike, skeleton: nn.Module) -> nn.Module:
-    """Fill ``skeleton`` (a plain, dense-shaped model of the same architecture) from ``path``.
+def load_packed(path: str | PathLike, skeleton: nn.Module | None = None) -> nn.Module:
+    """The model in ``path``, ready to run.
 
-    The skeleton is shrunk in place first (the file's channel groups removed with Torch-Pruning,
-    exactly as the export removed them), then every tensor is loaded: pruned weights as zeros,
-    quantized ones as ``code * scale``. Returns ``skeleton`` itself, an ordinary module whose
-    outputs equal the exported shrunk model's.
+    Without ``skeleton`` (a file with a graph section): a :class:`PackedProgram` of the file's
+    decoded tensors and its exported graph - no model code needed. With ``skeleton`` (a plain,
+    dense-shaped model of the same architecture; any file): the skeleton is shrunk in place
+    first (the file's channel groups removed with Torch-Pruning, exactly as the export removed
+    them), then every tensor is loaded. Either way pruned weights are zeros and quantized ones
+    ``code * scale``, and the outputs equal the exported shrunk model's.
     """
-    header, payload = read_header(path)
+    header, payload, graph = read_file(path)
+    if skeleton is None:
+        if not graph:
+            raise PackedFormatError(f"{path} holds weights only (no graph section: written "
+                                    "without an example input, or packed format version 2); "
+                                    "pass skeleton=, an untrained instance of the model")
+        tensors = _file_state(header, payload, None)
+        order = header["graph"].get("state", [])
+        if sorted(order) != sorted(tensors):
+            raise PackedFormatError(f"{path}: the graph takes tensors {sorted(order)}, the "
+                                    f"payload holds {sorted(tensors)} (corrupt file)")
+        return PackedProgram(load_graph(graph), {key: tensors[key] for key in order}).eval()
     for name, module in skeleton.named_modules():
         if parametrize.is_parametrized(module):
             raise PackedFormatError(f"skeleton layer {name!r} is parametrized; pass a plain model "

@@ -62,7 +62,7 @@ def test_load_refuses_what_is_not_an_exported_model(tmp_path):
     with pytest.raises(ValueError, match="not an exported model"):
         autosparse.load(tmp_path / "notes.txt")
     (tmp_path / "model.packed").write_bytes(b"")
-    with pytest.raises(ValueError, match="skeleton"):
+    with pytest.raises(ValueError, match="not an autosparse packed checkpoint"):
         autosparse.load(tmp_path / "model.packed")
 
 

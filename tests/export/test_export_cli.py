@@ -276,7 +276,9 @@ def test_export_by_number_writes_checked_artifacts(searched, exported):
     assert params["shrunk"] < params["dense"] or not report["shrink"]["groups"]
 
     size = report["size_kb"]
-    expected = size["predicted"] + size["packed_header"]
+    expected = size["predicted"] + size["packed_header"] + size["packed_graph"]
+    assert size["packed_graph"] > 0  # the program travels with the weights (counted apart)
+    assert abs(size["packed_payload"] - size["predicted"]) <= 0.03 * size["predicted"]
     assert size["packed_file"] == (out / "model.packed").stat().st_size / 1000
     assert abs(size["packed_file"] - expected) <= 0.03 * expected
     assert size["predicted"] == pytest.approx(row["size_kb"])

@@ -400,3 +400,38 @@ def test_codes_and_scales_are_recovered_bit_exactly(qmax):
     assert exact
     assert torch.equal(got_codes * got_scale[:, None], weights)
     assert torch.equal(got_codes, codes)
+
+
+def test_a_file_with_its_graph_loads_without_model_code(cnn, inputs, tmp_path):
+    """save_packed(..., example=): the weight-free program travels in the file, so one call
+    with no skeleton gives a model computing what the skeleton-filled one does; the payload
+    (the scored bytes) is unchanged, the graph's bytes are counted apart."""
+    import autosparse
+    from autosparse.export.packed import read_file
+
+    dense, table, graph = cnn
+    candidate = _candidate(table, "channel", 0.5, 4)
+    _, saved, kept = _to_save(dense, table, graph, candidate)
+    without = save_packed(saved, candidate, tmp_path / "w.packed", table=table, kept=kept)
+    info = save_packed(saved, candidate, tmp_path / "g.packed", table=table, kept=kept,
+                       example=(inputs[:2],))
+    assert info.payload_bytes == without.payload_bytes and info.graph_bytes > 0
+    assert info.file_bytes == (tmp_path / "g.packed").stat().st_size == \
+        info.header_bytes + info.payload_bytes + info.buffer_bytes + info.graph_bytes
+    header, _, blob = read_file(tmp_path / "g.packed")
+    assert header["graph"]["nbytes"] == len(blob) == info.graph_bytes
+
+    model = autosparse.load(tmp_path / "g.packed")
+    filled = load_packed(tmp_path / "g.packed", DigitsCNN(1, 8, 8, 10)).eval()
+    with torch.no_grad():
+        assert torch.equal(model(inputs), filled(inputs))  # any batch size: dynamic
+        assert torch.equal(model(inputs[:5]), filled(inputs[:5]))
+    assert torch.equal(model.tensors()["fc1.weight"], filled.fc1.weight)
+
+    with pytest.raises(PackedFormatError, match="no graph section"):
+        load_packed(tmp_path / "w.packed")
+    data = bytearray((tmp_path / "g.packed").read_bytes())
+    data[-3] ^= 0xFF
+    (tmp_path / "bad.packed").write_bytes(bytes(data))
+    with pytest.raises(PackedFormatError, match="graph section corrupt"):
+        load_packed(tmp_path / "bad.packed")

@@ -336,7 +336,7 @@ def test_other_version_is_refused(saved):
     data = bytearray(saved.read_bytes())
     struct.pack_into("<H", data, len(MAGIC), 99)
     saved.write_bytes(bytes(data))
-    with pytest.raises(PackedFormatError, match="version 99.*reads version 2"):
+    with pytest.raises(PackedFormatError, match="version 99.*reads versions 2, 3"):
         load_packed(saved, DigitsCNN(1, 8, 8, 10))
 
 

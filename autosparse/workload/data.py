@@ -187,10 +187,19 @@ def _check_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y
 
 
+def _origin(raw: dict, method: str, **splits: tuple[dict, np.ndarray]) -> dict:
+    """``DataSplits.origin``: the raw data, how it was split, and per split where its samples
+    are (which raw array) and the indices into it, exactly as the split used them."""
+    return {"raw": raw, "method": method,
+            "splits": {name: {**where, "indices": np.asarray(indices, dtype=np.int64)}
+                       for name, (where, indices) in splits.items()}}
+
+
 def _make_splits(
     cfg: DataConfig,
     parts: dict[str, tuple[np.ndarray, np.ndarray]],
     classes: tuple[str, ...] | None = None,
+    origin: dict | None = None,
 ) -> DataSplits:
     """Normalise with train statistics and wrap the three splits as TensorDatasets."""
     mean, std = _resolve_stats(cfg, parts["train"][0])
@@ -211,36 +220,54 @@ def _make_splits(
         std=tuple(float(v) for v in std),
         classes=classes,
         batch_size=cfg.batch_size,
+        origin=origin,
     )
 
 
+def _stratified_method(fractions: tuple[float, ...], seed: int) -> str:
+    return (f"stratified by class: fractions {'/'.join(f'{f:g}' for f in fractions)}, "
+            f"numpy default_rng({seed}) (autosparse.workload.data.stratified_split)")
+
+
 def _split_by_fractions(
-    cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: tuple[str, ...] | None = None
+    cfg: DataConfig, x: np.ndarray, y: np.ndarray, classes: tuple[str, ...] | None = None,
+    raw: dict | None = None, where: dict | None = None,
 ) -> DataSplits:
+    """``raw``/``where``: what ``x`` is and where it lives, recorded with the indices."""
     ranges = cfg.split.ranges()
     if ranges is not None:
         train, val, test = (index_range(ranges[name], len(y), name) for name in SPLITS)
+        method = "index ranges [start, end) of data.split into the one array"
     else:
         train, val, test = stratified_split(y, _fractions(cfg.split), cfg.split_seed)
+        method = _stratified_method(_fractions(cfg.split), cfg.split_seed)
     parts = {
         "train": (x[train], y[train]),
         "validation": (x[val], y[val]),
         "test": (x[test], y[test]),
     }
-    return _make_splits(cfg, parts, classes)
+    where = where or {}
+    origin = _origin(raw or {}, method, train=(where, train), validation=(where, val),
+                     test=(where, test))
+    return _make_splits(cfg, parts, classes, origin)
 
 
-def _carve_validation(
-    cfg: DataConfig, x: np.ndarray, y: np.ndarray
-) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """Split a fixed train set into train/validation by validation / (train + validation)."""
+def _carve_validation(cfg: DataConfig, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices splitting a fixed train set into train/validation by validation / (train +
+    validation)."""
     if cfg.split.ranges() is not None:
         raise ConfigError("data.split: index ranges split one array; this source has a fixed "
                           "train/test split already (give data.split as fractions: "
                           "validation is carved from its train part)")
     ratio = cfg.split.validation / (cfg.split.train + cfg.split.validation)
     train, val = stratified_split(y, (1.0 - ratio, ratio), cfg.split_seed)
-    return (x[train], y[train]), (x[val], y[val])
+    return train, val
+
+
+def _carved_method(cfg: DataConfig) -> str:
+    ratio = cfg.split.validation / (cfg.split.train + cfg.split.validation)
+    return ("the source's own test split as a whole; validation carved from its train split, "
+            + _stratified_method((1.0 - ratio, ratio), cfg.split_seed))
 
 
 def _to_float(x: np.ndarray) -> np.ndarray:
@@ -262,7 +289,10 @@ def _load_digits(cfg: DataConfig) -> DataSplits:
     digits = load_digits()
     x = (digits.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = digits.target.astype(np.int64)
-    return _split_by_fractions(cfg, x, y)
+    raw = {"load": "sklearn.datasets.load_digits()", "samples": len(y),
+           "x": "images.astype(float32) / 16.0 with a channel axis: (N, 1, 8, 8)",
+           "y": "target as int64"}
+    return _split_by_fractions(cfg, x, y, raw=raw)
 
 
 _LAYOUT_NDIM = {"NCHW": 4, "NHWC": 4, "NCL": 3, "NLC": 3, "flat": 2}
@@ -330,24 +360,38 @@ def _load_npz(cfg: DataConfig) -> DataSplits:
         arrays = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise ConfigError(f"data.path: cannot read {path} as an npz file: {err}") from None
+    raw = {"load": f"numpy.load({os.path.abspath(path)!r})", "path": os.path.abspath(path),
+           "layout": cfg.layout,
+           "x": f"the array as float32 (uint8: / 255.0), put channel-first from {cfg.layout}",
+           "y": "the labels as int64 class indices"}
     with arrays:
         files = set(arrays.files)
         if f"{cfg.x_key}_train" not in files:
             x, y = _npz_pair(arrays, cfg.x_key, cfg.y_key, cfg, path)
-            return _split_by_fractions(cfg, x, y)
-        parts = {"train": _npz_pair(arrays, f"{cfg.x_key}_train", f"{cfg.y_key}_train", cfg, path)}
+            return _split_by_fractions(cfg, x, y, raw={**raw, "samples": len(y)},
+                                       where={"x": cfg.x_key, "y": cfg.y_key})
+        train_keys = {"x": f"{cfg.x_key}_train", "y": f"{cfg.y_key}_train"}
+        parts = {"train": _npz_pair(arrays, train_keys["x"], train_keys["y"], cfg, path)}
         val_suffix = next((s for s in _VAL_SUFFIXES if f"{cfg.x_key}_{s}" in files), None)
         if val_suffix is None:
-            parts["train"], parts["validation"] = _carve_validation(cfg, *parts["train"])
+            train, val = _carve_validation(cfg, parts["train"][1])
+            x, y = parts["train"]
+            parts["train"], parts["validation"] = (x[train], y[train]), (x[val], y[val])
+            where_val, method = (train_keys, val), _carved_method(cfg)
         else:
-            parts["validation"] = _npz_pair(
-                arrays, f"{cfg.x_key}_{val_suffix}", f"{cfg.y_key}_{val_suffix}", cfg, path
-            )
-        parts["test"] = _npz_pair(arrays, f"{cfg.x_key}_test", f"{cfg.y_key}_test", cfg, path)
+            val_keys = {"x": f"{cfg.x_key}_{val_suffix}", "y": f"{cfg.y_key}_{val_suffix}"}
+            parts["validation"] = _npz_pair(arrays, val_keys["x"], val_keys["y"], cfg, path)
+            train = np.arange(len(parts["train"][1]))
+            where_val = (val_keys, np.arange(len(parts["validation"][1])))
+            method = "the file's own train, validation and test arrays, each as a whole"
+        test_keys = {"x": f"{cfg.x_key}_test", "y": f"{cfg.y_key}_test"}
+        parts["test"] = _npz_pair(arrays, test_keys["x"], test_keys["y"], cfg, path)
     shapes = {name: x.shape[1:] for name, (x, _) in parts.items()}
     if len(set(shapes.values())) != 1:
         raise ConfigError(f"data ({path}): the splits have different sample shapes: {shapes}")
-    return _make_splits(cfg, parts)
+    origin = _origin(raw, method, train=(train_keys, train), validation=where_val,
+                     test=(test_keys, np.arange(len(parts["test"][1]))))
+    return _make_splits(cfg, parts, origin=origin)
 
 
 def _read_image(path: Path, mode: str, size: tuple[int, int] | None) -> np.ndarray:
@@ -404,7 +448,17 @@ def _load_image_folder(cfg: DataConfig) -> DataSplits:
         )
     x = _to_float(np.stack(images))
     y = np.array([label for _, label in files], dtype=np.int64)
-    return _split_by_fractions(cfg, x, y, classes=tuple(classes))
+    raw = {"root": str(root.resolve()), "mode": mode, "size": list(size) if size else None,
+           "samples": len(files),
+           "x": f"each file read with PIL, converted to {mode}"
+                + (f", resized to {size[0]}x{size[1]} (bilinear)" if size else "")
+                + ", channel-first, uint8 / 255.0 as float32",
+           "y": "the index of the file's class folder in 'classes'",
+           "classes": list(classes),
+           "files": [p.relative_to(root).as_posix() for p, _ in files],
+           "labels": y.tolist()}
+    return _split_by_fractions(cfg, x, y, classes=tuple(classes), raw=raw,
+                               where={"from": "files"})
 
 
 def _load_torchvision(cfg: DataConfig) -> DataSplits:
@@ -444,6 +498,16 @@ def _load_torchvision(cfg: DataConfig) -> DataSplits:
 
     train_x, train_y = read(train=True)
     parts = {"test": read(train=False)}
-    parts["train"], parts["validation"] = _carve_validation(cfg, train_x, train_y)
+    train, val = _carve_validation(cfg, train_y)
+    parts["train"], parts["validation"] = (train_x[train], train_y[train]), \
+        (train_x[val], train_y[val])
     classes = getattr(dataset_cls, "classes", None)
-    return _make_splits(cfg, parts, tuple(classes) if isinstance(classes, (list, tuple)) else None)
+    raw = {"load": f"torchvision.datasets.{cfg.name}(root={os.path.abspath(str(cfg.path))!r}, "
+                   "train=..., download=False, transform=ToTensor())",
+           "root": os.path.abspath(str(cfg.path)), "name": cfg.name,
+           "x": "ToTensor(): channel-first float32 in [0, 1]", "y": "the dataset's label"}
+    origin = _origin(raw, _carved_method(cfg), train=({"train": True}, train),
+                     validation=({"train": True}, val),
+                     test=({"train": False}, np.arange(len(parts["test"][1]))))
+    return _make_splits(cfg, parts, tuple(classes) if isinstance(classes, (list, tuple)) else None,
+                        origin)

@@ -38,6 +38,11 @@ class DataSplits:
     user_loaders: bool = False
     sample_counts: dict[str, int] | None = None  # samples per split, where known without a pass
     pin_memory: bool = False  # set when the search runs on CUDA (faster host-to-GPU copies)
+    # where the samples came from, for an export's split.json: ``raw`` (the data as loaded,
+    # before any split), ``method`` (how it was split) and ``splits`` (per split, the indices
+    # into the raw data actually used, or the files and window offsets of text); None for a
+    # user's data.factory, whose loaders are their own recipe
+    origin: dict | None = None
 
     def split(self, name: str) -> Dataset:
         if name not in SPLITS:

@@ -48,6 +48,16 @@ def _index_splits(n: int, cfg: DataConfig) -> list[np.ndarray]:
     return parts
 
 
+def _random_origin(raw: dict, parts: list[np.ndarray], cfg: DataConfig) -> dict:
+    """``DataSplits.origin``: the indices into the raw samples each split used."""
+    method = (f"random (unstratified): fractions {cfg.split.train:g}/{cfg.split.validation:g}/"
+              f"{cfg.split.test:g} of numpy default_rng({cfg.split_seed}).permutation(N), each "
+              "part sorted (autosparse.workload.task_builtins._index_splits)")
+    return {"raw": raw, "method": method,
+            "splits": {name: {"indices": idx.astype(np.int64)}
+                       for name, idx in zip(("train", "validation", "test"), parts)}}
+
+
 def load_diabetes_splits(cfg: DataConfig) -> DataSplits:
     """sklearn's diabetes regression data: features and target standardised on the train split."""
     from sklearn.datasets import load_diabetes
@@ -61,9 +71,13 @@ def load_diabetes_splits(cfg: DataConfig) -> DataSplits:
     datasets = [TensorDataset(torch.from_numpy((x[idx] - mean) / std),
                               torch.from_numpy((y[idx, None] - y_mean) / y_std))
                 for idx in parts]
+    raw = {"load": "sklearn.datasets.load_diabetes(return_X_y=True)", "samples": len(y),
+           "x": "the 10 features as float32", "y": "the target as float32, shape (N, 1)",
+           # the target is standardised too: the mse is in these units
+           "target_mean": y_mean, "target_std": y_std}
     return DataSplits(*datasets, input_shape=(x.shape[1],), num_classes=1,
                       mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
-                      batch_size=cfg.batch_size)
+                      batch_size=cfg.batch_size, origin=_random_origin(raw, parts, cfg))
 
 
 def markov_tokens(sequences: int, length: int, vocab: int, seed: int) -> np.ndarray:
@@ -87,10 +101,16 @@ def load_token_splits(cfg: DataConfig) -> DataSplits:
     """Next-token data from :func:`markov_tokens`: x = first 16 tokens, y = the 16 after each."""
     tokens = torch.from_numpy(markov_tokens(TOKEN_SEQUENCES, TOKEN_LENGTH + 1, TOKEN_VOCAB,
                                             TOKEN_CHAIN_SEED))
+    parts = _index_splits(len(tokens), cfg)
     datasets = [TensorDataset(tokens[idx, :-1].contiguous(), tokens[idx, 1:].contiguous())
-                for idx in (torch.from_numpy(p) for p in _index_splits(len(tokens), cfg))]
+                for idx in (torch.from_numpy(p) for p in parts)]
+    raw = {"load": f"autosparse.workload.task_builtins.markov_tokens({TOKEN_SEQUENCES}, "
+                   f"{TOKEN_LENGTH + 1}, {TOKEN_VOCAB}, {TOKEN_CHAIN_SEED})",
+           "sequences": TOKEN_SEQUENCES, "length": TOKEN_LENGTH + 1, "vocab": TOKEN_VOCAB,
+           "seed": TOKEN_CHAIN_SEED, "successors": TOKEN_SUCCESSORS, "samples": TOKEN_SEQUENCES,
+           "x": "tokens[:, :-1] (int64 ids)", "y": "tokens[:, 1:] (the next token at each position)"}
     return DataSplits(*datasets, input_shape=(TOKEN_LENGTH,), num_classes=TOKEN_VOCAB,
-                      batch_size=cfg.batch_size)
+                      batch_size=cfg.batch_size, origin=_random_origin(raw, parts, cfg))
 
 
 class RegressionMLP(nn.Module):

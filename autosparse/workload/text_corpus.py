@@ -38,7 +38,7 @@ __all__ = [
     "BYTE_TOKENIZER_FILE", "DEFAULT_FRACTIONS", "SEPARATOR", "ByteTokenizer", "TokenSets",
     "Tokenizer", "corpus_fingerprint", "load_tokenizer", "next_token_logprobs", "perplexity",
     "read_tokens", "resolve_sources", "split_files", "stdlib_root", "stdlib_source_files", "text_token_sets",
-    "token_windows",
+    "token_windows", "window_starts",
 ]
 
 # train for the benchmark model's training; calibration scores candidates (KL); validation is
@@ -265,11 +265,17 @@ def token_windows(tokens: torch.Tensor, seq_len: int, count: int, seed: int) -> 
     are returned in a seeded random order, so any prefix of them is a spread-out sample too.
     The same tokens and seed always give the same windows.
     """
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    starts = window_starts(int(tokens.numel()), seq_len, count, seed)
+    index = torch.from_numpy(starts)[:, None] + torch.arange(seq_len)[None, :]
+    return tokens[index].to(torch.long)
+
+
+def window_starts(n: int, seq_len: int, count: int, seed: int) -> np.ndarray:
+    """The offsets (int64, in the windows' order) of :func:`token_windows` in ``n`` tokens."""
     if seq_len < 1 or count < 1:
         raise ConfigError(f"token windows need seq_len >= 1 and count >= 1, "
                           f"got seq_len={seq_len}, count={count}")
-    tokens = torch.as_tensor(tokens).reshape(-1)
-    n = int(tokens.numel())
     need = seq_len * count
     if n < need:
         raise ConfigError(
@@ -278,9 +284,7 @@ def token_windows(tokens: torch.Tensor, seq_len: int, count: int, seed: int) -> 
     rng = np.random.default_rng(seed)
     gaps = np.sort(rng.integers(0, n - need, size=count, endpoint=True))
     starts = np.arange(count, dtype=np.int64) * seq_len + gaps
-    starts = starts[rng.permutation(count)]
-    index = torch.from_numpy(starts)[:, None] + torch.arange(seq_len)[None, :]
-    return tokens[index].to(torch.long)
+    return starts[rng.permutation(count)]
 
 
 @dataclass
@@ -302,6 +306,11 @@ class TokenSets:
     files: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    # where the windows are: the corpus root, each window split's files (paths relative to the
+    # root, in reading order) and its windows' offsets into those files' joined tokens
+    root: str = ""
+    split_files: dict[str, list[str]] = field(default_factory=dict)
+    starts: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 WINDOW_SPLITS = ("calibration", "validation", "test")
@@ -356,19 +365,24 @@ def text_token_sets(
     splits = split_files(files, root, fractions)
     out: dict[str, torch.Tensor] = {}
     token_counts: dict[str, int] = {}
+    starts: dict[str, np.ndarray] = {}
     for i, name in enumerate(WINDOW_SPLITS):
         tokens = read_tokens(splits[name], tokenizer)
         token_counts[name] = int(tokens.numel())
         try:
-            out[name] = token_windows(tokens, seq_len, int(counts[name]), seed + i)
+            starts[name] = window_starts(token_counts[name], seq_len, int(counts[name]), seed + i)
         except ConfigError as exc:
             raise ConfigError(f"the {name} split ({len(splits[name])} files): {exc}") from None
+        index = torch.from_numpy(starts[name])[:, None] + torch.arange(seq_len)[None, :]
+        out[name] = tokens[index].to(torch.long)  # token_windows, with the offsets kept
     return TokenSets(
         **out, seq_len=seq_len, vocab_size=_vocab_size(tokenizer),
         fingerprint=corpus_fingerprint(files, root),
         files={k: len(v) for k, v in splits.items()},
         bytes={k: sum(p.stat().st_size for p in v) for k, v in splits.items()},
-        tokens=token_counts,
+        tokens=token_counts, root=str(root), starts=starts,
+        split_files={name: [_relative_key(p, root) for p in splits[name]]
+                     for name in WINDOW_SPLITS},
     )
 
 

@@ -17,7 +17,12 @@ from torch.utils.data import TensorDataset
 from autosparse.config.sections import DataConfig
 from autosparse.config.validation import ConfigError
 from autosparse.workload.splits import DataSplits
-from autosparse.workload.text_corpus import load_tokenizer, text_token_sets
+from autosparse.workload.text_corpus import (
+    SEPARATOR,
+    ByteTokenizer,
+    load_tokenizer,
+    text_token_sets,
+)
 
 # the token-set roles of text_corpus under the search's split names
 ROLES = {"train": "calibration", "validation": "validation", "test": "test"}
@@ -53,6 +58,19 @@ def load_text_splits(cfg: DataConfig, seed: int = 0) -> DataSplits:
                         input_shape=(text.seq_len - 1,), num_classes=sets.vocab_size,
                         batch_size=cfg.batch_size,
                         sample_counts={s: len(d) for s, d in datasets.items()})
+    splits.origin = {
+        "raw": {"root": sets.root, "separator": SEPARATOR,
+                "tokenizer": "bytes" if isinstance(tokenizer, ByteTokenizer)
+                else str(Path(text.tokenizer).resolve()),  # a transformers tokenizer's folder
+                "seq_len": text.seq_len, "corpus_fingerprint": sets.fingerprint,
+                "x": "window[:-1] of each window of seq_len token ids", "y": "window[1:]"},
+        "method": (f"whole files by a stable hash of their path (text_corpus.split_files, "
+                   f"fractions {FRACTIONS}); windows of each split's files joined by "
+                   f"{SEPARATOR!r} at seeded offsets (text_corpus.token_windows, seed "
+                   f"split_seed + 0/1/2 for train/validation/test)"),
+        "splits": {split: {"files": sets.split_files[role], "starts": sets.starts[role]}
+                   for split, role in ROLES.items()},
+    }
     splits.fingerprint = hashlib.sha256(
         f"{sets.fingerprint}:{text.model_dump_json()}:{seed}".encode()).hexdigest()[:16]
     return splits

@@ -146,8 +146,14 @@ def _export_error(model: nn.Module, exc: Exception, records: list) -> ExportErro
     )
 
 
-def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path) -> Path:
+def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, *,
+                fold_batch_norm: bool = True) -> Path:
     """Write ``model`` as ONNX (opset 17, batch dimension dynamic) and return the path.
+
+    ``fold_batch_norm=False`` keeps batch norms as ``BatchNormalization`` nodes (the exporter
+    otherwise folds them into the preceding convolution's weight): every weight initializer is
+    then the module's own tensor, which ``export.compact_onnx`` needs to replace it by its
+    quantized codes; onnxruntime folds them itself when it loads the file.
 
     ``input_shape`` is one sample's shape (e.g. ``(1, 8, 8)``), as in
     :class:`~autosparse.space.layers.LayerTable`. A language model (its first weighted module an
@@ -167,9 +173,14 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path) 
             # taken as constants (export checks the ONNX outputs on the whole test split)
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # PRESERVE of a model in eval mode: the advice against constant folding is for
+            # models exported for training
+            warnings.filterwarnings("ignore", message="It is recommended that constant folding")
             try:
                 torch.onnx.export(
                     model.eval(), (x,), str(path), dynamo=False, opset_version=OPSET,
+                    training=(torch.onnx.TrainingMode.EVAL if fold_batch_norm
+                              else torch.onnx.TrainingMode.PRESERVE),
                     input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )

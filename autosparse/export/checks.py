@@ -27,7 +27,8 @@ INT8_MAX_WORSE = 0.01  # non-percentage metric: int8 at most 1 % worse than PyTo
 SEARCH_MARGIN = 1.0  # points the rebuilt model's validation accuracy may differ from the trial's
 SEARCH_MARGIN_RELATIVE = 0.01  # non-percentage metric: rebuilt within 1 % of the trial's value
 OUTPUT_TOLERANCE = 1e-4  # largest output difference of a float format, relative to the largest output
-FLOAT_FORMATS = ("pytorch_shrunk", "pt2", "packed", "onnx")  # must compute the compressed model
+# must compute the compressed model (onnx_compact: model.compact.onnx, the same weights)
+FLOAT_FORMATS = ("pytorch_shrunk", "pt2", "packed", "onnx", "onnx_compact")
 
 
 class ExportCheckFailed(RuntimeError):

@@ -8,7 +8,8 @@
               real (Torch-Pruning); parameters must equal the footprint's prediction
     write     model.pt2 (torch.export of the shrunk model), model.packed (the shrunk model, what
               the size objective counted), model.onnx, model.int8.onnx (QDQ) where every searched
-              layer is <= 8 bits
+              layer is <= 8 bits, model.compact.onnx (model.onnx with every searched weight
+              stored at its searched bits and sparsity, decoded by onnxruntime at load)
     check     the task metric on the test split in every format; formats must agree; measured
               vs predicted latency
     report    report.json / report.md; the model registered in MLflow, linked to the search
@@ -40,6 +41,7 @@ from autosparse.compress.shrink import ShrinkError, ShrinkReport, shrink_as_comp
 from autosparse.compress.storage import model_zeros
 from autosparse.config.sections import FinetuneConfig
 from autosparse.cost.onnx_files import export_onnx, quantize_onnx_int8, time_onnx_files
+from autosparse.export.compact_onnx import COMPACT_FILE, write_compact_onnx
 from autosparse.export.checks import (
     FLOAT_FORMATS,
     INT8_MAX_DROP,
@@ -74,6 +76,7 @@ from autosparse.export.input_spec import input_spec
 from autosparse.export.latency import _profiles, predicted_latencies
 from autosparse.export.packed import load_packed, save_packed
 from autosparse.export.report import report_markdown
+from autosparse.export.reproduction import write_reproduction
 from autosparse.export.request import (
     REEVALUATION,
     ExportOutcome,
@@ -122,6 +125,7 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
     try:
         report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
                                       runs_dir, printer)
+        write_reproduction(context, report, tmp)  # split.json, reproduce.py, report["reproduce"]
         report[DIGEST_KEY] = digest
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
         (tmp / "report.md").write_text(report_markdown(report))
@@ -228,6 +232,10 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         quantize_onnx_int8(out / "model.onnx", out / "model.int8.onnx", calibration,
                            weighted_only=tokens)  # an LM: not its masked scores and norms
         logits["onnx_int8"] = _onnx_logits(out / "model.int8.onnx", context)
+    # the searched bits and sparsity in standard ONNX: checked like every float format below
+    compact = write_compact_onnx(shrunk, context.table, candidate, context.data.input_shape,
+                                 out / COMPACT_FILE)
+    logits["onnx_compact"] = _onnx_logits(out / COMPACT_FILE, context)
     output_error = {name: _output_error(values, logits["pytorch"])
                     for name, values in logits.items() if name in FLOAT_FORMATS}
     if task.kind == "classification":  # class predictions: accuracy and agreement, as always
@@ -239,6 +247,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                 "packed": packed_model, "onnx": _Scored(_onnx_run(out / "model.onnx"))}
         if quantized:
             runs["onnx_int8"] = _Scored(_onnx_run(out / "model.int8.onnx"))
+        runs["onnx_compact"] = _Scored(_onnx_run(out / COMPACT_FILE))
         test = context.data.loader("test", context.data.batch_size)
         accuracy = {name: task.evaluate(run, test) for name, run in runs.items()}
         # a language model: the predicted next token at every position; regression: none
@@ -271,6 +280,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     files = {"dense_fp32": dense_onnx, "onnx": out / "model.onnx"}
     if quantized:
         files["onnx_int8"] = out / "model.int8.onnx"
+    files["onnx_compact"] = out / COMPACT_FILE
     measured = time_onnx_files(files, context.data.input_shape, request.timing_rounds,
                                request.timing_calls)
     dense_onnx_bytes = dense_onnx.stat().st_size
@@ -312,6 +322,7 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                     "packed_buffers": packed_info.buffer_bytes / 1000,
                     "packed_graph": packed_info.graph_bytes / 1000},
         "files_bytes": files,
+        "compact_onnx": compact.to_report(searched.get("size_kb") or footprint["size_kb"]),
         "dense_onnx_bytes": dense_onnx_bytes,
         "input": input_spec(config.data, context.data.input_shape, context.data.mean or (),
                             context.data.std or (), context.data.classes,

@@ -1,5 +1,6 @@
 """``report.md``: an export's report.json written out for a reader (selection, validation and
-test figures per format, the layers' choices, the channel groups removed, sizes and latency).
+test figures per format, the layers' choices, the channel groups removed, sizes and latency,
+how to reproduce the test figures).
 
 Split out of ``exporter``: it reads only the report dictionary, so a report can be rendered
 again without exporting anything.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from autosparse.export.compact_onnx import compact_markdown
 from autosparse.export.input_spec import input_markdown, sizes_markdown
 from autosparse.export.latency import latency_markdown
 from autosparse.space.candidate import FLOAT_BITS
@@ -48,6 +50,24 @@ def _checks_markdown(report: dict, name: str) -> list[str]:
             f"most {tolerances['int8_max_worse_relative']:.0%} worse than PyTorch on test; float "
             f"formats' outputs within {tolerances['output_error_relative']:g} of the largest "
             "output."]
+
+
+def reproduce_markdown(report: dict) -> list[str]:
+    """report.md's short section: how to reproduce, and the split and preprocessing used."""
+    section = report.get("reproduce")
+    if not section:
+        return []
+    kind = report["metric"]["kind"]
+    name = "accuracy" if kind == "classification" else report["metric"]["name"]
+    needs = ", ".join(section["requires"])
+    return ["", "## Reproduce the test figures", "",
+            f"In this folder, `{section['command']}` rebuilds the test split from the raw data "
+            f"and recomputes the test {name} of every model file, printing it beside the "
+            f"report's figure; it exits 1 when one differs by more than "
+            f"{section['tolerance']:.3g} {section['tolerance_unit']}. It needs {needs} "
+            f"(`model.packed` also needs {section['packed_requires']}).", "",
+            f"- split: {section['split']}",
+            f"- preprocessing: {section['preprocessing']}", ""]
 
 
 def report_markdown(report: dict) -> str:
@@ -95,4 +115,6 @@ def report_markdown(report: dict) -> str:
     lines += sizes_markdown(report["files_bytes"], report.get("dense_onnx_bytes"),
                             report["latency_ms_measured"])
     lines += latency_markdown(report["latency_ms_measured"], report["predicted"])
+    lines += compact_markdown(report)  # model.compact.onnx (compact_onnx.py)
+    lines += reproduce_markdown(report)
     return "\n".join(lines) + "\n"

@@ -32,8 +32,10 @@ from autosparse.search.runner import prepare, run_search
 from autosparse.space.candidate import Candidate
 from autosparse.workload.models import build_model
 
-FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "report.json", "report.md"}
-FORMATS = ("pytorch", "pytorch_shrunk", "packed", "onnx", "onnx_int8")
+FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "model.compact.onnx",
+         "report.json", "report.md",
+         "split.json", "reproduce.py"}
+FORMATS = ("pytorch", "pytorch_shrunk", "packed", "onnx", "onnx_int8", "onnx_compact")
 
 
 # ---------------------------------------------------------------- selection on hand-made tables
@@ -256,7 +258,8 @@ def test_export_by_number_writes_checked_artifacts(searched, exported):
         assert 0 < accuracy[name] <= 100, name
     for name, agree in report["agreement_percent"].items():
         assert agree >= SAME_PREDICTIONS, name
-    assert set(report["agreement_percent"]) == {"pytorch_shrunk", "pt2", "packed", "onnx"}
+    assert set(report["agreement_percent"]) == {"pytorch_shrunk", "pt2", "packed", "onnx",
+                                                "onnx_compact"}
     # every float format computes the fine-tuned compressed model's outputs (relative to the
     # largest output; float32 reassociation only)
     assert set(report["output_error"]) == set(report["agreement_percent"])
@@ -283,7 +286,16 @@ def test_export_by_number_writes_checked_artifacts(searched, exported):
     assert abs(size["packed_file"] - expected) <= 0.03 * expected
     assert size["predicted"] == pytest.approx(row["size_kb"])
     assert report["files_bytes"]["model.int8.onnx"] < report["files_bytes"]["model.onnx"]
-    assert {"dense_fp32", "onnx", "onnx_int8"} == set(report["latency_ms_measured"])
+    assert {"dense_fp32", "onnx", "onnx_int8", "onnx_compact"} == \
+        set(report["latency_ms_measured"])
+    # model.compact.onnx: the searched weights take exactly the scored bits (int8 here)
+    compact = report["compact_onnx"]
+    assert compact["file_bytes"] == report["files_bytes"]["model.compact.onnx"]
+    assert compact["scored_bytes"] == pytest.approx(row["size_kb"] * 1000)
+    assert all(layer["stored_bits"] == layer["scored_bits"] and layer["max_weight_error"] == 0
+               for layer in compact["layers"])
+    assert compact["file_bytes"] < report["files_bytes"]["model.int8.onnx"]
+    assert compact["ratio_to_scored"] <= 1.25
 
     markdown = (out / "report.md").read_text()
     assert markdown.startswith(f"# Export of exp trial {number}")
@@ -317,13 +329,14 @@ def test_exported_files_load_and_predict_alike(searched, exported, digits_test):
     assert abs(float((packed == y.numpy()).mean() * 100) - report["test_accuracy"]["packed"]) < 1e-6
 
     batch = x.numpy().astype(np.float32)
-    for name, key in (("model.onnx", "onnx"), ("model.int8.onnx", "onnx_int8")):
+    for name, key in (("model.onnx", "onnx"), ("model.int8.onnx", "onnx_int8"),
+                      ("model.compact.onnx", "onnx_compact")):
         session = ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
         (output,) = session.run(None, {session.get_inputs()[0].name: batch})
         assert output.shape == (len(batch), 10)
         onnx_accuracy = float((output.argmax(1) == y.numpy()).mean() * 100)
         assert abs(onnx_accuracy - report["test_accuracy"][key]) < 1e-6, name
-        if key == "onnx":
+        if key in ("onnx", "onnx_compact"):
             assert (output.argmax(1) == reference).mean() * 100 >= SAME_PREDICTIONS
             np.testing.assert_allclose(output, logits.numpy(), rtol=1e-3, atol=1e-3)
 

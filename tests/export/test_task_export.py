@@ -44,8 +44,9 @@ from autosparse.workload.models import build_model
 from autosparse.workload.task import CLASSIFICATION, build_task
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "report.json", "report.md"}
-FORMATS = ("pytorch", "pytorch_shrunk", "pt2", "packed", "onnx", "onnx_int8")
+FILES = {"model.pt2", "model.packed", "model.onnx", "model.int8.onnx", "model.compact.onnx",
+         "report.json", "report.md"}
+FORMATS = ("pytorch", "pytorch_shrunk", "pt2", "packed", "onnx", "onnx_int8", "onnx_compact")
 
 
 def tiny(name: str, directory: Path, **changes) -> Path:
@@ -132,7 +133,8 @@ def test_language_model_export_takes_token_ids_and_reports_perplexity(tmp_path, 
     assert spec["dtype"] == "int64" and spec["shape"] == ["batch", 16] and spec["mean"] == []
     assert spec["vocabulary"] == 32 and "(batch, 16, 32)" in spec["output"]
     # float formats predict the same next token at every position
-    assert set(report["agreement_percent"]) == {"pytorch_shrunk", "pt2", "packed", "onnx"}
+    assert set(report["agreement_percent"]) == {"pytorch_shrunk", "pt2", "packed", "onnx",
+                                                "onnx_compact"}
     assert min(report["agreement_percent"].values()) >= 99.5
     assert test["onnx_int8"] <= test["pytorch"] * (1 + INT8_MAX_WORSE)
 

@@ -200,7 +200,8 @@ def _export(args: argparse.Namespace) -> int:
         shown = ", ".join(f"{name} {size / 1000:.1f} kB" for name, size in files.items()
                           if name.startswith("model."))
         print(f"  files: {shown}" + (f" (dense fp32 ONNX {dense_onnx / 1000:.1f} kB); "
-                                     "model.packed is the compact one" if dense_onnx else ""))
+                                     "model.packed and model.compact.onnx hold the scored bits"
+                                     if dense_onnx else ""))
     latency = report["latency_ms_measured"]
     for name, value in latency.items():
         print(f"  measured latency {name}: {value:.4f} ms")

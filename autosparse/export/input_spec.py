@@ -128,9 +128,11 @@ def sizes_markdown(files_bytes: dict[str, int], dense_onnx_bytes: int | None,
             ratio = f"{size / dense_onnx_bytes:.2f}×" if dense_onnx_bytes else ""
             lines.append(f"| {name} | {size / 1000:.1f} | {ratio} |")
     lines += ["", "`model.packed` stores exactly what the size objective counted (bit-packed "
-              "values, sparse index, one bitmask per pruned channel group): it is the small file. "
-              "`model.onnx` and `model.pt2` hold the shrunk model's weights as dense float32 "
-              "(zeros included), so only channel pruning makes them smaller.", ""]
+              "values, sparse index, one bitmask per pruned channel group) and the model's graph. "
+              "`model.compact.onnx` holds the same bits in a standard ONNX file (decoded by "
+              "standard operators that onnxruntime folds at load: it then runs as fast as "
+              "`model.onnx`). `model.onnx` and `model.pt2` hold the shrunk model's weights as "
+              "dense float32 (zeros included), so only channel pruning makes them smaller.", ""]
     fp32, int8 = latency_ms.get("onnx"), latency_ms.get("onnx_int8")
     if fp32 and int8 and int8 > fp32:
         lines += [f"int8 ONNX is slower than fp32 here ({int8:.4f} vs {fp32:.4f} ms): onnxruntime "

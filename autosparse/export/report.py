@@ -70,11 +70,35 @@ def reproduce_markdown(report: dict) -> list[str]:
             f"- preprocessing: {section['preprocessing']}", ""]
 
 
+SPEED_UP = 0.95  # a file at most this share of the dense model's latency counts as faster
+
+
+def speed_line(latency_ms: dict[str, float]) -> str:
+    """One line for the top of the report: which file runs faster than the dense model on this
+    CPU, or that none does and what would make the search buy speed."""
+    dense = latency_ms.get("dense_fp32")
+    files = {k: v for k, v in latency_ms.items() if k != "dense_fp32" and v}
+    if not dense or not files:
+        return ""
+    best = min(files, key=files.get)
+    if files[best] <= SPEED_UP * dense:
+        return (f"Speed on this CPU: {best} runs {dense / files[best]:.2f}x faster than the "
+                f"dense model ({files[best]:.4f} vs {dense:.4f} ms; onnxruntime, 1 thread, "
+                "batch 1).")
+    return (f"Speed on this CPU: no exported file runs faster than the dense model (best: "
+            f"{best}, {files[best]:.4f} vs {dense:.4f} ms). Sparsity and low bits make the "
+            "files smaller, but onnxruntime runs them as dense float. For speed, search with "
+            "`latency` among the objectives and `hardware: measure`, and allow the `channel` "
+            "pattern: it removes whole channels.")
+
+
 def report_markdown(report: dict) -> str:
     name, key, fmt, unit = _metric_of(report)
     acc, size = report[f"test_{key}"], report["size_kb"]
+    speed = speed_line(report.get("latency_ms_measured", {}))
     lines = [f"# Export of {report['search']} trial {report['trial']}", "",
-             f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", ""]
+             f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", "",
+             *([speed, ""] if speed else [])]
     if "input" in report:
         lines += input_markdown(report["input"])
     lines += [f"- warning: {w}" for w in report["warnings"]]

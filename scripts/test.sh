@@ -40,9 +40,12 @@ if [ -z "${AUTOSPARSE_CHROMIUM:-}" ] && [ "${AUTOSPARSE_TEST_CHROMIUM:-1}" != 0 
   rm -f /tmp/autosparse-chromium-$$.err
 fi
 
-# One pytest worker per CPU (pytest-xdist; AUTOSPARSE_TEST_WORKERS=1 runs them in one process):
-# most tests use one thread, so on 2 cores the suite takes about half its serial time.
-workers=${AUTOSPARSE_TEST_WORKERS:-auto}
+# One pytest worker per CPU, at most 4 (pytest-xdist; AUTOSPARSE_TEST_WORKERS=N sets it, 1 runs
+# one process): most tests use one thread, so on 2 cores the suite takes about half its serial
+# time; the cap keeps a many-core machine from training dozens of dense models at once.
+workers=${AUTOSPARSE_TEST_WORKERS:-$(.venv/bin/python -c 'import os
+n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+print(max(1, min(4, n)))')}
 if [ "$workers" = 1 ]; then
   .venv/bin/python -m pytest "$@"
 else

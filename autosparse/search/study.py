@@ -124,16 +124,18 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
     study = _create_or_load(config, url, sampler)
     signature = _signature(config)
     stored = study.user_attrs.get(_SIGNATURE_ATTR)
-    if stored is None:
+    if stored is None:  # a new study (or one another worker is creating at this moment)
         study.set_user_attr(_SIGNATURE_ATTR, signature)
-        study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
+        if _UID_ATTR not in study.user_attrs:  # another worker may have just set it
+            study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
+        stored = signature
     if study.metric_names is None:  # optuna-dashboard then labels axes, not "Objective 0/1"
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2: noise for a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             shown = config.task.metric_spec()[0]  # the task metric by its own name (mse)
             study.set_metric_names([shown if name == "accuracy" else OBJECTIVES[name].metric
                                     for name in config.objectives])
-    elif stored != signature:
+    if stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives, another "
             "space or another hardware profile; give the search a new 'name' (or delete that "

@@ -74,3 +74,31 @@ def test_a_new_study_names_its_metrics_for_optuna_dashboard(tmp_path):
     study = open_study(config, f"sqlite:///{tmp_path / 'named.db'}",
                        optuna.samplers.RandomSampler(seed=0))
     assert study.metric_names == ["accuracy", "size_kb"]
+
+
+def test_a_worker_opening_a_study_another_is_still_creating_joins_it(tmp_path):
+    """Two machines start one search at once: the first has created the study and named its
+    metrics but not yet stored its signature when the second opens it. The second must join
+    (it stores the same signature), not refuse the study as made for another search - the race
+    the two-machine PostgreSQL drill once hit."""
+    from autosparse.config.schema import parse_config
+    from autosparse.config.validation import ConfigError
+    from autosparse.search.study import _SIGNATURE_ATTR, _UID_ATTR, open_study
+
+    config = parse_config({"name": "race", "model": {"builtin": "digits-cnn"},
+                           "objectives": ["accuracy", "size"]})
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    first = optuna.create_study(study_name="race", storage=url,
+                                directions=config.objective_directions())
+    first.set_metric_names(["accuracy", "size_kb"])  # the first worker, part-way
+    first.set_user_attr(_UID_ATTR, "first")
+    second = open_study(config, url, optuna.samplers.RandomSampler(seed=0))
+    assert second.user_attrs[_SIGNATURE_ATTR] and second.user_attrs[_UID_ATTR] == "first"
+    other = parse_config({"name": "race", "model": {"builtin": "digits-cnn"},
+                          "objectives": ["accuracy", "macs"]})
+    try:
+        open_study(other, url, optuna.samplers.RandomSampler(seed=0))
+    except ConfigError as err:  # a search with other objectives is still refused
+        assert "created with other objectives" in str(err)
+    else:
+        raise AssertionError("a study of other objectives was joined")

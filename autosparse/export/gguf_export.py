@@ -25,6 +25,7 @@ from torch import nn
 
 from autosparse.compress.oneshot.gguf_candidate import write_candidate_gguf
 from autosparse.compress.oneshot.gguf_file import gguf_tensor_name, write_gguf
+from autosparse.compress.oneshot.search_levels import f32_bytes
 from autosparse.export.checks import ExportCheckFailed
 from autosparse.search.context import SearchContext
 from autosparse.space.candidate import Candidate
@@ -90,7 +91,7 @@ def export_oneshot(context: SearchContext, candidate: Candidate, searched: dict,
         "size": {"scored_bytes": scored_bytes, "tensor_bytes": info.tensor_bytes,
                  "header_bytes": info.metadata_bytes, "padding_bytes": info.padding_bytes,
                  "file_bytes": info.file_size,
-                 "dense_f32_bytes": sum(p.numel() * 4 for p in dense.parameters())},
+                 "dense_f32_bytes": f32_bytes(dense)},
         "tensor_types": {layer: _type_name(info.tensor_types.get(
             gguf_tensor_name(f"{layer}.weight", dense.config))) for layer in assignment},
         "metric": task.name,

@@ -15,7 +15,7 @@ from typing import Callable
 import optuna
 import torch
 
-from autosparse.compress.oneshot.search_levels import OneShotScoring
+from autosparse.compress.oneshot.search_levels import OneShotScoring, f32_bytes
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.schema import SearchConfig
 from autosparse.cost.calibration.model_table import TableModel
@@ -104,7 +104,7 @@ class SearchContext:
         if self.oneshot is None:
             return None
         return StoredSizes(self.oneshot.weight_bytes, self.oneshot.weight_numel(),
-                           sum(p.numel() * 4 for p in self.dense.parameters()))
+                           f32_bytes(self.dense))
 
     def uses_sensitivity(self) -> bool:
         strategy = self.config.strategy

@@ -24,7 +24,7 @@ from autosparse.compress.finetune import (
     resolve_steps,
 )
 from autosparse.compress.footprint import StoredZeros, footprint_metrics
-from autosparse.compress.oneshot.search_levels import OneShotScoring
+from autosparse.compress.oneshot.search_levels import OneShotScoring, f32_bytes
 from autosparse.compress.storage import model_zeros
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import metric_of
@@ -256,7 +256,7 @@ class StagedRun:
         cached by candidate key), the profile's prediction kept as ``latency_ms_predicted``."""
         ev = self.evaluator
         assert ev.oneshot is not None
-        dense_bytes = sum(p.numel() * 4 for p in ev.dense.parameters())
+        dense_bytes = f32_bytes(ev.dense)
         metrics = {
             **cost_metrics(ev.table, self.candidate, ev.profile, latency_table=ev.latency_table),
             "accuracy": accuracy,

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from autosparse.compress.oneshot.fitness import DenseReference
-from autosparse.compress.oneshot.search_levels import OneShotScoring, levels_for, open_or_build
+from autosparse.compress.oneshot.search_levels import (
+    OneShotScoring,
+    f32_bytes,
+    levels_for,
+    open_or_build,
+)
 from autosparse.compress.oneshot.streaming import streamed
 from autosparse.config.hardware import load_profile
 from autosparse.config.runtime import MEASURE
@@ -96,7 +101,7 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
                                   runs_dir / config.name / "levels", device)
         dense_metrics = {**dense_metrics, "kl": 0.0, "compression": 1.0, "bits_per_weight": 32.0,
                          "sparsity": 0.0,
-                         "size_kb": sum(p.numel() * 4 for p in dense.parameters()) / 1000.0}
+                         "size_kb": f32_bytes(dense) / 1000.0}
         if gguf_timer is not None:
             gguf_timer.db = oneshot.db
             timer = gguf_timer

@@ -98,6 +98,12 @@ def stitched(dense: nn.Module, db: LevelDatabase,
     return model
 
 
+def f32_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter at F32: the dense model's GGUF tensor data, the size scale a
+    one-shot candidate is compared with."""
+    return sum(parameter.numel() * 4 for parameter in model.parameters())
+
+
 def stored_bytes(model: nn.Module, db: LevelDatabase, assignment: Mapping[str, Level]) -> int:
     """Bytes of tensor data a GGUF file of this candidate holds: each assigned layer's weight
     at its level's type, every other parameter tensor at F32 (4 bytes a value)."""

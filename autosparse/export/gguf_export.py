@@ -13,6 +13,10 @@ The checks: the rebuilt candidate scores what the trial recorded (one-shot scori
 deterministic); the file's tensor bytes equal the scored size; with llama-cpp-python present,
 the file's perplexity in llama.cpp on the test windows against PyTorch's on the same windows,
 and tokens/s of the file beside the dense model's F32 GGUF (1 thread, median of 3).
+
+Like a fine-tune export, the folder also holds ``split.json`` (how the test windows were made,
+with checksums) and ``reproduce.py``, which rebuilds the windows from the raw data and
+recomputes model.gguf's test perplexity in llama.cpp (``reproduction.write_gguf_reproduction``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from autosparse.compress.oneshot.gguf_candidate import write_candidate_gguf
 from autosparse.compress.oneshot.gguf_file import gguf_tensor_name, write_gguf
 from autosparse.compress.oneshot.search_levels import f32_bytes
 from autosparse.export.checks import ExportCheckFailed
+from autosparse.export.reproduction import write_gguf_reproduction
 from autosparse.search.context import SearchContext
 from autosparse.space.candidate import Candidate
 from autosparse.workload.evaluate import evaluate
@@ -97,6 +102,7 @@ def export_oneshot(context: SearchContext, candidate: Candidate, searched: dict,
         "metric": task.name,
     }
     report["llama_cpp"] = _llama_cpp_checks(context, dense, out, test, printer)
+    write_gguf_reproduction(context, report, out, LLAMA_CPP_PERPLEXITY_TOLERANCE)
     return report
 
 
@@ -162,4 +168,22 @@ def gguf_report_markdown(report: dict) -> str:
     types = report["tensor_types"]
     for layer, key in report["layers"].items():
         lines.append(f"| {layer} | {key} | {types.get(layer, '')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _reproduce_markdown(report)) + "\n"
+
+
+def _reproduce_markdown(report: dict) -> list[str]:
+    """report.md's section on reproduce.py, as a fine-tune export's report has one."""
+    section = report.get("reproduce")
+    if not section:
+        return []
+    figure = section["files"].get("model.gguf")
+    against = (f"the report's `{figure}`, exiting 1 when they differ by more than "
+               f"{section['tolerance']:.3g} relative" if figure else
+               "no figure of the report (this metric is not perplexity)")
+    return ["", "## Reproduce the test figures", "",
+            (f"In this folder, `{section['command']}` rebuilds the test windows from the raw "
+             f"data (exiting 1 when their sha256 differs from split.json's), recomputes "
+             f"model.gguf's test perplexity ({section['runtime']}) and prints it beside "
+             f"{against}. It needs {', '.join(section['requires'])}; no autosparse."), "",
+            f"- split: {section['split']}",
+            f"- preprocessing: {section['preprocessing']}"]

@@ -10,7 +10,11 @@ the metric recomputed here, the report's figure, and whether they agree. Exit st
 file agrees within the tolerance; 1: some file differs (or the test samples are not the ones the
 export used); 2: it cannot run here (a missing package, the data not found).
 
-Needs numpy, onnxruntime and torch, plus the data's own library: scikit-learn (sklearn-digits,
+A one-shot export (``model.gguf``) is scored in llama.cpp instead: its test perplexity over the
+test windows, each from an empty context on one thread, as the export measured it. That needs
+only numpy and llama-cpp-python (plus transformers for a text tokenizer folder).
+
+Otherwise it needs numpy, onnxruntime and torch, plus the data's own library: scikit-learn (sklearn-digits,
 sklearn-diabetes), Pillow (image folders), torchvision (torchvision datasets), transformers (a
 text tokenizer folder). ``model.packed`` also needs autosparse (``pip install autosparse``); it
 is skipped, with a note, where autosparse is not importable. A ``data.factory`` export imports
@@ -183,6 +187,20 @@ def load_split(spec: dict, name: str, data: str | None) -> tuple[np.ndarray, np.
     raise CannotRun(f"split.json names the source {source!r}, which this script does not know")
 
 
+def changed_files(spec: dict, name: str, data: str | None) -> list[str]:
+    """The raw text files of a split whose bytes differ from split.json's sha256 (or that are
+    gone), so a changed corpus is named file by file rather than only by a window checksum."""
+    part = spec["splits"][name]
+    if spec["source"] != "text" or "files_sha256" not in part:
+        return []
+    root, changed = Path(data or spec["raw"]["root"]), []
+    for file, digest in zip(part["files"], part["files_sha256"]):
+        path = root / file
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            changed.append(file)
+    return changed
+
+
 def sha256(arrays) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -248,6 +266,95 @@ def metric(kind: str, name: str, run, x: np.ndarray, y: np.ndarray, batch: int) 
     return math.exp(mean) if kind == "language-model" else mean
 
 
+# ------------------------------------------------------------------ a GGUF file in llama.cpp
+
+
+def llama_cpp_module():
+    """llama-cpp-python, or CannotRun in one line (it is built from source, often missing)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise CannotRun("model.gguf is scored in llama.cpp: llama-cpp-python is not installed "
+                        "(pip install llama-cpp-python)") from None
+    return llama_cpp
+
+
+def gguf_perplexity(llama_cpp, path: Path, windows: np.ndarray, threads: int) -> float:
+    """exp(mean next-token negative log-likelihood) over the windows, each evaluated from an
+    empty context with every position's logits and an F32 key/value cache: what the export's
+    check computed (autosparse.cost.llama_cpp.llama_cpp_perplexity), in the same order."""
+    n = int(windows.shape[1])
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True,
+                          n_threads=threads, n_threads_batch=threads, verbose=False,
+                          type_k=0, type_v=0)  # ggml type 0: F32
+    nll, count = 0.0, 0
+    try:
+        for ids in windows.tolist():
+            llm.reset()  # n_tokens = 0: the next eval drops the whole key/value cache
+            llm.eval(ids)
+            logits = np.array(llm.scores[:n], dtype=np.float32)[:-1].astype(np.float64)
+            shifted = logits - logits.max(axis=1, keepdims=True)
+            log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+            nll -= float(log_probs[np.arange(n - 1), ids[1:]].sum())
+            count += n - 1
+    finally:
+        llm.close()
+    return float(np.exp(nll / count))
+
+
+def dotted(report: dict, path: str | None):
+    """report.json's value at ``a.b`` (None where it has none)."""
+    if not path:
+        return None
+    value = report
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def main_gguf(spec: dict, report: dict, data: str | None, threads: int) -> int:
+    """A one-shot export: rebuild the test windows, check them, score model.gguf in llama.cpp."""
+    llama_cpp = llama_cpp_module()
+    check, expected = report["reproduce"], spec["checksums"]["test"]
+    x, y = load_split(spec, "test", data)
+    x, y = np.ascontiguousarray(x, dtype=np.int64), np.ascontiguousarray(y, dtype=np.int64)
+    print(f"test windows: {len(y)} of {x.shape[1] + 1} tokens from {spec['source']} "
+          f"({spec['method']})")
+    changed = changed_files(spec, "test", data)
+    if changed:
+        print(f"raw text changed since the export (sha256 differs or file gone): "
+              f"{', '.join(changed)}")
+    if len(y) != expected["samples"] or sha256([y]) != expected["targets_sha256"] \
+            or sha256([x]) != expected["inputs_sha256"]:
+        print("FAILED: checksum mismatch: the rebuilt test windows are not the ones the export "
+              "scored (split.json's sha256 of the windows' tokens differs)")
+        return 1
+    print("windows: bit-identical to the export's (sha256 of inputs and targets match)")
+    windows = np.concatenate([x[:, :1], y], axis=1)
+    tolerance, failed = check["tolerance"], False
+    pytorch = report.get("test", {}).get("pytorch")
+    for file, figure in check["files"].items():
+        path = HERE / file
+        if not path.is_file():
+            print(f"{file:<20} missing from this folder")
+            failed = True
+            continue
+        value = gguf_perplexity(llama_cpp, path, windows, threads)
+        reported = dotted(report, figure)
+        beside = f" (PyTorch at export {pytorch:.6g})" if isinstance(pytorch, (int, float)) \
+            and figure != "test.pytorch" else ""
+        if not isinstance(reported, (int, float)):
+            print(f"{file:<20} perplexity {value:.6g}   report has no perplexity to compare")
+            continue
+        diff = abs(value - reported) / max(abs(reported), 1e-12)
+        ok = diff <= tolerance
+        failed |= not ok
+        print(f"{file:<20} perplexity {value:.6g}   report {reported:.6g}   "
+              f"{'ok' if ok else 'DIFFERS'} ({diff:.3g} relative, tolerance {tolerance:g}; "
+              f"report's {figure}){beside}")
+    return 1 if failed else 0
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -255,9 +362,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", help="where the data is now (npz file, image folder, "
                         "torchvision root, text root), if it moved since the export")
+    parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads for "
+                        "model.gguf (the export measured with 1)")
     args = parser.parse_args(argv)
     spec = json.loads((HERE / "split.json").read_text())
     report = json.loads((HERE / "report.json").read_text())
+    if report.get("format") == "gguf":
+        return main_gguf(spec, report, args.data, args.threads)
     task, check = report["metric"], report["reproduce"]
     kind, name = task["kind"], task["name"]
     if kind != "classification" and name not in ("mse", "mae", "perplexity"):
@@ -268,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
 
     x, y = load_split(spec, "test", args.data)
     expected = spec["checksums"]["test"]
+    changed = changed_files(spec, "test", args.data)
+    if changed:
+        print(f"raw text changed since the export: {', '.join(changed)}")
     x = np.ascontiguousarray(x, dtype=np.int64 if np.issubdtype(x.dtype, np.integer)
                              else np.float32)  # as the ONNX files take them
     y = np.asarray(y, dtype=expected["targets_dtype"])

@@ -10,7 +10,11 @@ targets and inputs exactly as the search held them. A user's ``data.factory`` ha
 loaders are the recipe): the factory, its kwargs, the sample counts and the checksums of what its
 loaders yielded, in order. ``reproduce.py`` (``reproduce_script``, copied verbatim) rebuilds the
 test split from that, recomputes the test metric of every model file and compares it with the
-report within ``report.json``'s ``reproduce.tolerance``.
+report within ``report.json``'s ``reproduce.tolerance``. A one-shot export (``model.gguf``) gets
+the same two files (``write_gguf_reproduction``): the script then rebuilds the test windows and
+recomputes the file's test perplexity in llama.cpp, needing only numpy and llama-cpp-python.
+For text, split.json also holds the sha256 of each validation and test file, so a corpus edited
+since the export is named file by file.
 
 Why a file of its own and not a section of report.json: the index lists run to thousands of
 numbers, which a reader of report.json (and the MLflow run it is logged to) does not want to
@@ -148,6 +152,12 @@ def split_record(cfg: DataConfig, data: DataSplits) -> dict:
     if cfg.factory is not None:  # the user's batches, re-batched alike by reproduce.py
         record["batch_size"] = record["checksums"]["test"]["first_batch"]
     record["preprocessing"] = preprocessing(cfg, data, record.get("raw", {}))
+    if record["source"] == "text":  # so reproduce.py can name a raw file edited since
+        root = Path(record["raw"]["root"])
+        for name in ("validation", "test"):
+            part = record["splits"][name]
+            part["files_sha256"] = [hashlib.sha256((root / f).read_bytes()).hexdigest()
+                                    for f in part.get("files", [])]
     return _plain(record)
 
 
@@ -201,3 +211,45 @@ def write_reproduction(context: SearchContext, report: dict, out: Path) -> None:
     files.update({name: (out / name).stat().st_size for name in (SPLIT_FILE, SCRIPT_FILE)})
     report["files_bytes"] = dict(sorted(files.items()))
 
+
+
+WINDOW_STEP = "each test window (x[0] then y) is scored in llama.cpp from an empty context"
+
+
+def gguf_reproduce_section(record: dict, report: dict, out: Path,
+                           fallback_tolerance: float) -> dict:
+    """report.json's ``reproduce`` of a one-shot (GGUF) export: reproduce.py recomputes
+    ``model.gguf``'s test perplexity in llama.cpp. ``files`` maps it to the report's figure as a
+    dotted path: llama.cpp's own figure (the same computation, within RELATIVE), or, where the
+    export could not run llama.cpp, PyTorch's within ``fallback_tolerance`` (the export's own
+    llama.cpp-against-PyTorch bar)."""
+    measured = bool(report.get("llama_cpp", {}).get("measured"))
+    perplexity = report.get("metric") == "perplexity"
+    figure = "llama_cpp.perplexity" if measured else "test.pytorch" if perplexity else None
+    requires = ["numpy", "llama-cpp-python"]
+    if record["source"] == "text" and record["raw"]["tokenizer"] != "bytes":
+        requires.append("transformers")
+    return {
+        "command": f"python {SCRIPT_FILE}", "script": SCRIPT_FILE, "split_file": SPLIT_FILE,
+        "split_sha256": hashlib.sha256((out / SPLIT_FILE).read_bytes()).hexdigest(),
+        "runtime": "llama.cpp (llama-cpp-python), 1 thread, F32 key/value cache",
+        "metric": "perplexity", "files": {"model.gguf": figure},
+        "tolerance": RELATIVE if measured else fallback_tolerance,
+        "tolerance_unit": "relative", "requires": requires,
+        "split": _split_sentence(record),
+        "preprocessing": "; ".join(record["preprocessing"]["steps"]
+                                   + [WINDOW_STEP]),
+    }
+
+
+def write_gguf_reproduction(context: SearchContext, report: dict, out: Path,
+                            fallback_tolerance: float) -> None:
+    """split.json and reproduce.py of a one-shot export (the same two files as a fine-tune
+    export's; the script runs model.gguf in llama.cpp); the report gains ``reproduce`` and
+    ``files_bytes``."""
+    record = split_record(context.config.data, context.data)
+    (out / SPLIT_FILE).write_text(dumps(record) + "\n")
+    shutil.copyfile(SCRIPT_SOURCE, out / SCRIPT_FILE)
+    report["reproduce"] = gguf_reproduce_section(record, report, out, fallback_tolerance)
+    report["files_bytes"] = {name: (out / name).stat().st_size
+                             for name in ("model.gguf", SPLIT_FILE, SCRIPT_FILE)}

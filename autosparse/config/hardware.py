@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 
 from autosparse.config.choices import CHANNEL, DENSE, FLOAT_BITS, is_valid_pattern
 from autosparse.config.validation import ConfigError, Strict, validate
+from autosparse.config.yaml_loader import read_yaml
 
 # DepthwiseConv2d: a Conv2d with groups == channels (LayerInfo.cost_kind); its efficiency
 # falls back to Conv2d's where a profile gives none
@@ -275,11 +276,8 @@ def parse_profile(data: Any, source: str = "<dict>") -> HardwareProfile:
 
 @lru_cache(maxsize=64)
 def _load_file(path: str, mtime: float) -> HardwareProfile:
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"hardware profile {path} is not valid YAML: {err}") from None
-    return parse_profile(data, path)
+    # the loader refuses alias bombs and duplicate keys, as for a search config
+    return parse_profile(read_yaml(path, "hardware profile"), path)
 
 
 def load_profile(name_or_path: str | os.PathLike) -> HardwareProfile:

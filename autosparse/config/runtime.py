@@ -62,6 +62,11 @@ class ExportConfig(Strict):
                                        "export instead of the search's own")
 
 
+DEPLOY_TARGETS = ("packed", "onnx", "onnx-int8", "gguf")
+DEPLOY_FILES = {"packed": "model.packed", "onnx": "model.compact.onnx",
+                "onnx-int8": "model.int8.onnx", "gguf": "model.gguf"}
+
+
 MEASURE = "measure"  # ``hardware: measure``: latency timed (onnxruntime; llama.cpp with oneshot)
 MEASURE_PROFILE = "x86-server-vnni"  # the analytic model that plans and screens by default
 

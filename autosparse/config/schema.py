@@ -16,7 +16,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from autosparse.config.hardware import builtin_profiles, load_profile
@@ -27,6 +26,8 @@ from autosparse.config.objectives import (
     ONESHOT_METRICS,
 )
 from autosparse.config.runtime import (
+    DEPLOY_FILES,
+    DEPLOY_TARGETS,
     MEASURE,
     ExportConfig,
     HeartbeatConfig,
@@ -35,6 +36,8 @@ from autosparse.config.runtime import (
     check_database_url,
 )
 from autosparse.config.sections import (
+    NAME_MAX,
+    RESERVED_NAMES,
     BudgetConfig,
     DataConfig,
     FidelityConfig,
@@ -43,8 +46,9 @@ from autosparse.config.sections import (
     OneShotConfig,
     SensitivityConfig,
     StrategyConfig,
+    check_run_name,
 )
-from autosparse.config.space_rules import SpaceConfig, check_oneshot_space
+from autosparse.config.space_rules import SpaceConfig, check_oneshot_space, int8_space
 from autosparse.config.task_metric import (
     _CONSTRAINT_RE,
     QUALITY_METRICS,
@@ -54,13 +58,22 @@ from autosparse.config.task_metric import (
     _refuse_accuracy,
 )
 from autosparse.config.validation import ConfigError, Strict, validate
+from autosparse.config.yaml_loader import read_yaml
 
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?|mps"
 
 
 class SearchConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field(description="the search's folder under the runs folder: 1 to "
+                      f"{NAME_MAX} letters, digits, '_', '.', '-', not starting with '.' or '-', "
+                      f"not one of {', '.join(RESERVED_NAMES)}")
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return check_run_name(value)
+
     seed: int = 0
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -111,6 +124,40 @@ class SearchConfig(Strict):
         f"needed for latency and energy; '{MEASURE}' times latency on this machine instead")
     measure: MeasureConfig | None = Field(
         None, description="with 'hardware: measure': rounds, calls, warmup, planning profile")
+    deploy: str | None = Field(
+        None, description="the file the model is deployed as, whose size (and measured "
+        "latency) the search scores: packed (model.packed, the default), onnx "
+        "(model.compact.onnx), onnx-int8 (model.int8.onnx); gguf with oneshot")
+
+    @field_validator("deploy")
+    @classmethod
+    def _check_deploy(cls, value):
+        if value is not None and value not in DEPLOY_TARGETS:
+            raise ValueError(f"deploy {value!r} not allowed; allowed: {', '.join(DEPLOY_TARGETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _deploy_target(self) -> "SearchConfig":
+        """gguf is the one-shot file and the only one a one-shot search writes; onnx-int8
+        narrows the space to what int8 weights can hold (``space_rules.int8_space``)."""
+        if self.oneshot is not None:
+            if self.deploy not in (None, "gguf"):
+                raise ValueError(f"deploy {self.deploy!r}: a oneshot search exports "
+                                 f"{DEPLOY_FILES['gguf']} for llama.cpp; use deploy 'gguf' or "
+                                 "leave it out")
+            object.__setattr__(self, "deploy", "gguf")
+            return self
+        if self.deploy == "gguf":
+            raise ValueError("deploy 'gguf' is the oneshot language-model file (llama.cpp): add "
+                             "a 'oneshot:' section, or deploy to packed, onnx or onnx-int8")
+        if self.deploy is None:
+            object.__setattr__(self, "deploy", "packed")
+        if self.deploy == "onnx-int8":
+            try:
+                object.__setattr__(self, "space", int8_space(self.space))
+            except ValueError as err:
+                raise ValueError(str(err)) from None
+        return self
 
     @field_validator("hardware")
     @classmethod
@@ -311,16 +358,7 @@ def load_config(path: str | os.PathLike) -> SearchConfig:
         raise ConfigError(f"config {path} is a directory; give the YAML file in it")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"config {path} is not a UTF-8 text file (a YAML config is text)") \
-            from None
-    except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-        raise ConfigError(f"config {path} is not valid YAML{at}: "
-                          f"{getattr(err, 'problem', None) or err}") from None
+    data = read_yaml(path, "config")  # no alias bombs, no duplicate keys
     if data is None:
         raise ConfigError(f"config {path} is empty; see search_spaces/quickstart.yaml")
     return parse_config(data, str(path))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from autosparse.config.validation import Strict
 
@@ -20,6 +20,47 @@ BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18"
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
                 "synthetic-tokens", "text")
 _IMPORT_RE = re.compile(r"^[\w.]+:[\w.]+$")  # 'package.module:function'
+
+# Upper bounds of the counts a config gives: far beyond any real search on one machine, low
+# enough that a typo (1e20, an extra digit or ten) is a one-line error and not an overflow, a
+# day-long loop or "~326549036678297668m left" (docs/configuration.md lists them)
+MAX_TRIALS = 1_000_000
+MAX_STEPS = 10_000_000          # fine-tune steps of one candidate, and warm-up steps
+MAX_EPOCHS = 10_000             # dense training and fine-tune epochs
+MAX_BATCH = 1_048_576           # samples a batch (2**20)
+MAX_SAMPLES = 100_000_000       # sensitivity samples, windows of text data
+MAX_WORK = 10**15               # budget.finetune_steps and budget.tokens (the whole search)
+MAX_MINUTES = 1_000_000         # about two years
+MAX_SMALL = 10_000              # population, screening, Taylor batches, ranks, blocks
+
+# A search's name is its folder under the runs folder (runs/<name>/study.db, trials.csv, ...).
+# These are what autosparse itself writes directly there: the dense-model cache, measured
+# hardware profiles, the MLflow database (and SQLite's -journal/-wal/-shm files beside it), its
+# artifacts, and the configs the Python API was given as dicts. Compared ignoring case (macOS
+# and Windows folders do).
+RESERVED_NAMES = ("dense", "calibration", "mlflow.db", "mlartifacts", "python-api-configs")
+NAME_MAX = 100  # a folder name, and part of MLflow run names and file paths; 255 is the OS limit
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_run_name(name: str) -> str:
+    """A name that stays one folder inside the runs folder and collides with nothing
+    autosparse keeps there: ``..`` would write a study into the folder above it."""
+    allowed = (f"allowed: 1 to {NAME_MAX} letters, digits, '_', '.' or '-', starting with a "
+               "letter, digit or '_'")
+    if len(name) > NAME_MAX:
+        raise ValueError(f"{len(name)} characters is too long; {allowed}")
+    if not _NAME_RE.fullmatch(name):
+        bad = sorted({c for c in name if not (c.isascii() and (c.isalnum() or c in "_.-"))})
+        why = (f"characters {' '.join(map(repr, bad))} not allowed" if bad
+               else "empty" if not name else f"cannot start with {name[0]!r}")
+        raise ValueError(f"{why}; {allowed}")
+    lower = name.lower()
+    clash = next((r for r in RESERVED_NAMES if lower == r or lower.startswith("mlflow.db")), None)
+    if clash:
+        raise ValueError(f"{name!r} is what autosparse itself keeps in the runs folder "
+                         f"(reserved: {', '.join(RESERVED_NAMES)}, mlflow.db-*); pick another")
+    return name
 
 
 class ModelConfig(Strict):
@@ -35,7 +76,8 @@ class ModelConfig(Strict):
                                    "AutoModelForCausalLM.from_pretrained, nothing downloaded")
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: str | None = None
-    train_epochs: int = Field(30, ge=1, description="epochs to train a built-in model on first use")
+    train_epochs: int = Field(30, ge=1, le=MAX_EPOCHS,
+                              description="epochs to train a built-in model on first use")
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
@@ -61,6 +103,12 @@ class SplitConfig(Strict):
     train: float | tuple[int, int] = 0.6
     validation: float | tuple[int, int] = 0.2
     test: float | tuple[int, int] = 0.2
+
+    @field_validator("train", "validation", "test", mode="before")
+    @classmethod
+    def _range_as_tuple(cls, value: Any) -> Any:
+        """YAML writes ``[start, end]`` as a list; the strict check wants the pair as a tuple."""
+        return tuple(value) if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _fractions_or_ranges(self) -> "SplitConfig":
@@ -100,11 +148,13 @@ class TextConfig(Strict):
     """Token windows of ``source: text``: whole files go to one split each (a stable hash of
     their path), so the test text is never seen in calibration or validation."""
 
-    seq_len: int = Field(256, ge=2, description="tokens a window")
-    calibration: int = Field(64, ge=1, description="windows for the level database and the "
+    seq_len: int = Field(256, ge=2, le=MAX_BATCH, description="tokens a window")
+    calibration: int = Field(64, ge=1, le=MAX_SAMPLES,
+                             description="windows for the level database and the "
                              "fitness (the 'train' split)")
-    validation: int = Field(32, ge=1, description="windows scored per candidate (perplexity)")
-    test: int = Field(32, ge=1, description="windows of the final report only")
+    validation: int = Field(32, ge=1, le=MAX_SAMPLES,
+                            description="windows scored per candidate (perplexity)")
+    test: int = Field(32, ge=1, le=MAX_SAMPLES, description="windows of the final report only")
     tokenizer: str = Field("bytes", description="'bytes' (token = byte value, vocabulary 256) "
                            "or a local folder with a transformers tokenizer")
 
@@ -127,7 +177,7 @@ class DataConfig(Strict):
     image_size: list[int] | None = Field(None, description="[height, width] for image folders")
     grayscale: bool = False
     split: SplitConfig = Field(default_factory=SplitConfig)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     split_seed: int = 0
     factory: str | None = Field(None, description="'pkg.module:make_loaders' returning (train, "
                                 "validation, test) iterables of (x, y) batches, or a dict with "
@@ -160,16 +210,19 @@ class DataConfig(Strict):
 
 class StrategyConfig(Strict):
     name: Literal["ga", "bo", "knapsack", "random", "grid-uniform", "grid-global"] = "ga"
-    population_size: int = Field(16, ge=4, description="GA: NSGA-II population (keep well under budget)")
+    population_size: int = Field(16, ge=4, le=MAX_SMALL,
+                                 description="GA: NSGA-II population (keep well under budget)")
     crossover_prob: float = Field(0.9, ge=0, le=1)
     mutation_prob: float | None = Field(None, ge=0, le=1, description="GA: per-gene; default 1/genes")
     bo_kind: Literal["tpe", "gp"] = "tpe"
-    startup_trials: int = Field(10, ge=1, description="BO: random trials before modelling")
+    startup_trials: int = Field(10, ge=1, le=MAX_TRIALS,
+                                description="BO: random trials before modelling")
     warm_start: bool = Field(
         True, description="GA/BO: first evaluate budgeted allocations (with sensitivity) or "
         "uniform and global-magnitude allocations (without)"
     )
-    screen: int = Field(8, ge=1, description="GA/BO: proposals per trial ranked by the predictor; "
+    screen: int = Field(8, ge=1, le=MAX_SMALL,
+                        description="GA/BO: proposals per trial ranked by the predictor; "
                         "only the most promising is fine-tuned (1 = no screening)")
     use_sensitivity: bool = Field(True, description="GA/BO: measure per-layer sensitivity first "
                                   "and use it for seeds, screening and mutation (knapsack always does)")
@@ -188,8 +241,9 @@ class SensitivityConfig(Strict):
     method: Literal["zero-shot", "fisher"] = Field(
         "zero-shot", description="zero-shot: evaluate each choice on a validation subset; "
         "fisher: 0.5 * sum(F * dw^2) from one empirical-Fisher pass (no forward per choice)")
-    samples: int = Field(512, ge=1, description="validation samples used (a fixed subset)")
-    batch_size: int = Field(256, ge=1)
+    samples: int = Field(512, ge=1, le=MAX_SAMPLES,
+                         description="validation samples used (a fixed subset)")
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
 
 
 class FidelityConfig(Strict):
@@ -197,11 +251,14 @@ class FidelityConfig(Strict):
     full one only for candidates whose short result could still reach the front. With oneshot
     and ``budget.tokens``: a score on a few windows first (successive halving by tokens)."""
 
-    low_steps: int | None = Field(None, ge=0, description="steps of the short fine-tune; default "
+    low_steps: int | None = Field(None, ge=0, le=MAX_STEPS,
+                                  description="steps of the short fine-tune; default "
                                   "a quarter of finetune.steps; 0 turns screening off")
-    promote_rank: int = Field(0, ge=0, description="promote when the short result's non-dominated "
+    promote_rank: int = Field(0, ge=0, le=MAX_SMALL,
+                              description="promote when the short result's non-dominated "
                               "rank among all short results is at most this (0 = first front)")
-    low_windows: int | None = Field(None, ge=0, description="oneshot with budget.tokens: "
+    low_windows: int | None = Field(None, ge=0, le=MAX_SAMPLES,
+                                    description="oneshot with budget.tokens: "
                                     "validation windows of the short score (the KL takes the "
                                     "same share of calibration windows); default a quarter; "
                                     "0 turns screening off")
@@ -211,11 +268,14 @@ class FidelityConfig(Strict):
 
 
 class BudgetConfig(Strict):
-    trials: int | None = Field(40, ge=1, description="total trials in the study")
-    minutes: float | None = Field(None, gt=0, description="wall time of this invocation")
-    finetune_steps: int | None = Field(None, ge=1, description="total fine-tune steps of the "
+    trials: int | None = Field(40, ge=1, le=MAX_TRIALS, description="total trials in the study")
+    minutes: float | None = Field(None, gt=0, le=MAX_MINUTES,
+                                  description="wall time of this invocation")
+    finetune_steps: int | None = Field(None, ge=1, le=MAX_WORK,
+                                       description="total fine-tune steps of the "
                                        "search (all fidelities); an alternative to 'trials'")
-    tokens: int | None = Field(None, ge=1, description="oneshot: total tokens the search scores "
+    tokens: int | None = Field(None, ge=1, le=MAX_WORK,
+                               description="oneshot: total tokens the search scores "
                                "(validation and calibration windows x their length, all "
                                "fidelities); an alternative to 'trials'")
 
@@ -243,20 +303,23 @@ class BudgetConfig(Strict):
 class FinetuneConfig(Strict):
     """Fast fine-tuning of each candidate with distillation from the dense model."""
 
-    steps: int = Field(150, ge=0)
-    batch_size: int = Field(64, ge=1)
+    steps: int = Field(150, ge=0, le=MAX_STEPS)
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     lr: float = Field(1e-3, gt=0)
     temperature: float = Field(4.0, gt=0)
     distill_weight: float = Field(0.7, ge=0, le=1, description="weight of the KD term vs. labels")
-    taylor_batches: int = Field(4, ge=1, description="batches for gradient (Taylor) scores")
+    taylor_batches: int = Field(4, ge=1, le=MAX_SMALL,
+                                description="batches for gradient (Taylor) scores")
     seed: int = 0
     schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant", description="learning rate over the fine-tune: constant, cosine decay to 0, "
         "or linear decay to 0; each after warmup_steps of linear warm-up")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
-    epochs: float | None = Field(None, gt=0, description="fine-tune length in passes over the "
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="linear warm-up from 0 to lr")
+    epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS,
+                                 description="fine-tune length in passes over the "
                                  "train split instead of 'steps'")
-    reeval_seeds: int = Field(2, ge=0, description="extra fine-tune seeds for the final front's "
+    reeval_seeds: int = Field(2, ge=0, le=100,
+                              description="extra fine-tune seeds for the final front's "
                               "points; the front and export use the mean")
     amp: bool = Field(False, description="mixed precision for the fine-tune's forward and "
                       "backward: bfloat16 autocast (float16 with loss scaling on GPUs without "
@@ -279,11 +342,13 @@ class OneShotConfig(Strict):
         "sparsegpt", description="how a level's weights are pruned")
     bits_method: Literal["rtn", "gptq"] = Field(
         "gptq", description="how a level's weights are rounded onto their GGUF type")
-    blocksize: int = Field(128, ge=1, description="GPTQ/SparseGPT lazy-update block (columns)")
+    blocksize: int = Field(128, ge=1, le=MAX_SMALL,
+                           description="GPTQ/SparseGPT lazy-update block (columns)")
     percdamp: float = Field(0.01, gt=0, lt=1, description="Hessian dampening (share of its "
                             "mean diagonal)")
     offload: bool = Field(False, description="keep the model's weights on the CPU and run it "
                           "on the device one block at a time (database build, dense reference, "
                           "scoring): for a model larger than the GPU's memory; slower otherwise")
-    layers_at_once: int = Field(4, ge=1, description="layers whose calibration statistics are "
+    layers_at_once: int = Field(4, ge=1, le=MAX_SMALL,
+                                description="layers whose calibration statistics are "
                                 "collected in one pass (memory: in_features^2 floats each)")

@@ -12,6 +12,10 @@ measured latency, for a front of each built-in model.
 
     python benchmarks/deploy.py --out benchmarks/results/deploy
 
+``--deploy TARGET`` searches every config with ``deploy: TARGET`` (the file the search scores:
+``onnx``, ``onnx-int8``); with ``onnx-int8`` the configs' own bits and patterns are dropped so that
+the target's space applies (int8 weights; channel removal, dense).
+
 The scored size is the trial's ``size_kb`` (what the search optimised). A file that is not
 meant to realise it (the fp32 reference ONNX, the torch.export program) is listed all the same:
 the table says which file realises the front's figure. Timings are from a shared 2-core machine:
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--full-quickstart", action="store_true",
                    help="search the quickstart with its own budget, as the README does")
     p.add_argument("--points", type=int, default=3, help="front points exported per config")
+    p.add_argument("--deploy", choices=["packed", "onnx", "onnx-int8"], default=None,
+                   help="search with this deploy target (default: the configs' own)")
     p.add_argument("--runs", type=Path, default=ROOT / "runs" / "deploy-bench")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deploy")
     return p.parse_args(argv)
@@ -55,7 +61,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def config_for(name: str, args: argparse.Namespace) -> Path:
     """The shipped config with a benchmark budget, written under --runs."""
     data = yaml.safe_load((ROOT / "search_spaces" / f"{name}.yaml").read_text())
-    data["name"] = f"deploy-{name}"
+    data["name"] = f"deploy-{name}" + (f"-{args.deploy}" if args.deploy else "")
+    if args.deploy:
+        data["deploy"] = args.deploy
+    if args.deploy == "onnx-int8":  # the target's own space: int8 weights, channel or dense
+        for rule in [data.get("space", {}).get("default", {}), *data.get("space", {})
+                     .get("rules", [])]:
+            rule.pop("bits", None)
+            rule.pop("patterns", None)
     if not (name == "quickstart" and args.full_quickstart):
         data["budget"] = {"trials": args.trials}
     data.setdefault("finetune", {})["reeval_seeds"] = 0

@@ -47,7 +47,7 @@ FORBIDDEN = {
     # the terminal and the first-generation check: light, so a config error stays fast
     "tracking/progress.py": {"numpy", "torch", "optuna", "mlflow", "deap"},
     "search/early_stop.py": {"numpy", "torch", "optuna", "mlflow", "deap", "pandas"},
-    "export/bitpack.py": {"optuna", "mlflow", "deap"},
+    "compress/bitpack.py": {"optuna", "mlflow", "deap"},
     "export/packed.py": {"optuna", "mlflow", "deap"},
     "export/folder.py": {"optuna", "mlflow", "deap"},
     "export/input_spec.py": {"optuna", "mlflow", "deap"},

@@ -27,7 +27,7 @@ def stored_zeros(tensor: Tensor) -> StoredZeros:
 
     A w-bit relative index stores each nonzero's distance from the previous one (the first
     from position -1) as a code 1..2^w-1; code 0 is a filler that advances 2^w-1 positions, so a
-    gap d takes (d - 1) // (2^w - 1) fillers (``export.bitpack.relative_codes`` writes it).
+    gap d takes (d - 1) // (2^w - 1) fillers (``compress.bitpack.relative_codes`` writes it).
     """
     flat = tensor.detach().reshape(-1) != 0
     positions = torch.nonzero(flat).flatten()

@@ -72,7 +72,7 @@ class LatencyMeasurement:
 
     latency_ms: float  # median per batch-1 call of the deployable file
     dense_ms: float  # the dense fp32 model, same rounds
-    format: str  # "int8" or "fp32": which file latency_ms is for
+    format: str  # "int8", "fp32" or "compact": which file latency_ms is for
     seconds: float
     cached: bool = False
 
@@ -147,12 +147,15 @@ class CandidateTimer:
         return self._dense_alone_ms
 
     def measure(self, candidate: Candidate, student: nn.Module,
-                scores: Mapping[str, torch.Tensor] | None = None) -> LatencyMeasurement:
+                scores: Mapping[str, torch.Tensor] | None = None,
+                built: tuple[str, Path] | None = None) -> LatencyMeasurement:
         """Latency of the candidate's deployable model, cached by ``candidate.key``.
 
         ``student`` is the candidate's compressed (parametrized) model, fine-tuned or not; it is
         not modified. ``scores`` are the criterion scores it was compressed with (only needed
-        for Taylor channel choices: they decide which channels were kept).
+        for Taylor channel choices: they decide which channels were kept). ``built`` is
+        (format, path) of the deploy target's file when the search already wrote it
+        (``deploy_file``): that file is timed instead of an ONNX export of the student.
         """
         cached = self._cache.get(candidate.key)
         if cached is not None:
@@ -162,14 +165,15 @@ class CandidateTimer:
         self._count += 1
         folder = self._dir / f"candidate-{self._count}"
         try:
-            path = self._export(candidate, student, scores, folder)
+            path = built[1] if built else self._export(candidate, student, scores, folder)
             times = time_onnx_files({"dense": dense_onnx, "candidate": path},
                                     self.input_shape, self.rounds, self.calls, self.warmup,
                                     self.seed)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         result = LatencyMeasurement(times["candidate"] * 1e3, times["dense"] * 1e3,
-                                    deployable_format(candidate, self.table),
+                                    built[0] if built else deployable_format(candidate,
+                                                                             self.table),
                                     time.perf_counter() - start)
         self._cache[candidate.key] = result
         return result

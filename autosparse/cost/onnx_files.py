@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +51,8 @@ __all__ = [
     "onnx_session",
     "onnx_outputs",
     "evaluate_onnx",
+    "onnx_module",
+    "ScoredRun",
     "time_onnx",
 ]
 
@@ -152,7 +154,7 @@ def export_onnx(model: nn.Module, input_shape: Sequence[int], path: str | Path, 
 
     ``fold_batch_norm=False`` keeps batch norms as ``BatchNormalization`` nodes (the exporter
     otherwise folds them into the preceding convolution's weight): every weight initializer is
-    then the module's own tensor, which ``export.compact_onnx`` needs to replace it by its
+    then the module's own tensor, which ``cost.compact_onnx`` needs to replace it by its
     quantized codes; onnxruntime folds them itself when it loads the file.
 
     ``input_shape`` is one sample's shape (e.g. ``(1, 8, 8)``), as in
@@ -319,6 +321,26 @@ def onnx_outputs(model: str | Path | ort.InferenceSession, x: np.ndarray) -> np.
     session already open on it (:func:`onnx_session`, one for a loop over batches)."""
     session = model if isinstance(model, ort.InferenceSession) else onnx_session(model)
     return _run(session, x)
+
+
+class ScoredRun(nn.Module):
+    """A runnable (an ONNX session, a loaded torch.export program) as a module a task's
+    metric can score (``Task.evaluate``, ``workload.evaluate``): a plain function inside, so
+    ``eval()`` never reaches a loaded program."""
+
+    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self._run = lambda x: run(x)  # a function: a module given here is not registered
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+def onnx_module(path: str | Path) -> nn.Module:
+    """An ONNX file run by onnxruntime (one session, CPU) as a module taking and returning
+    tensors: the task's own metric scores a file like a PyTorch model."""
+    session = onnx_session(path)
+    return ScoredRun(lambda x: torch.from_numpy(_run(session, x.cpu().numpy())))
 
 
 def evaluate_onnx(path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -9,7 +9,7 @@ from the steps that produce the files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -65,23 +65,6 @@ def _output_error(logits: np.ndarray, reference: np.ndarray) -> float:
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
     """Percent of positions where two label vectors agree (accuracy when ``b`` is the truth)."""
     return float((a == b).mean() * 100)
-
-
-class _Scored(torch.nn.Module):
-    """One exported format as a module the task's metric can score (``Task.evaluate``): a
-    plain function inside, so ``eval()`` never reaches a loaded torch.export program."""
-
-    def __init__(self, run: Callable[[torch.Tensor], torch.Tensor]):
-        super().__init__()
-        self._run = lambda x: run(x)  # a function: a module given here is not registered
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run(x)
-
-
-def _onnx_run(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    session = onnx_session(path)
-    return lambda x: torch.from_numpy(onnx_outputs(session, x.numpy()))
 
 
 def metric_key(task: Task, key: str) -> str:

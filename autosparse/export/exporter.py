@@ -35,13 +35,19 @@ import optuna
 import torch
 
 from autosparse.compress.apply import bake
-from autosparse.export.gguf_export import export_oneshot, gguf_report_markdown
 from autosparse.compress.footprint import footprint_metrics
 from autosparse.compress.shrink import ShrinkError, ShrinkReport, shrink_as_compressed
 from autosparse.compress.storage import model_zeros
+from autosparse.config.runtime import DEPLOY_FILES
 from autosparse.config.sections import FinetuneConfig
-from autosparse.cost.onnx_files import export_onnx, quantize_onnx_int8, time_onnx_files
-from autosparse.export.compact_onnx import COMPACT_FILE, write_compact_onnx
+from autosparse.cost.compact_onnx import COMPACT_FILE, write_compact_onnx
+from autosparse.cost.onnx_files import (
+    ScoredRun,
+    export_onnx,
+    onnx_module,
+    quantize_onnx_int8,
+    time_onnx_files,
+)
 from autosparse.export.checks import (
     FLOAT_FORMATS,
     INT8_MAX_DROP,
@@ -55,9 +61,7 @@ from autosparse.export.checks import (
     _batches,
     _logits,
     _onnx_logits,
-    _onnx_run,
     _output_error,
-    _Scored,
     _tolerances,
     int8_margin,
     metric_key,
@@ -72,6 +76,7 @@ from autosparse.export.folder import (
     staging_folder,
     update_report,
 )
+from autosparse.export.gguf_export import export_oneshot, gguf_report_markdown
 from autosparse.export.input_spec import input_spec
 from autosparse.export.latency import _profiles, predicted_latencies
 from autosparse.export.packed import load_packed, save_packed
@@ -194,6 +199,8 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
     # the rebuild repeats the trial's own fine-tune (its seed), so it must match the trial's own
     # score, not the mean over a re-evaluated front point's extra seeds
     own = searched.get("accuracy_single", searched.get("accuracy"))
+    if "accuracy_pytorch" in searched:  # deploy onnx-int8: the trial's metric is the file's
+        own = searched["accuracy_pytorch"]
     task = context.task
     if steps is None and own is not None:
         gap, allowed = abs(validation - own), rebuild_margin(task, own)
@@ -243,11 +250,11 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         labels = np.concatenate([y for _, y in _batches(context, "test")])
         accuracy = {name: _agreement(pred, labels) for name, pred in predictions.items()}
     else:  # the task's own metric of every format on the test split (mse, perplexity, yours)
-        runs = {"pytorch": baked, "pytorch_shrunk": shrunk, "pt2": _Scored(program),
-                "packed": packed_model, "onnx": _Scored(_onnx_run(out / "model.onnx"))}
+        runs = {"pytorch": baked, "pytorch_shrunk": shrunk, "pt2": ScoredRun(program),
+                "packed": packed_model, "onnx": onnx_module(out / "model.onnx")}
         if quantized:
-            runs["onnx_int8"] = _Scored(_onnx_run(out / "model.int8.onnx"))
-        runs["onnx_compact"] = _Scored(_onnx_run(out / COMPACT_FILE))
+            runs["onnx_int8"] = onnx_module(out / "model.int8.onnx")
+        runs["onnx_compact"] = onnx_module(out / COMPACT_FILE)
         test = context.data.loader("test", context.data.batch_size)
         accuracy = {name: task.evaluate(run, test) for name, run in runs.items()}
         # a language model: the predicted next token at every position; regression: none
@@ -322,6 +329,9 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                     "packed_buffers": packed_info.buffer_bytes / 1000,
                     "packed_graph": packed_info.graph_bytes / 1000},
         "files_bytes": files,
+        "deploy": {"target": config.deploy, "file": DEPLOY_FILES[config.deploy],
+                   "file_kb": files[DEPLOY_FILES[config.deploy]] / 1000,
+                   "scored_kb": searched.get("size_kb")},
         "compact_onnx": compact.to_report(searched.get("size_kb") or footprint["size_kb"]),
         "dense_onnx_bytes": dense_onnx_bytes,
         "input": input_spec(config.data, context.data.input_shape, context.data.mean or (),

@@ -63,17 +63,22 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from autosparse.compress.apply import weight_mask
-from autosparse.compress.footprint import LayerFootprint, model_footprint
-from autosparse.compress.shrink import ShrinkError, expected_shapes, remove_groups
-from autosparse.compress.storage import model_zeros
-from autosparse.export.bitpack import (
+from autosparse.compress.bitpack import (
     LayerBits,
     PackedFormatError,
     _pack_layer,
     _unpack_layer,
     group_bitmask,
 )
-from autosparse.export.packed_graph import GRAPH_FORMAT, PackedProgram, graph_bytes, load_graph
+from autosparse.compress.footprint import LayerFootprint, model_footprint
+from autosparse.compress.shrink import ShrinkError, expected_shapes, remove_groups
+from autosparse.compress.storage import model_zeros
+from autosparse.export.packed_graph import (
+    GRAPH_FORMAT,
+    PackedProgram,
+    graph_bytes,
+    load_graph,
+)
 from autosparse.space.candidate import CHANNEL, Candidate
 from autosparse.space.discovery import count_other_params, find_layers, layer_kind
 from autosparse.space.layers import LayerInfo, LayerTable

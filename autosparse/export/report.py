@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from autosparse.export.compact_onnx import compact_markdown
+from autosparse.cost.compact_onnx import compact_markdown
 from autosparse.export.input_spec import input_markdown, sizes_markdown
 from autosparse.export.latency import latency_markdown
 from autosparse.space.candidate import FLOAT_BITS
@@ -92,13 +92,29 @@ def speed_line(latency_ms: dict[str, float]) -> str:
             "pattern: it removes whole channels.")
 
 
+def deploy_line(report: dict) -> str:
+    """Which file the search scored (``deploy:``) and its size here against the score."""
+    deploy = report.get("deploy")
+    if not deploy:
+        return ""
+    line = (f"Deploy target: {deploy['target']}: `{deploy['file']}` is "
+            f"{deploy['file_kb']:.2f} kB")
+    scored = deploy.get("scored_kb")
+    if scored:
+        line += (f", the search scored {scored:.2f} kB ({deploy['file_kb'] / scored:.3f}x)"
+                 + ("; its validation metric is the file's own (int8 activations)"
+                    if deploy["target"] == "onnx-int8" else ""))
+    return line + "."
+
+
 def report_markdown(report: dict) -> str:
     name, key, fmt, unit = _metric_of(report)
     acc, size = report[f"test_{key}"], report["size_kb"]
     speed = speed_line(report.get("latency_ms_measured", {}))
+    deploy = deploy_line(report)
     lines = [f"# Export of {report['search']} trial {report['trial']}", "",
              f"Selected: {report['selection']}. Fine-tune steps: {report['finetune_steps']}.", "",
-             *([speed, ""] if speed else [])]
+             *([deploy, ""] if deploy else []), *([speed, ""] if speed else [])]
     if "input" in report:
         lines += input_markdown(report["input"])
     lines += [f"- warning: {w}" for w in report["warnings"]]

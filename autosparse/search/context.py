@@ -19,6 +19,7 @@ from autosparse.compress.oneshot.search_levels import OneShotScoring, f32_bytes
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.schema import SearchConfig
 from autosparse.cost.calibration.model_table import TableModel
+from autosparse.cost.deploy_file import DeployFileBuilder
 from autosparse.cost.gguf_latency import GGUFTimer
 from autosparse.cost.latency_table import LatencyTable
 from autosparse.cost.measured_latency import CandidateTimer
@@ -64,6 +65,7 @@ class SearchContext:
     device: str = "cpu"  # where this process trains and evaluates (the dense model lives there)
     placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
     oneshot: OneShotScoring | None = None  # oneshot: the level database candidates come from
+    deploy: DeployFileBuilder | None = None  # deploy onnx / onnx-int8: each candidate's file
 
     @functools.cached_property
     def task(self) -> Task:
@@ -84,7 +86,8 @@ class SearchContext:
         evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
                                        self.dense_metrics["accuracy"], self.profile, self.graph,
                                        latency_table=self.latency_table, timer=self.timer,
-                                       task=self.task, oneshot=self.oneshot)
+                                       task=self.task, oneshot=self.oneshot,
+                                       deploy=self.deploy)
         low = (None if self.oneshot is None
                else evaluator.oneshot_low_tokens(self.config.fidelity.low_windows))
         fidelity = FidelityPlan.from_config(self.config, evaluator.finetune_steps(), low)

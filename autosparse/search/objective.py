@@ -30,6 +30,7 @@ from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import metric_of
 from autosparse.config.sections import FinetuneConfig
 from autosparse.config.task_metric import Constraint
+from autosparse.cost.deploy_file import BuiltFile, DeployFileBuilder
 from autosparse.cost.estimate import estimate_cost
 from autosparse.cost.gguf_latency import GGUFTimer
 from autosparse.cost.latency_table import LatencyTable, table_latency
@@ -55,7 +56,8 @@ FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
 DEVICE_ATTR = "device"  # where the trial was fine-tuned and evaluated (cpu, cuda:1, ...)
-TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds")
+TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds",
+                  "deploy_build_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
 
 
@@ -101,6 +103,7 @@ class CandidateEvaluator:
     timer: CandidateTimer | GGUFTimer | None = None  # hardware: measure: latency_ms timed
     task: Task | None = None  # loss and metric (None: classification, top-1 accuracy)
     oneshot: OneShotScoring | None = None  # candidates stitched from the level database
+    deploy: DeployFileBuilder | None = None  # deploy onnx / onnx-int8: that file is scored
     _taylor: dict[str, torch.Tensor] | None = field(default=None, init=False, repr=False)
 
     def _scores(self, candidate: Candidate) -> dict[str, torch.Tensor] | None:
@@ -157,6 +160,19 @@ class CandidateEvaluator:
             return 0
         share = (low_windows if low_windows is not None else max(1, validation // 4)) / validation
         return self.oneshot_tokens(*self.oneshot_windows(share))
+
+    def file_metrics(self, candidate: Candidate, student: torch.nn.Module,
+                     splits: tuple[str, ...]) -> list[float]:
+        """The task metric on each split, of the model as deployed: the deploy target's file
+        where it computes otherwise than the student (int8), else the student itself."""
+        def metric(model: torch.nn.Module, split: str) -> float:
+            return evaluate(model, self.data.loader(split, self.data.batch_size), self.task)
+
+        if self.deploy is None or not self.deploy.scores_metric:
+            return [metric(student, split) for split in splits]
+        with self.deploy.build(candidate, student, self._scores(candidate)) as built:
+            deployed = built.module()
+            return [metric(deployed, split) for split in splits]
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         with self.staged(candidate) as run:
@@ -223,12 +239,39 @@ class StagedRun:
             "finetune_seconds": self._seconds,
             "eval_seconds": time.perf_counter() - tuned,
         }
-        if ev.timer is not None:  # measured on the tuned student; the prediction is kept beside
-            measured = ev.timer.measure(self.candidate, self.student, ev._scores(self.candidate))
-            self._measure_seconds += measured.seconds
-            metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
-            metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
+        if ev.deploy is not None:  # the deploy target's file: its size, metric and latency
+            self._deployed(metrics)
+        elif ev.timer is not None:  # measured on the tuned student; the prediction beside
+            self._measured(metrics)
         return metrics
+
+    def _measured(self, metrics: dict[str, float], built: BuiltFile | None = None) -> None:
+        ev = self.evaluator
+        assert isinstance(ev.timer, CandidateTimer)
+        measured = ev.timer.measure(self.candidate, self.student, ev._scores(self.candidate),
+                                    None if built is None else (built.timed_format, built.path))
+        self._measure_seconds += measured.seconds
+        metrics["latency_ms_predicted"] = metrics.get("latency_ms", math.nan)
+        metrics.update(measured.metrics(), latency_measure_seconds=self._measure_seconds)
+
+    def _deployed(self, metrics: dict[str, float]) -> None:
+        """Score the deploy file instead of the formula (``cost.deploy_file``): ``size_kb`` is
+        its bytes (the formula's stays as ``size_kb_packed``); int8's metric is the file's."""
+        ev = self.evaluator
+        assert ev.deploy is not None
+        with ev.deploy.build(self.candidate, self.student, ev._scores(self.candidate)) as built:
+            metrics.update(size_kb_packed=metrics["size_kb"], size_kb=built.bytes / 1000,
+                           compression_packed=metrics["compression"],
+                           compression=ev.deploy.dense_bytes / built.bytes,
+                           deploy_build_seconds=built.seconds)
+            if ev.deploy.scores_metric:
+                accuracy = evaluate(built.module(), ev.data.loader(
+                    "validation", ev.data.batch_size), ev.task)
+                metrics.update(accuracy_pytorch=metrics["accuracy"], accuracy=accuracy,
+                               accuracy_drop=(ev.dense_accuracy - accuracy if ev.task is None
+                                              else ev.task.drop(ev.dense_accuracy, accuracy)))
+            if ev.timer is not None:
+                self._measured(metrics, built)
 
 
     def _oneshot_score(self, tokens: int | None) -> dict[str, float]:

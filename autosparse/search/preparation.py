@@ -24,12 +24,14 @@ from autosparse.compress.oneshot.streaming import streamed
 from autosparse.config.hardware import load_profile
 from autosparse.config.runtime import MEASURE
 from autosparse.config.schema import SearchConfig, load_config
-from autosparse.config.validation import ConfigError
 from autosparse.config.sections import OneShotConfig
+from autosparse.config.validation import ConfigError
 from autosparse.cost.calibration.machine import this_machine, warn_if_other_machine
+from autosparse.cost.deploy_file import FILE_TARGETS, DeployFileBuilder
 from autosparse.cost.gguf_latency import GGUFTimer, require_llama_cpp
 from autosparse.cost.latency_table import find_latency_table
 from autosparse.cost.measured_latency import CandidateTimer
+from autosparse.cost.onnx_files import input_array
 from autosparse.search.context import SearchContext
 from autosparse.search.objective import cost_metrics
 from autosparse.search.sqlite_tuning import use_fast_sqlite
@@ -38,6 +40,7 @@ from autosparse.space.discovery import (
     discover,
     find_layers,
     global_magnitude_allocation,
+    token_embedding,
     with_searchable,
 )
 from autosparse.space.graph import ChannelGraph
@@ -86,6 +89,10 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
     timer: CandidateTimer | GGUFTimer | None = None
     if config.oneshot is None:
         timer = _candidate_timer(config, dense, table, graph, data)
+    deploy = _deploy_builder(config, dense, table, graph, data)
+    if deploy is not None:  # the size axis against the dense model's own fp32 ONNX file
+        dense_metrics["size_kb_packed"] = dense_metrics["size_kb"]
+        dense_metrics["size_kb"] = deploy.dense_bytes / 1000
     if timer is not None:  # the latency axis is normalised by the dense model, measured alike
         dense_metrics["latency_ms"] = timer.dense_ms()
     gguf_timer = _gguf_timer(config, dense, runs_dir / config.name)
@@ -108,7 +115,23 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
     return SearchContext(config, Path(config_path).read_text(), runs_dir, data, dense,
                          dense_metrics, table, space, profile, grid, graph=graph,
                          latency_table=latency_table, latency_table_note=table_note,
-                         timer=timer, device=device, placement=(device,), oneshot=oneshot)
+                         timer=timer, device=device, placement=(device,), oneshot=oneshot,
+                         deploy=deploy)
+
+
+def _deploy_builder(config: SearchConfig, dense: torch.nn.Module, table: LayerTable,
+                    graph: ChannelGraph, data: DataSplits) -> DeployFileBuilder | None:
+    """With ``deploy: onnx`` or ``onnx-int8``, what builds each candidate's file (else None);
+    int8 is calibrated on the train split in order, with export's batches."""
+    if config.deploy not in FILE_TARGETS:
+        return None
+
+    def calibration():
+        for x, _ in data.loader("train", data.batch_size):
+            yield input_array(x.numpy())
+
+    return DeployFileBuilder(config.deploy, dense, table, graph, data.input_shape, calibration,
+                             tokens=token_embedding(dense) is not None)
 
 
 def prepare_oneshot(cfg: OneShotConfig, dense: torch.nn.Module, space: SearchSpace,

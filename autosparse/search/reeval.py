@@ -152,11 +152,10 @@ def _reevaluate(context: "SearchContext", study: optuna.Study, evaluator: Candid
             study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
             continue
         record["seeds"].append(seed)
-        task = getattr(context, "task", None)  # the task metric, in the accuracy slot
-        record["accuracy"].append(evaluate(model, context.data.loader(
-            "validation", context.data.batch_size), task))
-        record["test_accuracy"].append(evaluate(model, context.data.loader(
-            "test", context.data.batch_size), task))
+        # the task metric, in the accuracy slot, of the model as deployed (int8: the file's)
+        validation, test = evaluator.file_metrics(candidate, model, ("validation", "test"))
+        record["accuracy"].append(validation)
+        record["test_accuracy"].append(test)
         study.set_user_attr(f"{REEVAL_PREFIX}{trial.number}", record)
     return runs
 

@@ -122,6 +122,7 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "space_size": context.space.size(),
         "searched_layers": len(context.space.layer_names),
         "hardware": config.hardware or "none",
+        "deploy": config.deploy or "packed",
         "device": ",".join(context.placement or (context.device,)),
         "amp": config.finetune.amp,
         "task": config.task.kind,

@@ -90,6 +90,8 @@ def _signature(config: SearchConfig) -> str:
     signature: dict = {"objectives": config.objectives, "space": config.space.model_dump(mode="json")}
     if not config.task.is_default:  # another loss or metric: stored scores are not comparable
         signature["task"] = config.task.model_dump(mode="json")
+    if config.deploy not in (None, "packed", "gguf"):  # another file scored: sizes differ
+        signature["deploy"] = config.deploy
     if config.hardware is not None:  # absent for studies without one, which keep matching
         profile = load_profile(config.cost_profile()).model_dump(mode="json")
         if config.measure is not None:  # measured latencies: the timing settings matter too
@@ -138,8 +140,8 @@ def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSamp
     if stored != signature:
         raise ConfigError(
             f"the study {config.name!r} in {url} was created with other objectives, another "
-            "space or another hardware profile; give the search a new 'name' (or delete that "
-            "storage) to start afresh"
+            "space, another deploy target or another hardware profile; give the search a new "
+            "'name' (or delete that storage) to start afresh"
         )
     return study
 

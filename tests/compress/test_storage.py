@@ -8,7 +8,7 @@ import torch
 
 from autosparse.compress.footprint import StoredZeros, cheapest_storage, storage_options
 from autosparse.compress.storage import kept_part, stored_zeros
-from autosparse.export.bitpack import (
+from autosparse.compress.bitpack import (
     _BitReader,
     _relative_mask,
     _uint_bits,

@@ -17,7 +17,7 @@ from autosparse.compress.footprint import (
 )
 from autosparse.compress.shrink import shrink_model
 from autosparse.compress.storage import model_zeros
-from autosparse.export.bitpack import _BitReader, _row_scales, _uint_bits
+from autosparse.compress.bitpack import _BitReader, _row_scales, _uint_bits
 from autosparse.export.packed import (
     MAGIC,
     PackedFormatError,

@@ -4,7 +4,7 @@ objective counted, beside the fp32 reference ``model.onnx``.
 ``model.onnx`` stores every weight as dense float32 (zeros included), ``model.int8.onnx`` as
 dense int8: neither realises a score that counts b-bit codes of the kept weights, a sparse index
 and one scale per row. Here every searched layer's weight initializer of the shrunk model's ONNX
-graph is replaced by its streams, exactly as ``export.bitpack`` encodes them for
+graph is replaced by its streams, exactly as ``compress.bitpack`` encodes them for
 ``model.packed``:
 
     values   the kept weights' offset-binary b-bit codes, bit-packed (``uint8``), or float32
@@ -23,7 +23,7 @@ conv2/conv3/fc2 50-70 % sparse int2, fc1 80 % sparse int4; latency on the 2-core
 thread, batch 1, median of 7 rounds, noisy): ``DequantizeLinear`` (opset 21, per-row scales)
 on dense int4 initializers made a 29.4 kB file (2.9x the score) running at 106 us against
 model.onnx's 17.6 us, int8 50.7 kB (5.0x) at 42 us, int8 ``sparse_initializer`` (COO with int16
-positions) 46.0 kB (4.6x) at 43 us; this file 13.6 kB (1.35x) at 17.6 us. ONNX has no type
+positions) 46.0 kB (4.6x) at 43 us; this file 13.6 kB (1.35x) at 17.6 us, now 12.55 kB (1.24x). ONNX has no type
 for 2, 3, 5, 6 or 7-bit integers, a sparse initializer holds no int4 (onnxruntime refuses it)
 and pays a >= 8-bit position per kept weight where the score counts a bitmask bit or a short
 relative step, and onnxruntime never constant-folds ``DequantizeLinear`` (it keeps QDQ pairs
@@ -35,8 +35,18 @@ Every bit width therefore keeps its exact bits (nothing is widened: 3 bits take 
 take 16), and what the format cannot carry is reported per layer (:class:`CompactLayer.note`):
 only a weight the exporter did not leave as an initializer (folded into another constant),
 which stays float32. The rest of the file is the model's graph (its own operators, as in
-``model.onnx``), the decode functions (~1.5 to 2.6 kB, once) and ~70 to 200 bytes of calls per
-layer: a fixed ~2.5 kB that shows on a 10 kB model and vanishes on larger ones.
+``model.onnx``), the decode functions (0.8 to 1.8 kB, once) and ~40 to 110 bytes of calls per
+layer. Every byte of it is names, attributes and operators, so they are cut to what ONNX needs:
+tensors renamed ``a, b, ...`` (``CompactLayer.initializers`` gives the file's names), one-letter
+functions, attributes and domain, no producer, node names, doc strings or shape hints, no
+attribute that restates a default, literal Constants as ``value_int(s)``. On the quickstart knee
+(scored 10.09 kB) that took the rest from 3.51 to 2.46 kB (graph 1.01 -> 0.72, decode 2.51 ->
+1.75 kB; file 13.60 -> 12.55 kB, 1.35x -> 1.24x the score); over the deploy benchmark's 20
+front points from 1.35-4.00x to 1.24-3.17x (ResNet's rest 11.5 -> 6.6 kB, the ViT's 14.7 ->
+10.0 kB). Scores of 1-5 kB, batch-norm statistics (unscored) and exporter graphs full of shape
+arithmetic (ViT, tiny LM) keep those files above 1.25x. Merging a layer's two or three calls into one per-layer function was
+estimated and left out: a function per combination of index and scale costs ~170 bytes, more
+than the ~35 bytes a merged call saves on these 5 to 14-layer models.
 
 The graph is the shrunk model exported without folding batch norms into the convolutions
 (``fold_batch_norm=False``): folded, a conv's weight is no longer ``code x scale``. onnxruntime
@@ -58,11 +68,11 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from autosparse.compress.apply import qmax_for_bits
+from autosparse.compress.bitpack import _index, _layer_mask, _quantized, _uint_bits
 from autosparse.compress.footprint import _bits_for, model_footprint
 from autosparse.compress.storage import model_zeros
+from autosparse.cost.onnx_decode import DOMAIN, OPS, OPSET, functions
 from autosparse.cost.onnx_files import export_onnx
-from autosparse.export.bitpack import _index, _layer_mask, _quantized, _uint_bits
-from autosparse.export.onnx_decode import DOMAIN, OPSET, functions
 from autosparse.space.candidate import (
     CHANNEL,
     DENSE,
@@ -91,7 +101,7 @@ class CompactLayer:
     """
 
     layer: str
-    initializers: tuple[str, ...]  # the graph's tensors this weight replaced
+    initializers: tuple[str, ...]  # the file's tensors holding its decoded weight (short names)
     pattern: str
     bits: int
     storage: str  # none (dense), bitmask, csr, relativeW, nm, or fp32 (left as exported)
@@ -148,7 +158,7 @@ def _bits_init(name: str, bits: np.ndarray) -> TensorProto:
 
 
 def _call(op: str, inputs: list[str], out: str, **attrs: Sequence[int]) -> onnx.NodeProto:
-    return helper.make_node(op, inputs, [out], domain=DOMAIN,
+    return helper.make_node(OPS[op], inputs, [out], domain=DOMAIN,
                             **{k: [int(v) for v in value] for k, value in attrs.items()})
 
 
@@ -163,25 +173,25 @@ def _index_call(fmt: str, index_bits: np.ndarray, values: str, prefix: str,
         return [], [], values
     if fmt == "bitmask":
         return [_bits_init(index, index_bits)], [
-            _call("Bitmask", [values, index], placed, cw=[n, 1])], placed
+            _call("Bitmask", [values, index], placed, w=[n, 1])], placed
     if fmt == "csr":  # two streams: per-row counts, then columns
         row_len = n // rows
         wc, wj = _bits_for(row_len + 1), _bits_for(row_len)
         return [_bits_init(index, index_bits[:rows * wc]),
                 _bits_init(f"{prefix}j", index_bits[rows * wc:])], [
-            _call("Csr", [values, index, f"{prefix}j"], placed, cc=[rows, wc], cj=[kept, wj],
-                  r=[row_len], k1=[kept + 1], n=[n])], placed
+            _call("Csr", [values, index, f"{prefix}j"], placed, c=[rows, wc], j=[kept, wj],
+                  r=[row_len], k=[kept + 1], n=[n])], placed
     if fmt.startswith("relative"):
         width = int(fmt.removeprefix("relative"))
         return [_bits_init(index, index_bits)], [
-            _call("Relative", [values, index], placed, ce=[index_bits.size // width, width],
-                  fill=[2 ** width - 1], n=[n])], placed
+            _call("Relative", [values, index], placed, w=[index_bits.size // width, width],
+                  f=[2 ** width - 1], n=[n])], placed
     keep, group = parse_nm(pattern)  # positions in groups of M along the input channels
     view = [shape[p] for p in perm]
     inverse = [perm.index(i) for i in range(len(perm))]
     return [_bits_init(index, index_bits)], [
-        _call("Nm", [values, index], placed, cp=[kept, _bits_for(group)], gk=[n // group, keep],
-              gm=[n // group, group], view=view, perm=inverse)], placed
+        _call("Nm", [values, index], placed, w=[kept, _bits_for(group)], k=[n // group, keep],
+              m=[n // group, group], v=view, p=inverse)], placed
 
 
 def _encode(prefix: str, weight: torch.Tensor, choice: LayerChoice, name: str) -> _Encoded:
@@ -207,18 +217,18 @@ def _encode(prefix: str, weight: torch.Tensor, choice: LayerChoice, name: str) -
     else:
         qmax = qmax_for_bits(choice.bits)
         inits = [_packed(values, kept_of(codes).astype(np.int64) + qmax, choice.bits)]
-        nodes = [_call("Codes", [values], f"{prefix}c", cw=[kept, choice.bits], q=[qmax])]
+        nodes = [_call("Unpack", [values], f"{prefix}c", w=[kept, choice.bits], q=[qmax])]
         values, stored = f"{prefix}c", kept * choice.bits
     index_inits, index_nodes, placed = _index_call(fmt, index_bits, values, prefix, shape, kept,
                                                    choice.pattern, perm)
     inits += index_inits
     nodes += index_nodes
     if scale is None:
-        nodes.append(_call("Shaped", [placed], f"{prefix}w", shape=shape))
+        nodes.append(_call("Shaped", [placed], f"{prefix}w", s=shape))
     else:
         scales = scale.numpy().astype(np.float32).reshape([rows] + [1] * (len(shape) - 1))
         inits.append(numpy_helper.from_array(scales, f"{prefix}s"))
-        nodes.append(_call("Scaled", [placed, f"{prefix}s"], f"{prefix}w", shape=shape))
+        nodes.append(_call("Scaled", [placed, f"{prefix}s"], f"{prefix}w", s=shape))
         stored += 32 * rows
     return _Encoded(inits, nodes, fmt, stored + int(index_bits.size))
 
@@ -308,7 +318,7 @@ def write_compact_onnx(shrunk: nn.Module, table: LayerTable, candidate: Candidat
             replaced[name] = layer.name
             expected[name] = weight.numpy().T if transposed else weight.numpy()
             if transposed:
-                decode.append(helper.make_node("Transpose", [out], [name], perm=[1, 0]))
+                decode.append(helper.make_node("Transpose", [out], [name]))  # 2-D: reversed
             elif name != out:
                 decode.append(helper.make_node("Identity", [out], [name]))
         layers.append(CompactLayer(
@@ -317,11 +327,15 @@ def write_compact_onnx(shrunk: nn.Module, table: LayerTable, candidate: Candidat
             stored_bytes=sum(_raw_bytes(t) for t in encoded.inits), max_weight_error=0.0,
             **common))
     _replace(model, replaced, decode)
+    names = _rename(model)  # every tensor but the graph's input and output: a short name
     onnx.save(model, str(path))
-    errors = _check_weights(path, expected, replaced)
-    layers = [replace(layer, max_weight_error=errors.get(layer.layer, 0.0)) for layer in layers]
-    return _info(path, model, layers, decode, streams,
-                 {name for name, _ in shrunk.named_buffers()})
+    expected = {names[name]: value for name, value in expected.items()}
+    errors = _check_weights(path, expected, {names[name]: layer for name, layer in
+                                             replaced.items()})
+    layers = [replace(layer, initializers=tuple(names[name] for name in layer.initializers),
+                      max_weight_error=errors.get(layer.layer, 0.0)) for layer in layers]
+    return _info(path, model, layers, len(decode), {names[name] for name in streams},
+                 {names[name] for name, _ in shrunk.named_buffers() if name in names})
 
 
 def _raw_bytes(tensor: TensorProto) -> int:
@@ -344,32 +358,106 @@ def _is_default(op: str, attr: onnx.AttributeProto) -> bool:
     return helper.get_attribute_value(attr) == helper.get_attribute_value(default)
 
 
+def _has_subgraphs(graph: onnx.GraphProto) -> bool:
+    return any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+               for node in graph.node for attr in node.attribute)
+
+
 def _slim(graph: onnx.GraphProto) -> None:
-    """Intermediate tensors renamed ``t0, t1, ...``, node names dropped and attributes that
-    restate their default removed: the exporter's ``/conv1/Conv_output_0`` names and
-    ``dilations=[1, 1]``, ``alpha=1.0`` took 1.3 kB of the quickstart knee's 15 kB. Initializers
-    (``conv1.bias``) and the graph's input and output keep their names; a graph with subgraphs
-    is left as it is."""
-    if any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-           for node in graph.node for attr in node.attribute):
+    """Node names and doc strings dropped, attributes that restate their default removed (the
+    exporter's ``dilations=[1, 1]``, ``alpha=1.0``, a Conv's ``kernel_shape`` that its weight's
+    shape gives), literal int64 and float32 Constants written as ``value_int(s)`` /
+    ``value_float(s)`` when shorter (the same tensor), and shape hints (``value_info``) dropped:
+    on the quickstart knee the exporter's names and defaults took 1.3 kB of 15 kB. A graph with
+    subgraphs is left as it is."""
+    if _has_subgraphs(graph):
         return
-    keep = {x.name for x in graph.input} | {x.name for x in graph.output} | \
-        {init.name for init in graph.initializer}
-    names: dict[str, str] = {}
+    dims = {init.name: list(init.dims) for init in graph.initializer}
     for node in graph.node:
         node.ClearField("name")
         node.ClearField("doc_string")
-        kept = [a for a in node.attribute if node.domain or not _is_default(node.op_type, a)]
+        kept = [a for a in node.attribute if node.domain or not _is_default(node.op_type, a)
+                and not _given_by_weight(node, a, dims)]
         del node.attribute[:]
         node.attribute.extend(kept)
-        for i, out in enumerate(node.output):
-            if out and out not in keep:
-                names.setdefault(out, f"t{len(names)}")
-                node.output[i] = names[out]
-        for i, x in enumerate(node.input):
-            node.input[i] = names.get(x, x)
-    for info in graph.value_info:
+        if node.op_type == "Constant" and not node.domain:
+            _literal(node)
+    graph.ClearField("value_info")
+    graph.ClearField("doc_string")
+
+
+def _given_by_weight(node: onnx.NodeProto, attr: onnx.AttributeProto,
+                     dims: dict[str, list[int]]) -> bool:
+    """A Conv's ``kernel_shape`` equal to its weight initializer's spatial dims: optional, the
+    operator reads it from the weight (which the decode rebuilds in that shape)."""
+    weight = dims.get(node.input[1]) if node.op_type == "Conv" and len(node.input) > 1 else None
+    return attr.name == "kernel_shape" and weight is not None and list(attr.ints) == weight[2:]
+
+
+def _literal(node: onnx.NodeProto) -> None:
+    """A Constant's int64 or float32 scalar/vector ``value`` as ``value_int(s)`` /
+    ``value_float(s)`` (the same tensor) where that is shorter (a negative int is a 10-byte
+    varint)."""
+    (attr,) = node.attribute
+    if attr.name != "value":
+        return
+    array = numpy_helper.to_array(attr.t)
+    kinds = {np.dtype(np.int64): ("value_int", "value_ints"),
+             np.dtype(np.float32): ("value_float", "value_floats")}
+    if array.dtype not in kinds or array.ndim > 1 or array.size == 0:
+        return
+    scalar, vector = kinds[array.dtype]
+    new = helper.make_attribute(vector, array.tolist()) if array.ndim else \
+        helper.make_attribute(scalar, array.item())
+    if new.ByteSize() < attr.ByteSize():
+        del node.attribute[:]
+        node.attribute.append(new)
+
+
+def _short_names(taken: set[str]):
+    """``a .. z, A .. Z, aa, ab, ...``, skipping ``taken``."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + \
+        [chr(c) for c in range(ord("A"), ord("Z") + 1)]
+    i = 0
+    while True:
+        i += 1
+        n, name = i, ""
+        while n:
+            n, digit = divmod(n - 1, len(letters))
+            name = letters[digit] + name
+        if name not in taken:
+            yield name
+
+
+def _rename(model: onnx.ModelProto) -> dict[str, str]:
+    """Every tensor but the graph's inputs and outputs renamed ``a, b, ...`` (initializers
+    first), the graph ``g``, the producer fields cleared: on the ViT front point the
+    exporter's ``hf.vit.layers.0.attention.q_proj.bias`` names, each written where it is made
+    and where it is read, took 2.5 kB of 28. Returns old -> new (identity for a graph with
+    subgraphs, whose names are left as they are)."""
+    graph = model.graph
+    model.ClearField("producer_name")
+    model.ClearField("producer_version")
+    graph.name = "g"  # the checker wants one
+    everything = [init.name for init in graph.initializer] + \
+        [x for node in graph.node for x in [*node.input, *node.output] if x]
+    if _has_subgraphs(graph):
+        return {name: name for name in everything}
+    inits = {init.name for init in graph.initializer}
+    keep = {x.name for x in graph.input if x.name not in inits} | {x.name for x in graph.output}
+    fresh = _short_names(keep)
+    names = {name: name for name in keep}
+    for name in everything:
+        if name not in names:
+            names[name] = next(fresh)
+    for init in graph.initializer:
+        init.name = names[init.name]
+    for node in graph.node:
+        node.input[:] = [names.get(x, x) for x in node.input]
+        node.output[:] = [names.get(x, x) for x in node.output]
+    for info in graph.input:
         info.name = names.get(info.name, info.name)
+    return names
 
 
 def _replace(model: onnx.ModelProto, replaced: dict[str, str], nodes: list[onnx.NodeProto]
@@ -451,8 +539,7 @@ def _check_weights(path: Path, expected: dict[str, np.ndarray], replaced: dict[s
 
 
 def _info(path: Path, model: onnx.ModelProto, layers: list[CompactLayer],
-          decode_nodes: list[onnx.NodeProto], streams: set[str], buffers: set[str]
-          ) -> CompactInfo:
+          decode_nodes: int, streams: set[str], buffers: set[str]) -> CompactInfo:
     """The file's bytes by part. ``streams``: the searched layers' initializers; ``buffers``:
     the model's buffers; every other float initializer is a parameter the score counts at
     float32, and the exporter's integer constants (shapes, axes) go with the graph."""
@@ -461,7 +548,8 @@ def _info(path: Path, model: onnx.ModelProto, layers: list[CompactLayer],
     buffer_bytes = sum(_raw_bytes(t) for t in inits if t.name in buffers)
     other_bytes = sum(_raw_bytes(t) for t in inits if t.data_type == TensorProto.FLOAT
                       and t.name not in streams and t.name not in buffers)
-    decode = sum(f.ByteSize() for f in model.functions) + sum(n.ByteSize() for n in decode_nodes)
+    decode = sum(f.ByteSize() for f in model.functions) + \
+        sum(n.ByteSize() for n in model.graph.node[:decode_nodes])
     file_bytes = path.stat().st_size
     return CompactInfo(path=path, file_bytes=file_bytes, layer_bytes=layer_bytes,
                        other_bytes=other_bytes, buffer_bytes=buffer_bytes, decode_bytes=decode,

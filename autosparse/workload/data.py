@@ -146,9 +146,11 @@ def _resolve_stats(cfg: DataConfig, train_x: np.ndarray) -> tuple[np.ndarray, np
             out.append(computed[0 if field == "mean" else 1])
             continue
         if len(given) not in (1, channels):
+            allowed = ("one value" if channels == 1 else
+                       f"one value for every channel, or {channels} values, one per channel")
             raise ConfigError(
-                f"data.{field} has {len(given)} values; the data has {channels} channels "
-                f"(give 1 value or {channels})"
+                f"data.{field} has {len(given)} values; the data has {channels} "
+                f"channel{'s' if channels != 1 else ''}: give {allowed}"
             )
         values = np.asarray(given, dtype=np.float64).repeat(channels if len(given) == 1 else 1)
         if field == "std" and np.any(values <= 0):

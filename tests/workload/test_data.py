@@ -98,8 +98,9 @@ def test_given_mean_and_std_are_used():
     x = splits.train.tensors[0]
     assert float(x.min()) == pytest.approx((0 - 0.5) / 0.25)
     assert float(x.max()) == pytest.approx((float(raw.max()) - 0.5) / 0.25)
-    with pytest.raises(ConfigError, match="data.mean"):
+    with pytest.raises(ConfigError) as err:
         load_data(DataConfig(mean=[0.5, 0.5, 0.5]))
+    assert str(err.value) == "data.mean has 3 values; the data has 1 channel: give one value"
 
 
 # ------------------------------------------------------------------------------------ npz

@@ -61,7 +61,7 @@ def _search(args: argparse.Namespace) -> int:
     from autosparse.search.runner import run_search
 
     outcome = run_search(args.config, runs_dir=args.runs_dir, workers=args.workers,
-                         extend=args.extend, threads=args.threads)
+                         extend=args.extend, threads=args.threads, fresh=args.fresh)
     print(f"\nPareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
           f"hypervolume {outcome.hypervolume['hypervolume']:.4f}):")
     _print_front(outcome.front)
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "OMP_NUM_THREADS, else the CPUs this process may use)")
     search.add_argument("--extend", type=int, default=0, metavar="N",
                         help="add N trials to the config's budget (to continue a finished search)")
+    search.add_argument("--fresh", action="store_true",
+                        help="start this name afresh: an earlier study of the name is kept as "
+                             "<name>.previous-N (its runs folder too), not continued")
     search.set_defaults(run=_search)
 
     space = commands.add_parser("space", help="print the discovered layer table and the space size")

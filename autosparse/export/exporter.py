@@ -95,6 +95,7 @@ from autosparse.search.context import SearchContext
 from autosparse.search.objective import CandidateEvaluator
 from autosparse.search.preparation import prepare
 from autosparse.search.selection import Selection
+from autosparse.search.study import study_uid
 from autosparse.search.trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
 from autosparse.space.candidate import Candidate
 from autosparse.space.discovery import example_input
@@ -143,7 +144,7 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
         raise
     if request.mlflow:
         registered = _register(context, report, shrunk, final_dir, request, selection,
-                               runs_dir, printer)
+                               runs_dir, printer, study_uid(study))
         if registered:
             report["registered_model"] = registered
             update_report(final_dir, registered_model=registered)
@@ -364,7 +365,8 @@ def _shrink(context: SearchContext, evaluator: CandidateEvaluator, candidate: Ca
 
 def _register(context: SearchContext, report: dict, model: torch.nn.Module, out: Path,
               request: ExportRequest,
-              selection: Selection, runs_dir: Path, printer: Printer) -> dict | None:
+              selection: Selection, runs_dir: Path, printer: Printer,
+              uid: str = "") -> dict | None:
     from autosparse.tracking.mlflow_tracker import Tracker
     from autosparse.tracking.ui import resolve_tracking_uri
 
@@ -376,7 +378,8 @@ def _register(context: SearchContext, report: dict, model: torch.nn.Module, out:
     x = example_input(model, context.data.input_shape).numpy()  # token ids for an LM
     if not np.issubdtype(x.dtype, np.integer):
         x = np.zeros((1, *context.data.input_shape), dtype=np.float32)
-    parent, child = tracker.find_search_runs(context.config.name, selection.trial) or (None, None)
+    parent, child = tracker.find_search_runs(context.config.name, selection.trial,
+                                             uid) or (None, None)
     test = metric_key(context.task, "test_accuracy")  # test_mse_onnx, ...
     metrics = {f"{test}_{k}": v for k, v in report[test].items() if isinstance(v, (int, float))}
     result = tracker.log_exported_model(

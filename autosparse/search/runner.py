@@ -34,10 +34,13 @@ from autosparse.search.report import Progress, SearchOutcome, _start_tracking, r
 from autosparse.search.samplers.knapsack import seed_candidates
 from autosparse.search.sensitivity_study import ensure_sensitivity, log_sensitivity
 from autosparse.search.study import (
+    check_matching_study,
     counted_trials,
     fail_interrupted_trials,
     make_storage,
     requeue_interrupted,
+    set_aside,
+    storage_url,
 )
 from autosparse.search.workers import (
     Budget,
@@ -68,11 +71,12 @@ def _enqueue_warm_starts(context: SearchContext, study: optuna.Study, budget: in
 
 def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"), workers: int = 1,
                extend: int = 0, printer: Printer = print,
-               threads: int | None = None) -> SearchOutcome:
+               threads: int | None = None, fresh: bool = False) -> SearchOutcome:
     """Run (or resume) the search described by the config until its budget is used.
 
     ``threads`` in all (default: OMP_NUM_THREADS, else this process's CPU affinity) are split
-    across the ``workers``."""
+    across the ``workers``. A stored study of this name made for another configuration is
+    refused before anything is built; ``fresh`` sets it aside (``study.set_aside``) instead."""
     if workers < 1:
         raise ValueError(f"workers must be ≥ 1, got {workers}")
     if threads is not None and threads < 1:
@@ -82,6 +86,14 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     torch.set_num_threads(threads)
     settings = load_config(config_path)  # where each worker runs, checked before heavy work
     placement = place_workers(workers, settings.device, settings.devices, present_devices())
+    url = storage_url(settings, runs_dir)
+    if fresh:
+        kept = set_aside(settings, runs_dir, url, default_url=not settings.storage)
+        if kept:
+            printer(f"--fresh: the earlier study {settings.name!r} is kept as {kept!r} "
+                    f"({runs_dir / kept}); this search starts afresh")
+    else:
+        check_matching_study(settings, url)
     context = prepare(config_path, runs_dir, placement[0])
     context.placement = tuple(placement)
     config = context.config

@@ -10,7 +10,6 @@ re-run.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import random
 import socket
@@ -28,13 +27,17 @@ from optuna.storages._heartbeat import (
 )
 from optuna.trial import TrialState
 
-from autosparse.config.hardware import load_profile
 from autosparse.config.objectives import OBJECTIVES
 from autosparse.config.runtime import HeartbeatConfig
 from autosparse.config.schema import ConfigError, SearchConfig
 from autosparse.search.objective import FAIL_ATTR, INTERRUPTED, WORKER_ATTR
+from autosparse.search.study_identity import (
+    SIGNATURE_ATTR,
+    differences,
+    refusal,
+    signature,
+)
 
-_SIGNATURE_ATTR = "autosparse.signature"
 _UID_ATTR = "autosparse.uid"
 _REQUEUED_ATTR = "autosparse.requeued"  # read only: how studies before RERUN_OF_ATTR recorded it
 RERUN_OF_ATTR = "autosparse.rerun_of"  # on a re-run trial: the number of the trial it re-runs
@@ -81,26 +84,6 @@ def make_storage(url: str, heartbeat: HeartbeatConfig | None = None) -> optuna.s
         )
 
 
-def _signature(config: SearchConfig) -> str:
-    """What must not change between runs of one study: objectives, space and target device.
-
-    The device enters as a digest of its profile's content, so editing a profile (or
-    recalibrating it) makes stored latencies stale and is refused like a changed space.
-    """
-    signature: dict = {"objectives": config.objectives, "space": config.space.model_dump(mode="json")}
-    if not config.task.is_default:  # another loss or metric: stored scores are not comparable
-        signature["task"] = config.task.model_dump(mode="json")
-    if config.deploy not in (None, "packed", "gguf"):  # another file scored: sizes differ
-        signature["deploy"] = config.deploy
-    if config.hardware is not None:  # absent for studies without one, which keep matching
-        profile = load_profile(config.cost_profile()).model_dump(mode="json")
-        if config.measure is not None:  # measured latencies: the timing settings matter too
-            profile = {"profile": profile, "measure": config.measure.model_dump(mode="json")}
-        signature["hardware"] = hashlib.sha256(
-            json.dumps(profile, sort_keys=True).encode()).hexdigest()[:16]
-    return json.dumps(signature, sort_keys=True)
-
-
 def _create_or_load(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler,
                     attempts: int = 5) -> optuna.Study:
     """Workers on several machines may create the same new database at once; PostgreSQL then
@@ -124,26 +107,97 @@ def _create_or_load(config: SearchConfig, url: str, sampler: optuna.samplers.Bas
 def open_study(config: SearchConfig, url: str, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create the study or resume it, refusing a resume whose objectives or space changed."""
     study = _create_or_load(config, url, sampler)
-    signature = _signature(config)
-    stored = study.user_attrs.get(_SIGNATURE_ATTR)
+    mine = signature(config)
+    stored = study.user_attrs.get(SIGNATURE_ATTR)
     if stored is None:  # a new study (or one another worker is creating at this moment)
-        study.set_user_attr(_SIGNATURE_ATTR, signature)
+        study.set_user_attr(SIGNATURE_ATTR, mine)
         if _UID_ATTR not in study.user_attrs:  # another worker may have just set it
             study.set_user_attr(_UID_ATTR, uuid.uuid4().hex)
-        stored = signature
+        stored = mine
     if study.metric_names is None:  # optuna-dashboard then labels axes, not "Objective 0/1"
         with warnings.catch_warnings():  # "experimental" since Optuna 3.2: noise for a user
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             shown = config.task.metric_spec()[0]  # the task metric by its own name (mse)
             study.set_metric_names([shown if name == "accuracy" else OBJECTIVES[name].metric
                                     for name in config.objectives])
-    if stored != signature:
-        raise ConfigError(
-            f"the study {config.name!r} in {url} was created with other objectives, another "
-            "space, another deploy target or another hardware profile; give the search a new "
-            "'name' (or delete that storage) to start afresh"
-        )
+    if stored != mine:
+        diffs = differences(config, stored)
+        if diffs:
+            raise refusal(config, url, diffs)
+        study.set_user_attr(SIGNATURE_ATTR, mine)  # a first-version signature, now complete
     return study
+
+
+def _sqlite_missing(url: str) -> bool:
+    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file()
+
+
+def stored_signature(url: str, name: str) -> str | None:
+    """The stored study's signature, or None when there is no such study (nothing is created:
+    a missing SQLite file is not opened)."""
+    if _sqlite_missing(url):
+        return None
+    storage = make_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return storage.get_study_user_attrs(study_id).get(SIGNATURE_ATTR)
+
+
+def check_matching_study(config: SearchConfig, url: str) -> None:
+    """Refuse, before the dense model or anything else is built, a config whose study exists
+    with another signature."""
+    stored = stored_signature(url, config.name)
+    if stored is not None:
+        diffs = differences(config, stored)
+        if diffs:
+            raise refusal(config, url, diffs)
+
+
+def _free_name(runs_dir: Path, url: str, name: str) -> str:
+    k = 1
+    while True:
+        candidate = f"{name}.previous-{k}"
+        taken = (runs_dir / candidate).exists()
+        if not taken and not _sqlite_missing(url):
+            try:
+                make_storage(url).get_study_id_from_name(candidate)
+                taken = True
+            except KeyError:
+                pass
+        if not taken:
+            return candidate
+        k += 1
+
+
+def set_aside(config: SearchConfig, runs_dir: Path, url: str, default_url: bool) -> str | None:
+    """``--fresh``: keep the earlier study (if any) as ``<name>.previous-<k>``, its runs folder
+    moved beside, so that this name starts afresh. Returns the new name, or None when there
+    was nothing to set aside."""
+    folder = runs_dir / config.name
+    exists = stored_signature(url, config.name) is not None or folder.exists()
+    if not exists:
+        return None
+    if "://" not in url:
+        raise ConfigError(f"--fresh renames the earlier study; {url} is a journal file, which "
+                          "cannot rename one: move the file away, or give the search a new name")
+    new = _free_name(runs_dir, url, config.name)
+    if default_url:  # the study lives in runs/<name>/study.db: it moves with its folder
+        folder.rename(runs_dir / new)
+        url = url.replace(str(folder.resolve()), str((runs_dir / new).resolve()))
+    elif folder.exists():
+        folder.rename(runs_dir / new)
+    if not _sqlite_missing(url):
+        engine = sqlalchemy.create_engine(url)
+        try:
+            with engine.begin() as connection:
+                connection.execute(sqlalchemy.text(
+                    "UPDATE studies SET study_name = :new WHERE study_name = :old"),
+                    {"new": new, "old": config.name})
+        finally:
+            engine.dispose()
+    return new
 
 
 def study_uid(study: optuna.Study) -> str:

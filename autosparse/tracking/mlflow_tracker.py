@@ -228,11 +228,15 @@ class Tracker(_FrontLogging, _ExportLogging):
         return run_id
 
     @_safe()
-    def find_search_runs(self, study_name: str, trial: int) -> tuple[str | None, str | None]:
-        """The search's parent run and the trial's child run ids, where they were logged."""
+    def find_search_runs(self, study_name: str, trial: int,
+                         study_uid: str = "") -> tuple[str | None, str | None]:
+        """The search's parent run and the trial's child run ids, where they were logged;
+        ``study_uid`` picks this study's parent among earlier studies of the same name."""
         experiment_id = self._experiment()
-        parents = self._search(experiment_id, f"tags.`{TAG_STUDY}` = {_quote(study_name)} and "
-                                              f"tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
+        query = f"tags.`{TAG_STUDY}` = {_quote(study_name)} and tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'"
+        if study_uid:
+            query += f" and tags.`{TAG_STUDY_UID}` = {_quote(study_uid)}"
+        parents = self._search(experiment_id, query)
         if not parents:
             return None, None
         parent = self._oldest(parents).info.run_id

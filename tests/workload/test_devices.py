@@ -14,7 +14,7 @@ from autosparse.compress.finetune import FinetuneSession
 from autosparse.config.schema import parse_config
 from autosparse.config.sections import FinetuneConfig
 from autosparse.config.validation import ConfigError
-from autosparse.search.study import _signature
+from autosparse.search.study_identity import signature as _signature
 from autosparse.workload.devices import (
     amp_mode,
     place_workers,

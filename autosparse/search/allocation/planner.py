@@ -14,14 +14,31 @@ log-size spent a third of the fine-tunes far from the knee).
 Next (after trials). Refit the predictor on the finished trials, then for objective k (round-robin
 over trials so far)::
 
-    front  = non-dominated (cost_k, drop) of finished trials with drop <= near_lossless,
-             plus the dense model (dense cost, 0) and a low anchor (the cheapest trial past the
-             region, or the predicted cost at which the drop reaches near_lossless)
+    front  = non-dominated (cost_k, drop) of finished trials with drop <= near_lossless
+             (cost_k the problem's additive total, the solver's units),
+             plus the dense model (dense cost, 0) and a low anchor at drop near_lossless: the
+             larger of the costliest trial past the region cheaper than the front and the least
+             cost at which the refit's predicted drop reaches the guard's ceiling
     gap    = between neighbours on the front, log(c_hi / c_lo) x (drop_lo - drop_hi): the area
              a new point could add to the front's hypervolume, divided by 1 + the number of
              trials already inside it (dominated tries: the predictor is wrong there)
     budget = sqrt(c_lo c_hi) of the largest gap (the next gap if that budget has nothing new)
-    next   = solve(refit weights, k, budget, exclude=dense + every allocation tried or in flight)
+    next   = solve(refit weights, k, budget, exclude=dense + every allocation tried or in flight,
+                   forbid=guard.boxes, predicted drop <= guard.ceiling)
+    if no gap gives one: the far end (predicted drop min(max_drop, ceiling)), else the allowed
+                   allocation of least predicted drop (no budget, still outside the boxes)
+
+The guard keeps proposals inside the accuracy bound ``near_lossless`` given what finished trials
+showed (rules in :mod:`~autosparse.search.allocation.feasibility`)::
+
+    infeasible = finished trials with drop > near_lossless
+    boxes      = per infeasible trial: every allocation at least as hard in every decision, and
+                 the trial with one decision moved one step (near copies)
+    refit      = the predictor refitted on drops clipped at 2 x near_lossless
+    ceiling    = where the isotonic curve of drop on leave-one-out prediction reaches the bound
+
+so the gap rule spends nothing below the cost the calibrated prediction allows, and seeds still
+to come are skipped when the guard rules them out (:meth:`BudgetPlanner.admissible`).
 
 Constraints ``metric <= bound`` on additive metrics (size_kb, macs, bops, latency_ms, energy_uj,
 bits_per_weight with oneshot; ``sparsity >= s`` as a kept share <= 1 - s)
@@ -37,6 +54,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import QUALITY_OBJECTIVES
+from autosparse.search.allocation.feasibility import (
+    DROP_CLIP,
+    Guard,
+    calibrated_ceiling,
+    dominating_box,
+    near_boxes,
+)
 from autosparse.search.allocation.knapsack import cheapest, solve
 from autosparse.search.allocation.predictor import Predictor, fit, prior
 from autosparse.search.allocation.problem import (
@@ -59,7 +83,10 @@ NEAR_LOSSLESS = 5.0  # points below dense: the region whose gaps the planner fil
 class Observation:
     """A trial the planner knows of. ``drop`` (points below dense) is None for a trial that
     failed or was pruned: never refit on, never proposed again. ``costs`` maps cost objectives
-    to measured totals; an objective missing there takes the problem's additive total."""
+    to measured totals, kept for callers: the gap rule places its budgets in the problem's
+    additive totals, the units the solver is given them in (a measured size counts what channel
+    pruning removes from the next layer, up to 2.7x below the additive total on digits-cnn, so a
+    measured budget handed to the solver aimed at the wrong allocations)."""
 
     allocation: Allocation
     drop: float | None = None
@@ -150,43 +177,88 @@ class BudgetPlanner:
         pairs = [(o.allocation, o.drop) for o in observed if o.drop is not None]
         return fit(self.problem, pairs, **self._fit_args)
 
+    def _clipped(self, observed: Iterable[Observation]) -> list[tuple[Allocation, float]]:
+        """(allocation, drop) with drops clipped at DROP_CLIP x near_lossless: a collapsed
+        trial (60 points down) says "far too hard", not a number for a linear fit to chase."""
+        top = DROP_CLIP * self.near_lossless
+        return [(tuple(o.allocation), min(float(o.drop), top)) for o in observed
+                if o.drop is not None]
+
+    def refit(self, observed: Iterable[Observation]) -> Predictor:
+        """The predictor the planner proposes with: refitted on the clipped drops."""
+        return fit(self.problem, self._clipped(observed), **self._fit_args)
+
+    def guard(self, observed: Iterable[Observation]) -> Guard:
+        """What finished trials rule out (:mod:`~autosparse.search.allocation.feasibility`):
+        the calibrated ceiling on the predicted drop, and boxes around every trial whose drop
+        exceeded ``near_lossless`` (the accuracy-drop bound when there is one)."""
+        observed = list(observed)
+        limit = self.near_lossless
+        infeasible = tuple(dict.fromkeys(tuple(o.allocation) for o in observed
+                                         if o.drop is not None and o.drop > limit))
+        boxes = []
+        for allocation in infeasible:
+            boxes.append(dominating_box(self.problem, allocation))
+            boxes.extend(near_boxes(self.problem, allocation))
+        fitted = lambda subset: fit(self.problem, subset, **self._fit_args).predict  # noqa: E731
+        ceiling = calibrated_ceiling(self._clipped(observed), limit, fitted)
+        return Guard(ceiling=ceiling, margin=limit - ceiling, boxes=tuple(boxes),
+                     infeasible=infeasible)
+
+    def admissible(self, allocation: Sequence[int], observed: Iterable[Observation]) -> bool:
+        """Whether ``allocation`` may still be proposed given the finished trials: outside every
+        infeasible trial's boxes and predicted (refit) within the calibrated ceiling."""
+        observed = list(observed)
+        predictor = self.refit(observed)
+        guard = self.guard(observed)
+        return (not guard.forbids(allocation)
+                and predictor.predict(allocation) <= guard.ceiling + 1e-9)
+
     def next(self, observed: Sequence[Observation],
              pending: Iterable[Sequence[int]] = ()) -> Allocation | None:
-        """The next allocation to fine-tune, never one observed or ``pending`` (in flight)."""
+        """The next allocation to fine-tune, never one observed or ``pending`` (in flight), never
+        one the guard forbids; within the calibrated ceiling unless nothing new is, and then the
+        allowed allocation of least predicted drop."""
         observed = list(observed)
         tried = ([tuple(o.allocation) for o in observed] + [tuple(p) for p in pending]
                  + self._known)
-        predictor = self.predictor(observed)
+        predictor = self.refit(observed)
+        guard = self.guard(observed)
         weights = predictor.weights()
         start = len(tried) % len(self.objectives)
         for objective in self.objectives[start:] + self.objectives[:start]:
-            for budget in self.gap_budgets(objective, observed, predictor):
-                allocation = self._solve(weights, objective, budget, tried)
+            for budget in self.gap_budgets(objective, observed, predictor, guard):
+                allocation = self._solve(weights, objective, budget, tried, guard, predictor)
                 if allocation is not None:
                     return allocation
-        return self._far_end(weights, tried)  # no gap gave anything new
+        allocation = self._far_end(weights, tried, guard, predictor)  # no gap gave anything new
+        if allocation is None:  # nothing new within the ceiling: the safest allowed
+            allocation = solve(self.problem, weights, None, None, exclude=tried,
+                               extra_budgets=self.extra_budgets, forbid=guard.boxes)
+        return allocation
 
     def gap_budgets(self, objective: str, observed: Iterable[Observation],
-                    predictor: Predictor) -> list[float]:
-        """Budgets in the middle of the front's gaps, largest gap first."""
+                    predictor: Predictor, guard: Guard | None = None) -> list[float]:
+        """Budgets in the middle of the front's gaps, largest gap first; with a ``guard``, the
+        range starts where the calibrated prediction reaches its ceiling (no gap below it)."""
         points, tried = [], []
         for o in observed:
-            cost = o.costs.get(objective)
-            cost = float(cost) if cost is not None else self.problem.total(objective, o.allocation)
+            cost = self.problem.total(objective, o.allocation)  # the solver's own units
             tried.append(cost)  # failed or screened-out trials tried a gap too
             if o.drop is not None:
                 points.append((cost, float(o.drop)))
         region = [p for p in points if p[1] <= self.near_lossless]
         front = _front(region + [(self.problem.dense[objective], 0.0)])
         c_min = front[0][0]
+        ceiling = self.near_lossless if guard is None else guard.ceiling
+        lowest = self._budget_at(predictor.weights(), objective, ceiling - predictor.b,
+                                 guard.boxes if guard is not None else ())
         beyond = [c for c, d in points if d > self.near_lossless and c < c_min]
-        if beyond:
-            anchor = max(beyond)
-        else:
-            budget = self._budget_at(predictor.weights(), objective,
-                                     self.near_lossless - predictor.b)
-            anchor = budget if budget is not None and budget < c_min else None
-        if anchor is not None:
+        candidates = [max(beyond)] if beyond else []
+        if lowest is not None and (guard is not None or not beyond):
+            candidates.append(lowest)  # not below what the calibrated prediction allows
+        anchor = max(candidates) if candidates else None
+        if anchor is not None and anchor < c_min:
             front = [(anchor, self.near_lossless)] + front
         gaps = []
         for (c_lo, d_lo), (c_hi, d_hi) in zip(front, front[1:]):
@@ -200,26 +272,39 @@ class BudgetPlanner:
 
     # --- helpers ------------------------------------------------------------------------------
 
-    def _budget_at(self, weights, objective: str, drop: float) -> float | None:
+    def _budget_at(self, weights, objective: str, drop: float,
+                   forbid: Sequence = ()) -> float | None:
         """The least ``objective`` cost at which the predicted drop can be kept <= ``drop``."""
         allocation = cheapest(self.problem, weights, objective, drop,
-                              extra_budgets=self.extra_budgets)
+                              extra_budgets=self.extra_budgets, forbid=forbid)
         return None if allocation is None else self.problem.total(objective, allocation)
 
-    def _far_end(self, weights, exclude) -> Allocation | None:
-        """The best new allocation at the sweep's far end (predicted drop ``max_drop``)."""
+    def _far_end(self, weights, exclude, guard: Guard | None = None,
+                 predictor: Predictor | None = None) -> Allocation | None:
+        """The best new allocation at the sweep's far end (predicted drop ``max_drop``, or the
+        guard's ceiling when lower)."""
+        drop = self.max_drop
+        if guard is not None and predictor is not None:
+            drop = min(drop, guard.ceiling - predictor.b)
+        forbid = guard.boxes if guard is not None else ()
         for objective in self.objectives:
-            budget = self._budget_at(weights, objective, self.max_drop)
+            budget = self._budget_at(weights, objective, drop, forbid)
             if budget is None:
                 continue
-            allocation = self._solve(weights, objective, budget, exclude)
+            allocation = self._solve(weights, objective, budget, exclude, guard, predictor)
             if allocation is not None:
                 return allocation
         return None
 
-    def _solve(self, weights, objective: str, budget: float, exclude) -> Allocation | None:
+    def _solve(self, weights, objective: str, budget: float, exclude,
+               guard: Guard | None = None, predictor: Predictor | None = None
+               ) -> Allocation | None:
+        if guard is None or predictor is None:
+            return solve(self.problem, weights, objective, budget, exclude=exclude,
+                         extra_budgets=self.extra_budgets)
         return solve(self.problem, weights, objective, budget, exclude=exclude,
-                     extra_budgets=self.extra_budgets)
+                     extra_budgets=self.extra_budgets, forbid=guard.boxes,
+                     max_weight=guard.ceiling - predictor.b)
 
 
 def _front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -45,7 +45,9 @@ class KnapsackSampler(ProposingSampler):
     """Proposes the allocation the budget planner asks for next::
 
         tried   = allocations of every trial in storage (any state, enqueued ones too) + in flight
-        trial   = first of planner.seeds(n_seeds) not in tried, else
+        trial   = first of planner.seeds(n_seeds) not in tried and still admissible given
+                  the finished trials (outside every infeasible trial's boxes, predicted within
+                  the calibrated ceiling), else
                   planner.next(finished trials, pending=running + waiting + in flight)
         finished: COMPLETE -> (allocation, accuracy drop, costs from user_attrs["metrics"]);
                   FAIL / PRUNED -> excluded from the refit, never proposed again
@@ -84,7 +86,8 @@ class KnapsackSampler(ProposingSampler):
     def _propose(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         observed, pending = self._history(study, trial.number)
         tried = {o.allocation for o in observed} | set(pending)
-        allocation = next((s for s in self.seeds() if s not in tried), None)
+        allocation = next((s for s in self.seeds() if s not in tried
+                           and (not observed or self._planner.admissible(s, observed))), None)
         if allocation is None:
             allocation = self._planner.next(observed, pending=pending)
         if allocation is None:

@@ -234,6 +234,9 @@ class FinetuneSession:
             params = [p for p in student.parameters() if p.requires_grad]
             if not params:
                 raise ValueError("student has no trainable parameters")
+            if isinstance(cfg.lr, str):  # 'auto' is resolved per study (search.lr_choice)
+                raise ValueError(f"finetune.lr {cfg.lr!r} was not resolved to a number before "
+                                 "fine-tuning")
             self._optimizer = torch.optim.Adam(params, lr=cfg.lr)
             self._batches = _cycle(self._loader)
         optimizer, batches, recent = self._optimizer, self._batches, self._recent

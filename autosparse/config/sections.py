@@ -300,12 +300,18 @@ class BudgetConfig(Strict):
         return "tokens scored" if self.tokens is not None else "fine-tune steps"
 
 
+AUTO_LR = "auto"  # finetune.lr: probed once per study (search.lr_choice)
+NOMINAL_LR = 1e-3  # the default lr, and auto's stand-in where nothing is fine-tuned
+
+
 class FinetuneConfig(Strict):
     """Fast fine-tuning of each candidate with distillation from the dense model."""
 
     steps: int = Field(150, ge=0, le=MAX_STEPS)
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
-    lr: float = Field(1e-3, gt=0)
+    lr: float | Literal["auto"] = Field(
+        NOMINAL_LR, description="fine-tune learning rate, or 'auto': picked once per study by a "
+        "short probe on a few candidates (search.lr_choice), its steps charged to the budget")
     temperature: float = Field(4.0, gt=0)
     distill_weight: float = Field(0.7, ge=0, le=1, description="weight of the KD term vs. labels")
     taylor_batches: int = Field(4, ge=1, le=MAX_SMALL,
@@ -324,6 +330,20 @@ class FinetuneConfig(Strict):
     amp: bool = Field(False, description="mixed precision for the fine-tune's forward and "
                       "backward: bfloat16 autocast (float16 with loss scaling on GPUs without "
                       "bfloat16); evaluation stays float32")
+
+    @field_validator("lr", mode="before")
+    @classmethod
+    def _number_or_auto(cls, value):
+        if isinstance(value, str) and value != AUTO_LR:
+            raise ValueError(f"must be a number above 0, or '{AUTO_LR}'")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, value):
+        if value != AUTO_LR and not value > 0:
+            raise ValueError(f"must be above 0, or '{AUTO_LR}'")
+        return value
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "FinetuneConfig":

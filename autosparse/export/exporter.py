@@ -92,6 +92,7 @@ from autosparse.export.request import (
     _select,
 )
 from autosparse.search.context import SearchContext
+from autosparse.search.lr_choice import require_lr
 from autosparse.search.objective import CandidateEvaluator
 from autosparse.search.preparation import prepare
 from autosparse.search.selection import Selection
@@ -173,13 +174,14 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                  candidate: Candidate, searched: dict, out: Path, runs_dir: Path,
                  printer: Printer) -> tuple[dict, torch.nn.Module]:
     config = context.config
-    tune_cfg: FinetuneConfig = config.finetune
+    require_lr(context)
+    tune_cfg: FinetuneConfig = context.finetune  # lr auto: the study's probed lr
     steps = request.finetune_steps if request.finetune_steps is not None \
         else config.export.finetune_steps
     if steps is not None:
         # an explicit step count replaces the search's length, epochs included
-        tune_cfg = config.finetune.model_copy(update={"steps": steps, "epochs": None})
-    evaluator = CandidateEvaluator(context.dense, context.data, context.table, config.finetune,
+        tune_cfg = context.finetune.model_copy(update={"steps": steps, "epochs": None})
+    evaluator = CandidateEvaluator(context.dense, context.data, context.table, context.finetune,
                                    context.dense_metrics["accuracy"], context.profile,
                                    graph=context.graph, task=context.task)
     tune_steps = evaluator.finetune_steps(tune_cfg)

@@ -19,6 +19,7 @@ from autosparse.config.validation import ConfigError
 from autosparse.export.folder import export_digest
 from autosparse.search.context import SearchContext
 from autosparse.search.front import trials_frame
+from autosparse.search.lr_choice import resolve_finetune_lr
 from autosparse.search.selection import Selection, by_number, by_rule, knee
 from autosparse.search.study import make_storage
 from autosparse.space.candidate import Candidate
@@ -82,12 +83,16 @@ def _reevaluation(context: SearchContext, study: optuna.Study, number: int) -> d
 
 
 def _load_study(context: SearchContext) -> optuna.Study:
+    """The search's study; with ``finetune.lr: auto`` the context takes its probed lr, so the
+    rebuild fine-tunes as the trial did."""
     try:
-        return optuna.load_study(study_name=context.config.name,
-                                 storage=make_storage(context.storage_url))
+        study = optuna.load_study(study_name=context.config.name,
+                                  storage=make_storage(context.storage_url))
     except KeyError:
         raise ConfigError(f"no study {context.config.name!r} in {context.storage_url}: run "
                           "`autosparse search` first") from None
+    resolve_finetune_lr(context, study)
+    return study
 
 
 def _digest(context: SearchContext, study: optuna.Study, request: ExportRequest, number: int,

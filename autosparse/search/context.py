@@ -18,6 +18,7 @@ import torch
 from autosparse.compress.oneshot.search_levels import OneShotScoring, f32_bytes
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.schema import SearchConfig
+from autosparse.config.sections import FinetuneConfig
 from autosparse.cost.calibration.model_table import TableModel
 from autosparse.cost.deploy_file import DeployFileBuilder
 from autosparse.cost.gguf_latency import GGUFTimer
@@ -27,6 +28,7 @@ from autosparse.search.allocation.planner import BudgetPlanner, planner_for
 from autosparse.search.allocation.problem import StoredSizes
 from autosparse.search.allocation.table import SensitivityTable
 from autosparse.search.fidelity import FidelityPlan
+from autosparse.search.lr_choice import resolve_finetune_lr
 from autosparse.search.objective import CandidateEvaluator, SearchObjective
 from autosparse.search.samplers import make_sampler
 from autosparse.search.sensitivity_study import ensure_sensitivity
@@ -66,6 +68,16 @@ class SearchContext:
     placement: tuple[str, ...] = ()  # every worker's device, in worker order (MLflow params)
     oneshot: OneShotScoring | None = None  # oneshot: the level database candidates come from
     deploy: DeployFileBuilder | None = None  # deploy onnx / onnx-int8: each candidate's file
+    finetune_lr: float | None = None  # finetune.lr auto: the study's probed lr (lr_choice)
+    lr_probe: dict | None = None  # that probe's stored record (None: the lr is fixed)
+
+    @property
+    def finetune(self) -> FinetuneConfig:
+        """The fine-tune recipe every candidate runs: the config's, with ``lr: auto`` replaced
+        by the study's probed lr once ``open_study`` has it."""
+        if self.finetune_lr is None:
+            return self.config.finetune
+        return self.config.finetune.model_copy(update={"lr": self.finetune_lr})
 
     @functools.cached_property
     def task(self) -> Task:
@@ -83,7 +95,7 @@ class SearchContext:
                        runs_dir=self.runs_dir)
 
     def objective(self) -> SearchObjective:
-        evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.config.finetune,
+        evaluator = CandidateEvaluator(self.dense, self.data, self.table, self.finetune,
                                        self.dense_metrics["accuracy"], self.profile, self.graph,
                                        latency_table=self.latency_table, timer=self.timer,
                                        task=self.task, oneshot=self.oneshot,
@@ -114,14 +126,18 @@ class SearchContext:
         return strategy.name == "knapsack" or (strategy.name in ("ga", "bo")
                                                and strategy.use_sensitivity)
 
-    def open_study(self, printer: Printer = lambda line: None) -> optuna.Study:
+    def open_study(self, printer: Printer = lambda line: None,
+                   probe_lr: bool = False) -> optuna.Study:
         """The study with the strategy's sampler. A strategy that uses per-layer sensitivity
         gets it from the study (measured first when missing: a resume or another worker
-        reuses it), and its sampler is built on the budget planner."""
+        reuses it), and its sampler is built on the budget planner. With ``finetune.lr:
+        auto`` the study's probed lr is read (``probe_lr``: probed first when missing)."""
         if not self.uses_sensitivity():
             sampler = make_sampler(self.config.strategy, self.space, self.config.seed,
                                    grid=self.grid)
-            return open_study(self.config, self.storage_url, sampler)
+            study = open_study(self.config, self.storage_url, sampler)
+            self.lr_probe = resolve_finetune_lr(self, study, printer, probe_lr)
+            return study
         study = open_study(self.config, self.storage_url,
                            optuna.samplers.RandomSampler(seed=self.config.seed))
         self.sensitivity = ensure_sensitivity(self, study, printer)
@@ -132,6 +148,7 @@ class SearchContext:
                                      planner=self.planner, objectives=self.config.objectives,
                                      dense_accuracy=self.dense_metrics["accuracy"],
                                      maximize=self.task.maximize)
+        self.lr_probe = resolve_finetune_lr(self, study, printer, probe_lr)
         return study
 
     def grid_size(self) -> int | None:

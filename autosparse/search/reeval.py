@@ -143,7 +143,7 @@ def _reevaluate(context: "SearchContext", study: optuna.Study, evaluator: Candid
     for seed in seeds:
         if seed in record["seeds"] or str(seed) in record.get("failed", {}):
             continue
-        cfg = context.config.finetune.model_copy(update={"seed": seed})
+        cfg = context.finetune.model_copy(update={"seed": seed})
         runs += 1
         try:
             model, _ = evaluator.compress_and_tune(candidate, cfg)

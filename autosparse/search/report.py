@@ -7,6 +7,7 @@ Split out of ``runner``: ``report_front`` and ``run_sensitivity`` report without
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -125,6 +126,9 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
         "deploy": config.deploy or "packed",
         "device": ",".join(context.placement or (context.device,)),
         "amp": config.finetune.amp,
+        "finetune_lr": (f"{context.finetune.lr:g}" if context.finetune.lr != "auto"
+                        else "auto"),
+        **((context.lr_probe or {}).get("params") or {}),
         "task": config.task.kind,
         "metric": context.task.name,
         "metric_direction": context.task.direction,
@@ -137,6 +141,8 @@ def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Stud
                 context.table, Candidate({}),
                 estimate_cost(context.table, Candidate({}), context.profile)).to_csv(index=False),
         }
+    if context.lr_probe:  # finetune.lr: auto: what the probe measured and chose
+        artifacts["lr_probe.json"] = json.dumps(context.lr_probe, indent=2, sort_keys=True)
     return tracker.start_search(study_name=config.name, storage_url=context.storage_url,
                                 strategy=config.strategy.name, config_text=context.config_text,
                                 layer_table=context.table,

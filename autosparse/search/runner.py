@@ -27,6 +27,7 @@ from autosparse.search.early_stop import (
     first_generation,
 )
 from autosparse.search.front import trials_frame
+from autosparse.search.lr_choice import probe_charge
 from autosparse.search.objective import CANDIDATE_ATTR
 from autosparse.search.preparation import prepare
 from autosparse.search.reeval import reevaluate_front, test_oneshot_front
@@ -107,16 +108,25 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     if placement != ["cpu"] * workers:
         printer(f"device{'s' if workers > 1 else ''}: {', '.join(placement)}"
                 + (" (mixed precision)" if config.finetune.amp else ""))
-    study = context.open_study(printer)
+    study = context.open_study(printer, probe_lr=True)
     if interrupted := fail_interrupted_trials(study):
         printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")
     requeue_interrupted(study)
     total = context.budget_trials(extend)
+    probe_trials, probe_steps = probe_charge(context, context.lr_probe)  # finetune.lr: auto
+    if total is not None and probe_trials:
+        total = max(1, total - probe_trials)
     _enqueue_warm_starts(context, study, total)
     deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
     steps_budget = config.budget.work()  # fine-tune steps, or oneshot's scored tokens
     if steps_budget is not None and extend:  # --extend N: N more full fine-tunes' worth
         steps_budget += extend * context.objective().evaluator.finetune_steps()
+    if steps_budget is not None and probe_steps:
+        steps_budget = max(0, steps_budget - probe_steps)
+    if probe_steps:
+        printer(f"finetune.lr {context.finetune.lr:g} (probed): its {probe_steps} fine-tune "
+                f"steps count in the budget" + (f" as {probe_trials} trials" if
+                                                config.budget.trials is not None else ""))
     budget = Budget(total, deadline, steps_budget, _in_flight_steps(context),
                     config.budget.work_unit())
     before = counted_trials(study)

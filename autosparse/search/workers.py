@@ -165,4 +165,4 @@ def _worker_main(config_path: str, runs_dir: str, budget: Budget, parent: str | 
     torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, Path(runs_dir), device)
-    _work(context, context.open_study(), budget, parent)
+    _work(context, context.open_study(probe_lr=True), budget, parent)

@@ -1,4 +1,5 @@
-"""Command line: ``autosparse search|space|front|sensitivity|profile|calibrate|ui``.
+"""Command line: autosparse search | space | front | sensitivity | profile | export |
+calibrate | ui.
 
 Errors a user can fix (bad config, missing file) print one clear message and exit with 2;
 anything else is a bug and keeps its traceback.
@@ -285,16 +286,26 @@ def _ui(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port {args.port}: must be a TCP port from 1 to 65535")
+    host = args.host
+    try:
+        socket.getaddrinfo(host, args.port)
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(f"--host {host!r}: not an address of this machine (e.g. 127.0.0.1, "
+                          "or 0.0.0.0 for every interface)") from None
     uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
     try:
-        command = ui_command(uri, args.runs_dir, args.port)
+        command = ui_command(uri, args.runs_dir, args.port, host=host)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     with socket.socket() as probe:  # a busy port would make MLflow exit after a slow start
-        if probe.connect_ex(("127.0.0.1", args.port)) == 0:
-            raise ConfigError(f"--port {args.port}: already in use on 127.0.0.1; pick another")
-    base = f"http://127.0.0.1:{args.port}"
+        if probe.connect_ex((local, args.port)) == 0:
+            raise ConfigError(f"--port {args.port}: already in use on {local}; pick another")
+    base = f"http://{local}:{args.port}"
     print(f"MLflow UI on {base} (tracking store {uri}); Ctrl-C to stop")
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: --host {host}: the UI is reachable from other machines and has no "
+              "login; an SSH tunnel (docs/ui.md) keeps it private")
     for name, url in runs_table_urls(uri, base).items():
         print(f"  {name}: {url}")
     # its own session, so that stopping this command (Ctrl-C, SIGTERM) stops every server process
@@ -315,14 +326,32 @@ def _ui(args: argparse.Namespace) -> int:
             server.wait(timeout=10)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("autosparse")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+CONFIG_HELP = "the search's YAML config (see search_spaces/quickstart.yaml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="autosparse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="autosparse", description="Search per-layer sparsity and bit-width of a trained "
+        "PyTorch model for the best accuracy/size/latency trade-offs; browse the Pareto front in "
+        "MLflow and export deployable files.", epilog="Each command's options: autosparse "
+        "COMMAND --help. Docs: docs/ in the repository (README.md to start).")
+    parser.add_argument("--version", action="version",
+                        version=f"autosparse {_version()}")
     parser.add_argument("--runs-dir", type=Path, default=RUNS_DIR,
                         help="where studies, the dense model cache and MLflow data live (default runs/)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     search = commands.add_parser("search", help="run or resume a search from a YAML config")
-    search.add_argument("config")
+    search.add_argument("config", help=CONFIG_HELP)
     search.add_argument("--workers", type=int, default=1, help="local processes sharing the study")
     search.add_argument("--threads", type=int, default=None,
                         help="torch threads in all, split across workers (default: "
@@ -335,22 +364,22 @@ def build_parser() -> argparse.ArgumentParser:
     search.set_defaults(run=_search)
 
     space = commands.add_parser("space", help="print the discovered layer table and the space size")
-    space.add_argument("config")
+    space.add_argument("config", help=CONFIG_HELP)
     space.set_defaults(run=_space)
 
     front = commands.add_parser("front", help="recompute the Pareto front from storage, log it to MLflow")
-    front.add_argument("config")
+    front.add_argument("config", help=CONFIG_HELP)
     front.set_defaults(run=_front)
 
     sensitivity = commands.add_parser(
         "sensitivity", help="per-layer sensitivity of each choice (stored with the study, "
         "logged to MLflow); measures only what the study does not hold yet")
-    sensitivity.add_argument("config")
+    sensitivity.add_argument("config", help=CONFIG_HELP)
     sensitivity.set_defaults(run=_sensitivity)
 
     profile = commands.add_parser(
         "profile", help="per-layer predicted latency and energy of a candidate on a device")
-    profile.add_argument("config")
+    profile.add_argument("config", help=CONFIG_HELP)
     profile.add_argument("--candidate", default="dense",
                          help="dense (default), trial-N of this config's study, or a JSON file")
     profile.add_argument("--hardware", default=None,
@@ -359,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser(
         "export", help="turn a trial of the study into deployable, checked artifacts")
-    export.add_argument("config")
+    export.add_argument("config", help=CONFIG_HELP)
     export.add_argument("--trial", type=int, default=None, help="trial number")
     export.add_argument("--max-drop", type=float, default=None,
                         help="rule: within this many points of dense accuracy ...")
@@ -375,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--hardware", default=None,
                         help="profile for the predicted latency (default: the config's; the newest "
                         "runs/calibration/ profile is added when present)")
-    export.add_argument("--no-mlflow", action="store_true")
+    export.add_argument("--no-mlflow", action="store_true",
+                        help="do not log or register the exported model in MLflow")
     export.add_argument("--force", action="store_true",
                         help="export again even when the folder already holds this export "
                         "(same trial and settings); the folder is replaced as a whole")
@@ -392,21 +422,30 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--architectures", nargs="+", default=None,
                            help="built-in calibration architectures (default: the calibration "
                            "set; calibration/architectures.py lists them)")
-    calibrate.add_argument("--per-architecture", type=int, default=30)
+    calibrate.add_argument("--per-architecture", type=int, default=30,
+                           help="variants timed per architecture (default 30)")
     calibrate.add_argument("--fit-share", type=float, default=0.5,
                            help="share of each architecture's variants to fit on (rest: held out)")
     calibrate.add_argument("--rounds", type=int, default=61, help="interleaved timing rounds")
     calibrate.add_argument("--calls", type=int, default=21, help="timed calls per round")
-    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--seed", type=int, default=0,
+                           help="seed of the variants drawn and the fit/held-out split")
     calibrate.add_argument("--name", default=None, help="profile name (default measured-<host>)")
     calibrate.add_argument("--out", type=Path, default=None,
                            help="output folder (default runs/calibration)")
-    calibrate.add_argument("--tracking-uri", default=None)
-    calibrate.add_argument("--no-mlflow", action="store_true")
+    calibrate.add_argument("--tracking-uri", default=None,
+                           help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or "
+                           "runs/mlflow.db)")
+    calibrate.add_argument("--no-mlflow", action="store_true",
+                           help="do not log the calibration to MLflow")
     calibrate.set_defaults(run=_calibrate)
 
-    ui = commands.add_parser("ui", help="open the MLflow UI on 127.0.0.1 against the same store")
-    ui.add_argument("--port", type=int, default=5000)
+    ui = commands.add_parser("ui", help="serve the MLflow UI against the same store (this "
+                             "machine only by default)")
+    ui.add_argument("--port", type=int, default=5000, help="TCP port (default 5000)")
+    ui.add_argument("--host", default="127.0.0.1",
+                    help="address to serve on (default 127.0.0.1: this machine only; 0.0.0.0 "
+                    "opens it to the network, with no login: prefer an SSH tunnel)")
     ui.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or runs/mlflow.db")
     ui.set_defaults(run=_ui)
     return parser

@@ -55,8 +55,10 @@ def local_artifact_root(tracking_uri: str, runs_dir: Path) -> Path | None:
     return db.parent / "mlartifacts"
 
 
-def ui_command(tracking_uri: str, runs_dir: Path, port: int = 5000, *, workers: int = 1) -> list[str]:
-    """argv that serves the MLflow UI on 127.0.0.1 against the same store as the search.
+def ui_command(tracking_uri: str, runs_dir: Path, port: int = 5000, *, workers: int = 1,
+               host: str = "127.0.0.1") -> list[str]:
+    """argv that serves the MLflow UI on ``host`` (this machine only by default) against the same
+    store as the search.
 
     One worker is plenty for one person browsing and starts much faster on a small machine.
     A tracking *server* (``http(s)://``) already has a UI: open it instead.
@@ -71,7 +73,7 @@ def ui_command(tracking_uri: str, runs_dir: Path, port: int = 5000, *, workers: 
     root = local_artifact_root(tracking_uri, runs_dir)
     if root is not None:
         command += ["--default-artifact-root", root.as_uri()]
-    command += ["--host", "127.0.0.1", "--port", str(int(port)), "--workers", str(int(workers))]
+    command += ["--host", host, "--port", str(int(port)), "--workers", str(int(workers))]
     return command
 
 

@@ -79,6 +79,8 @@ NOT_RUN: dict[str, str] = {
     "mlflow server --backend-store-uri postgresql://postgres:PW@db-host:5432/mlflow "
     "--artifacts-destination /srv/mlflow-artifacts --host 0.0.0.0 --port 5000":
         "a tracking server for several machines; needs the database host of a real deployment",
+    "ssh -N -L 5000:127.0.0.1:5000 user@remote-machine":
+        "a tunnel to another machine; tests/tracking/test_browser.py opens the UI on 127.0.0.1",
     ".venv/bin/mkdocs serve": "a server that runs until stopped; test_docs_build_strictly builds "
                               "the same site",
     ".venv/bin/mkdocs build --strict --site-dir /tmp/autosparse-site":

@@ -58,6 +58,10 @@ def _search(args: argparse.Namespace) -> int:
         raise ConfigError(f"--extend {args.extend}: must be 0 or more (trials to add)")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
+    if args.threads is not None and args.threads < args.workers:
+        raise ConfigError(f"--threads {args.threads} is fewer than --workers {args.workers}: "
+                          "each worker process needs at least one thread; give --threads >= "
+                          f"{args.workers}, or fewer workers")
     load_config(args.config)  # file-only checks before the heavy imports
     from autosparse.search.runner import run_search
 
@@ -164,6 +168,10 @@ def _export(args: argparse.Namespace) -> int:
     chosen = sum(x is not None and x is not False for x in (args.trial, args.max_drop, args.knee or None))
     if chosen > 1:
         raise ConfigError("give one of --trial, --max-drop (with --minimize) or --knee")
+    if args.minimize is not None and args.max_drop is None:
+        raise ConfigError(f"--minimize {args.minimize}: it picks a trial within --max-drop "
+                          "points of dense; give --max-drop too (--trial and --knee pick "
+                          "otherwise)")
     if args.finetune_steps is not None and args.finetune_steps < 1:
         raise ConfigError(f"--finetune-steps {args.finetune_steps}: must be at least 1")
     config = load_config(args.config)  # file-only checks before the heavy imports

@@ -119,7 +119,8 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
                 **_reevaluation(context, study, trial.number)}
     final_dir = request.out or runs_dir / context.config.name / "export" / f"trial-{selection.trial}"
     digest = _digest(context, study, request, trial.number, candidate)
-    state = folder_state(final_dir, digest, registration=request.mlflow)
+    state = folder_state(final_dir, digest, registration=request.mlflow,
+                         owner=(context.config.name, trial.number), force=request.force)
     if state == "complete" and not request.force:
         printer(f"{final_dir} already holds this export (trial {trial.number}, same candidate "
                 "and settings, every file in place): reused; --force exports it again")

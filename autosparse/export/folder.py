@@ -38,10 +38,12 @@ def read_report(folder: Path) -> dict | None:
     return report if isinstance(report, dict) else None
 
 
-def folder_state(folder: Path, digest: str, registration: bool = False) -> State:
+def folder_state(folder: Path, digest: str, registration: bool = False,
+                 owner: tuple[str, int] | None = None, force: bool = False) -> State:
     """``missing``; ``complete`` (same digest, every file there at its size, registered in
-    MLflow when ``registration`` asks for it); ``stale`` (an earlier autosparse export: other
-    settings, a file missing or changed). Anything else in the way is a ConfigError."""
+    MLflow when ``registration`` asks for it); ``stale`` (an earlier autosparse export of the
+    same ``owner`` (search, trial): other settings, a file missing or changed). Anything else in
+    the way is a ConfigError, an export of another search or trial too unless ``force``."""
     if not folder.exists():
         return "missing"
     if not folder.is_dir():
@@ -52,6 +54,11 @@ def folder_state(folder: Path, digest: str, registration: bool = False) -> State
             return "stale"  # an empty folder: nothing to lose
         raise ConfigError(f"{folder} exists and is not an autosparse export (no report.json): "
                           "remove it or give another --out")
+    theirs = (report.get("search"), report.get("trial"))
+    if owner is not None and theirs != owner and not force:
+        raise ConfigError(f"{folder} holds the export of search {theirs[0]!r} trial {theirs[1]}, "
+                          f"not of {owner[0]!r} trial {owner[1]}: give another --out, or "
+                          "--force to replace it")
     if report.get(DIGEST_KEY) != digest or not (folder / "report.md").is_file():
         return "stale"
     for name, size in report["files_bytes"].items():

@@ -48,3 +48,16 @@ def test_ui_refuses_a_host_that_is_not_an_address_before_starting(capsys, tmp_pa
     assert code == 2 and len(err) == 1
     assert err[0].startswith("error: --host 'no such host!': not an address")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["search", "search_spaces/quickstart.yaml", "--workers", "3", "--threads", "1"],
+     "--threads 1 is fewer than --workers 3"),
+    (["export", "search_spaces/quickstart.yaml", "--trial", "3", "--minimize", "size"],
+     "--minimize size: it picks a trial within --max-drop"),
+], ids=["threads-below-workers", "minimize-without-max-drop"])
+def test_options_that_would_be_ignored_are_refused(argv, words, capsys, tmp_path):
+    code = main(["--runs-dir", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0]
+    assert list(tmp_path.iterdir()) == []

@@ -56,6 +56,18 @@ def test_states(tmp_path):
     assert folder_state(empty, "abc") == "stale"
 
 
+def test_another_trials_export_is_replaced_only_with_force(tmp_path):
+    folder = tmp_path / "trial-2"
+    _export(folder, "abc")
+    assert folder_state(folder, "abc", owner=("s", 2)) == "complete"
+    assert folder_state(folder, "new", owner=("s", 2)) == "stale"  # the same trial, redone
+    for other in (("s", 7), ("t", 2)):
+        with pytest.raises(ConfigError, match="holds the export of search 's' trial 2"):
+            folder_state(folder, "new", owner=other)
+        assert folder_state(folder, "new", owner=other, force=True) == "stale"
+    assert (folder / "model.onnx").read_bytes() == b"o" * 10  # nothing touched
+
+
 def test_a_folder_that_is_not_an_export_is_refused(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()

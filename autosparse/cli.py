@@ -91,7 +91,8 @@ def _front(args: argparse.Namespace) -> int:
     require_study(config, args.runs_dir)
     outcome = report_front(args.config, runs_dir=args.runs_dir)
     print(f"Pareto front ({len(outcome.front)} of {len(outcome.trials)} finished trials, "
-          f"hypervolume {outcome.hypervolume['hypervolume']:.4f}); logged to MLflow")
+          f"hypervolume {outcome.hypervolume['hypervolume']:.4f})"
+          + ("; logged to MLflow" if outcome.parent_run_id else ""))
     _print_front(outcome.front)
     return 0
 

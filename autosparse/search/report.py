@@ -8,8 +8,10 @@ Split out of ``runner``: ``report_front`` and ``run_sensitivity`` report without
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -84,27 +86,36 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def report(context: SearchContext, study: optuna.Study, tracker: Tracker, parent: str | None,
-           new_trials: int = 0) -> SearchOutcome:
-    """Front and hypervolume from storage; logged to MLflow and written under runs/<name>/."""
+def report(context: SearchContext, study: optuna.Study, tracker: Tracker | None,
+           parent: str | None, new_trials: int = 0, write_files: bool = True) -> SearchOutcome:
+    """Front and hypervolume from storage; logged to MLflow (with a ``parent`` run) and written
+    under runs/<name>/ (``write_files``), each file replaced whole (written beside, renamed)."""
     objectives = context.config.objectives
     frame = trials_frame(study, objectives)
     histories = HypervolumeSpec(objectives, context.dense_metrics, context.task.direction,
                                 context.task.percent).histories(frame)
     front = front_table(frame, objectives, context.task.maximize)  # mse: lowest first
     out_dir = context.runs_dir / context.config.name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if parent is not None:
+    if parent is not None and tracker is not None:
         tracker.log_front(parent_run_id=parent, trials=frame, objectives=objectives,
                           hypervolumes=histories, dense_metrics=context.dense_metrics,
                           metric_name=context.task.name, metric_direction=context.task.direction)
     name = context.task.name  # files and the outcome show the task metric by its own name
     frame = frame.rename(columns=lambda c: shown_metric(str(c), name))
     front = front.rename(columns=lambda c: shown_metric(str(c), name))
-    frame.to_csv(out_dir / "trials.csv", index=False)
-    front.to_csv(out_dir / "pareto.csv", index=False)
+    if write_files:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_whole(frame, out_dir / "trials.csv")
+        _write_whole(front, out_dir / "pareto.csv")
     return SearchOutcome(frame, front, {k: final(v) for k, v in histories.items()},
                          context.storage_url, parent, new_trials)
+
+
+def _write_whole(frame: pd.DataFrame, path: Path) -> None:
+    """Write beside, then rename over: a reader (or a killed writer) never sees half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    frame.to_csv(partial, index=False)
+    os.replace(partial, path)
 
 
 def _start_tracking(context: SearchContext, tracker: Tracker, study: optuna.Study) -> str | None:

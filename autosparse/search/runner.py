@@ -27,6 +27,7 @@ from autosparse.search.early_stop import (
     first_generation,
 )
 from autosparse.search.front import trials_frame
+from autosparse.search.lock import SearchLock, refuse_if_running, running_search
 from autosparse.search.lr_choice import probe_charge
 from autosparse.search.objective import CANDIDATE_ATTR
 from autosparse.search.preparation import prepare
@@ -88,6 +89,8 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     settings = load_config(config_path)  # where each worker runs, checked before heavy work
     placement = place_workers(workers, settings.device, settings.devices, present_devices())
     url = storage_url(settings, runs_dir)
+    folder = runs_dir / settings.name
+    refuse_if_running(folder, settings.name)  # before --fresh moves anything
     if fresh:
         kept = set_aside(settings, runs_dir, url, default_url=not settings.storage)
         if kept:
@@ -95,6 +98,12 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
                     f"({runs_dir / kept}); this search starts afresh")
     else:
         check_matching_study(settings, url)
+    with SearchLock(folder, settings.name):  # one search process per study and runs folder
+        return _run_search(config_path, runs_dir, workers, extend, printer, placement, threads)
+
+
+def _run_search(config_path: str | os.PathLike, runs_dir: Path, workers: int, extend: int,
+                printer: Printer, placement: list[str], threads: int) -> SearchOutcome:
     context = prepare(config_path, runs_dir, placement[0])
     context.placement = tuple(placement)
     config = context.config
@@ -186,13 +195,20 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     return outcome
 
 
-def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs")) -> SearchOutcome:
+def report_front(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
+                 printer: Printer = print) -> SearchOutcome:
     """Recompute the front from storage and (re-)log it to MLflow, e.g. after MLflow was down.
 
     Stored re-evaluations of the front are read, never computed: nothing is fine-tuned here."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # failures: our own one-line reasons
     context = prepare(config_path, runs_dir)
     study = context.open_study()
+    holder = running_search(runs_dir / context.config.name)
+    if holder:  # the running search owns its MLflow run and report files
+        printer(f"the search {context.config.name!r} is running ({holder}): the front below is "
+                "read from storage; MLflow and runs/ are left to the search, which logs them "
+                "when it ends")
+        return report(context, study, None, None, write_files=False)
     tracker = context.tracker()
     parent = _start_tracking(context, tracker, study)
     outcome = report(context, study, tracker, parent)

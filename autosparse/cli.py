@@ -286,6 +286,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
+    from autosparse.tracking.databases import check_tracking_store
     from autosparse.tracking.ui import (
         resolve_tracking_uri,
         runs_table_urls,
@@ -302,6 +303,7 @@ def _ui(args: argparse.Namespace) -> int:
         raise ConfigError(f"--host {host!r}: not an address of this machine (e.g. 127.0.0.1, "
                           "or 0.0.0.0 for every interface)") from None
     uri = resolve_tracking_uri(args.tracking_uri, args.runs_dir)
+    check_tracking_store(uri)  # a study.db would get MLflow's tables
     try:
         command = ui_command(uri, args.runs_dir, args.port, host=host)
     except ValueError as err:

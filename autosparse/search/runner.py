@@ -53,6 +53,8 @@ from autosparse.search.workers import (
     thread_count,
 )
 from autosparse.space.candidate import Candidate
+from autosparse.tracking.databases import check_separate_stores
+from autosparse.tracking.ui import resolve_tracking_uri
 from autosparse.workload.devices import place_workers, present_devices
 
 
@@ -90,6 +92,7 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     placement = place_workers(workers, settings.device, settings.devices, present_devices())
     url = storage_url(settings, runs_dir)
     folder = runs_dir / settings.name
+    check_separate_stores(url, resolve_tracking_uri(settings.tracking.uri, runs_dir))
     refuse_if_running(folder, settings.name)  # before --fresh moves anything
     if fresh:
         kept = set_aside(settings, runs_dir, url, default_url=not settings.storage)

@@ -335,7 +335,12 @@ class FinetuneConfig(Strict):
     @classmethod
     def _number_or_auto(cls, value):
         if isinstance(value, str) and value != AUTO_LR:
-            raise ValueError(f"must be a number above 0, or '{AUTO_LR}'")
+            try:
+                float(value)
+                hint = "; write numbers without quotes"
+            except ValueError:
+                hint = ""
+            raise ValueError(f"must be a number above 0, or '{AUTO_LR}'{hint}")
         return value
 
     @field_validator("lr")

@@ -71,8 +71,10 @@ class SearchLock:
     def __init__(self, folder: Path, name: str):
         self.folder, self.name = folder, name
         self._fd: int | None = None
+        self._created: list[Path] = []  # folders acquire() made, innermost first
 
     def acquire(self) -> None:
+        self._created = [f for f in (self.folder, *self.folder.parents) if not f.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -88,10 +90,19 @@ class SearchLock:
         self._fd = fd
 
     def release(self) -> None:
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        """Unlock; a search that wrote nothing (refused while preparing) leaves nothing: the
+        lock file and the folders it created go too."""
+        if self._fd is None:
+            return
+        path = self.folder / LOCK_FILE
+        if [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            path.unlink(missing_ok=True)
+            for folder in self._created:  # innermost first
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
     def __enter__(self) -> "SearchLock":
         self.acquire()

@@ -48,6 +48,7 @@ from autosparse.space.layers import LayerTable
 from autosparse.space.search_space import GridSpace, SearchSpace
 from autosparse.tracking.progress import dense_training, oneshot_progress
 from autosparse.workload.data import load_data
+from autosparse.workload.data_checks import check_data
 from autosparse.workload.dense import cache_path, prepare_dense
 from autosparse.workload.devices import amp_mode, place_workers, present_devices
 from autosparse.workload.models import build_model
@@ -70,6 +71,7 @@ def prepare(config_path: str | os.PathLike, runs_dir: Path,
         torch.cuda.set_device(device)
     torch.manual_seed(config.seed)
     data = load_data(config.data)
+    check_data(data, config.task.kind)  # before the dense model trains on it
     data.pin_memory = device.startswith("cuda") and not data.user_loaders
     profile = load_profile(config.cost_profile()) if config.hardware else None
     if profile is not None:  # a measured profile from another CPU: say so before minutes of work

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from autosparse.config.sections import ModelConfig
+from autosparse.workload.data_checks import check_model_outputs
 from autosparse.workload.evaluate import evaluate
 from autosparse.workload.models import build_model, model_name
 from autosparse.workload.splits import SPLITS, DataSplits
@@ -188,8 +189,10 @@ def prepare_dense(
     path)`` is a context manager that yields the per-epoch callback: the terminal's line while
     the model trains (``tracking.progress.dense_training``); by default nothing is shown.
     """
+    kind = task.kind if task is not None else "classification"
     if model_cfg.builtin is None or model_cfg.checkpoint:
         model = build_model(model_cfg, data.input_shape, data.num_classes)
+        check_model_outputs(model, data, kind)
         model.eval()
         return model, _on_device_metrics(model, data, device, task)
 
@@ -197,6 +200,7 @@ def prepare_dense(
     with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = build_model(model_cfg, data.input_shape, data.num_classes)
+        check_model_outputs(model, data, kind)  # before training, or caching a broken model
         if _load_cached(model, path):
             log.info("dense %s loaded from %s", model_cfg.builtin, path)
         else:

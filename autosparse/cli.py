@@ -1,4 +1,4 @@
-"""Command line: autosparse search | space | front | sensitivity | profile | export |
+"""Command line: autosparse search | runs | space | front | sensitivity | profile | export |
 calibrate | ui.
 
 Errors a user can fix (bad config, missing file) print one clear message and exit with 2;
@@ -94,6 +94,27 @@ def _front(args: argparse.Namespace) -> int:
           f"hypervolume {outcome.hypervolume['hypervolume']:.4f})"
           + ("; logged to MLflow" if outcome.parent_run_id else ""))
     _print_front(outcome.front)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from autosparse.tracking.progress import fit_table, terminal_width
+    from autosparse.tracking.runs_list import compare_fronts, search_rows
+
+    if len(args.names) not in (0, 2):
+        raise ConfigError(f"runs takes no name (list the searches) or two (compare their "
+                          f"fronts), got {len(args.names)}: {' '.join(args.names)}")
+    table = (compare_fronts(args.runs_dir, *args.names) if args.names
+             else search_rows(args.runs_dir))
+    if table.empty:
+        print(f"no search in {args.runs_dir}/ yet: `autosparse search CONFIG` starts one")
+        return 0
+    print(fit_table(table, terminal_width(), drop_order=())[0])
+    if args.names:
+        for name in args.names:
+            mine = table[table["search"] == name]
+            print(f"{name}: {int(mine['dominated'].sum())} of {len(mine)} front points "
+                  "dominated by the other search")
     return 0
 
 
@@ -373,6 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start this name afresh: an earlier study of the name is kept as "
                              "<name>.previous-N (its runs folder too), not continued")
     search.set_defaults(run=_search)
+
+    runs = commands.add_parser("runs", help="list the searches in the runs folder (status, "
+                               "trials, front); with two names, compare their fronts")
+    runs.add_argument("names", nargs="*", metavar="NAME",
+                      help="two search names to compare (default: list them all)")
+    runs.set_defaults(run=_runs)
 
     space = commands.add_parser("space", help="print the discovered layer table and the space size")
     space.add_argument("config", help=CONFIG_HELP)

@@ -21,35 +21,11 @@ import socket
 from pathlib import Path
 
 from autosparse.config.schema import ConfigError
-
-LOCK_FILE = ".search.lock"
+from autosparse.tracking.runs_list import LOCK_FILE, _holder_text, running_search
 
 
 class SearchRunning(ConfigError):
     """Another search process holds the study's lock."""
-
-
-def _holder_text(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text())
-        return f"pid {info['pid']} on {info['host']}, since {info['started']}"
-    except (OSError, ValueError, KeyError):
-        return "another process"
-
-
-def running_search(folder: Path) -> str | None:
-    """Who holds the search lock of ``folder`` ("pid N on host, since ..."), or None."""
-    path = folder / LOCK_FILE
-    if not path.is_file():
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return _holder_text(path)
-    finally:
-        os.close(fd)  # also drops the shared lock taken just now
-    return None
 
 
 def _running(folder: Path, name: str, holder: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -43,18 +44,15 @@ from autosparse.search.runner import prepare
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.workload.evaluate import evaluate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_recipes import CANDIDATES  # noqa: E402
+
 FULL = 150
 CHECKPOINTS = (10, 20, 30, 50, 75, FULL)
 DEFAULT_LR = 1e-3
-EVALUATED = {  # name -> (pattern, sparsity, bits) for every layer (finetune_recipes' six; c50:
-    # channel where a layer leads a removable channel group, unstructured 50 % elsewhere)
-    "u70-2b": ("unstructured", 0.7, 2),
-    "u80-4b": ("unstructured", 0.8, 4),
-    "u90-4b": ("unstructured", 0.9, 4),
-    "u95-8b": ("unstructured", 0.95, 8),
-    "c50-8b": ("channel", 0.5, 8),
-    "u50-32b": ("unstructured", 0.5, 32),
-}
+# finetune_recipes' six, name -> (pattern, sparsity, bits) for every layer (c50: channel where a
+# layer leads a removable channel group, unstructured 50 % elsewhere)
+EVALUATED = CANDIDATES
 PROBED = {  # the probe's own candidates, mild to hard, none of them evaluated
     "p-u60-4b": ("unstructured", 0.6, 4),
     "p-u85-8b": ("unstructured", 0.85, 8),

@@ -99,7 +99,12 @@ def deploy_line(report: dict) -> str:
         return ""
     line = (f"Deploy target: {deploy['target']}: `{deploy['file']}` is "
             f"{deploy['file_kb']:.2f} kB")
-    scored = deploy.get("scored_kb")
+    scored, size = deploy.get("scored_kb"), report.get("size_kb") or {}
+    if deploy["target"] == "packed" and scored and "packed_payload" in size:
+        return (line + f"; its payload, {size['packed_payload']:.2f} kB, is what the search "
+                f"scored ({scored:.2f} kB); the header ({size['packed_header']:.2f} kB), the "
+                f"graph ({size.get('packed_graph', 0):.2f} kB) and batch-norm statistics come "
+                "on top (deploy: onnx scores a whole file).")
     if scored:
         line += (f", the search scored {scored:.2f} kB ({deploy['file_kb'] / scored:.3f}x)"
                  + ("; its validation metric is the file's own (int8 activations)"

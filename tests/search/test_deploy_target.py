@@ -138,3 +138,20 @@ def test_resuming_with_another_deploy_target_is_refused(searched):
                                             ["channel", "unstructured"], "bits": [8]}})
     with pytest.raises(ConfigError, match="another deploy target"):
         run_search(other, runs_dir=runs_dir, printer=lambda line: None)
+
+
+def test_the_report_line_says_which_part_of_the_file_was_scored():
+    from autosparse.export.report import deploy_line
+
+    size = {"packed_payload": 6.73, "packed_header": 1.35, "packed_graph": 2.38}
+    packed = {"deploy": {"target": "packed", "file": "model.packed", "file_kb": 10.46,
+                         "scored_kb": 6.73}, "size_kb": size}
+    assert deploy_line(packed) == (
+        "Deploy target: packed: `model.packed` is 10.46 kB; its payload, 6.73 kB, is what the "
+        "search scored (6.73 kB); the header (1.35 kB), the graph (2.38 kB) and batch-norm "
+        "statistics come on top (deploy: onnx scores a whole file).")
+    onnx = {"deploy": {"target": "onnx", "file": "model.compact.onnx", "file_kb": 6.556,
+                       "scored_kb": 6.556}, "size_kb": size}
+    assert deploy_line(onnx) == ("Deploy target: onnx: `model.compact.onnx` is 6.56 kB, the "
+                                 "search scored 6.56 kB (1.000x).")
+    assert deploy_line({}) == ""

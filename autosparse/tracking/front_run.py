@@ -34,6 +34,7 @@ from autosparse.tracking.naming import (
     _own_metrics,
     _spread_metrics,
     _text,
+    name_figures,
     run_name,
     sanitize_key,
 )
@@ -140,8 +141,9 @@ class _FrontLogging(_TrialLogging):
             want = "true" if _flag(row.get("on_front")) else "false"
             if have != want:
                 self._retry(lambda: client.set_tag(run_id, TAG_ON_FRONT, want))
-            name = run_name(number, state, own, on_front=want == "true",
-                            metric_name=metric_name)
+            figures, seeds = name_figures(row, own, metric_name)
+            name = run_name(number, state, figures, on_front=want == "true",
+                            metric_name=metric_name, seeds=seeds)
             if named != name:  # the front marker, or a run named before names had figures
                 self._retry(lambda: client.update_run(run_id, name=name))
             logged = {} if existing is None else existing.data.metrics

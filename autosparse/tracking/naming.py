@@ -116,6 +116,17 @@ def _own_metrics(row: dict[str, Any], metric_cols: list[str]) -> dict[str, Any]:
     return metrics
 
 
+def name_figures(row: dict[str, Any], own: dict[str, Any],
+                 metric_name: str) -> tuple[dict[str, Any], int | None]:
+    """The figures a child run's name shows and the seeds behind its metric: the mean over the
+    seeds for a re-evaluated front point (what decided its ★), else the trial's own."""
+    seeds = _finite(row.get("accuracy_seeds"))
+    mean = _finite(row.get("accuracy"))
+    if seeds is None or seeds < 2 or mean is None:
+        return own, None
+    return {**own, metric_name: mean}, int(seeds)
+
+
 def _spread_metrics(row: dict[str, Any]) -> dict[str, float]:
     """accuracy_mean/std and test_accuracy of a re-evaluated trial row; {} for the others."""
     seeds = _finite(row.get("accuracy_seeds"))
@@ -157,10 +168,13 @@ _NAME_FIGURES = (("compression", "{:.3g}x"), ("latency_ms", "{:.3g}ms"),
 
 
 def run_name(trial: int, state: str, metrics: dict[str, Any] | None,
-             *, on_front: bool = False, metric_name: str = "accuracy") -> str:
+             *, on_front: bool = False, metric_name: str = "accuracy",
+             seeds: int | None = None) -> str:
     """A child run's name: ``t12 97.2% 24.7x 0.81ms`` (the figures it has; ``t12 mse 0.031
     24.7x`` for a task metric of another name), ``t3 failed``; ``★ `` in front of a front
-    member, so the runs table marks the front at a glance."""
+    member, so the runs table marks the front at a glance. ``seeds``: the metric is the mean
+    over that many fine-tune seeds (a re-evaluated front point), the figure the ★ was decided
+    on: ``★ t35 98.1% (3 seeds) 28.3x``."""
     parts = [f"t{int(trial)}"]
     state = str(state).upper()
     metrics = metrics or {}
@@ -173,6 +187,8 @@ def run_name(trial: int, state: str, metrics: dict[str, Any] | None,
         if task is not None:
             parts.append(f"{task:.1f}%" if metric_name == "accuracy"
                          else f"{metric_name} {task:.4g}")
+            if seeds is not None and seeds > 1:
+                parts.append(f"({seeds} seeds)")
         for key, form in _NAME_FIGURES:
             value = _finite(metrics.get(key))
             if value is not None:

@@ -368,6 +368,17 @@ def test_run_names_carry_the_figures_and_the_front_marker():
                              metric_name="mse") == "t5 mse 0.0312 3x"
 
 
+
+def test_a_re_evaluated_front_point_is_named_with_the_mean_that_decided_its_star():
+    row = {"accuracy": 98.14, "accuracy_single": 97.77, "accuracy_seeds": 3.0}
+    own = {"accuracy": 97.77, "compression": 28.27}
+    figures, seeds = naming.name_figures(row, own, "accuracy")
+    assert naming.run_name(35, "COMPLETE", figures, on_front=True, seeds=seeds) == \
+        "★ t35 98.1% (3 seeds) 28.3x"
+    single = {"accuracy": 97.0, "accuracy_seeds": float("nan")}
+    assert naming.name_figures(single, own, "accuracy") == (own, None)
+
+
 def test_child_left_running_by_a_crash_is_completed(tracker, client, small_table):
     parent = _start(tracker, small_table)
     experiment = client.get_run(parent).info.experiment_id

@@ -28,6 +28,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _log = logging.getLogger(__name__)
 
+# MLflow 3 opens an experiment in its GenAI view (traces, evaluations) unless the experiment says
+# what it is: this tag (what the UI's own "experiment type" selector writes) makes its first view
+# the model-training one, with the runs table
+KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
+
 
 class _StoreAccess(_FailureHandling):
     """MLflow access shared by the tracker's public methods (state set by ``Tracker.__init__``)."""
@@ -62,7 +68,8 @@ class _StoreAccess(_FailureHandling):
                 location = folder.as_uri()
             try:
                 experiment_id = self._retry(
-                    lambda: client.create_experiment(self.experiment, artifact_location=location)
+                    lambda: client.create_experiment(self.experiment, artifact_location=location,
+                                                     tags={KIND_TAG: MODEL_TRAINING})
                 )
             except Exception as exc:
                 # Another worker created it between our lookup and our create.
@@ -75,6 +82,9 @@ class _StoreAccess(_FailureHandling):
             if experiment.lifecycle_stage == "deleted":
                 _log.info("restoring deleted MLflow experiment %r", self.experiment)
                 self._retry(lambda: client.restore_experiment(experiment_id))
+            if KIND_TAG not in (experiment.tags or {}):  # never overrides a kind someone chose
+                self._retry(lambda: client.set_experiment_tag(experiment_id, KIND_TAG,
+                                                              MODEL_TRAINING))
         self._experiment_id = experiment_id
         return experiment_id
 

@@ -83,9 +83,14 @@ def runs_table_urls(tracking_uri: str, base: str) -> dict[str, str]:
     where a search logged one. {} if the store is unreadable."""
     urls = {}
     for name, (experiment_id, has_view) in _experiments(tracking_uri).items():
-        url = f"{base}/#/experiments/{experiment_id}/runs"
-        urls[name] = f"{url}?viewStateShareKey={VIEW_KEY}" if has_view else url
+        url = f"{base}/#/experiments/{experiment_id}/runs?workflowType={WORKFLOW}"
+        urls[name] = f"{url}&viewStateShareKey={VIEW_KEY}" if has_view else url
     return urls
+
+
+# MLflow 3.17's UI has two modes, GenAI (its default: traces, evaluation runs, an assistant) and
+# model training; the URL parameter picks it (and the UI remembers it in the browser)
+WORKFLOW = "machine_learning"
 
 
 def _experiments(tracking_uri: str) -> dict[str, tuple[str, bool]]:

@@ -176,7 +176,7 @@ def test_runs_table_shows_parent_children_front_and_metric_columns(search, ui, b
     _, outcome = search
     url, _ = ui
     page = browser
-    assert url.endswith("/runs?viewStateShareKey=autosparse")  # autosparse's view, columns on
+    assert url.endswith("/runs?workflowType=machine_learning&viewStateShareKey=autosparse")
     page.goto(url)
     links = page.locator(ROW_LINKS)
     expect(links.filter(has_text=re.compile(r"^\s*window\s*$")).first).to_be_attached(
@@ -200,6 +200,20 @@ def test_runs_table_shows_parent_children_front_and_metric_columns(search, ui, b
     if SHOTS:
         page.wait_for_timeout(1000)
         page.screenshot(path=Path(SHOTS) / "mlflow-runs-table.png")
+
+
+def test_the_printed_link_opens_the_model_training_view(search, ui, browser):
+    """MLflow 3.17 opens in its GenAI mode (traces, "Evaluation runs", an assistant) unless the
+    URL asks for model training, which the link `autosparse ui` prints does."""
+    url, _ = ui
+    page = browser
+    page.goto("about:blank")
+    page.goto(url)
+    expect(page.locator(ROW_LINKS).filter(has_text=re.compile(r"^\s*window\s*$")).first
+           ).to_be_attached(timeout=60_000)
+    assert "workflowType=machine_learning" in page.url
+    body = page.locator("body").inner_text()
+    assert "Model training" in body and "Evaluation runs" not in body
 
 
 def test_pareto_html_renders_in_the_artifact_viewer(search, ui, browser):

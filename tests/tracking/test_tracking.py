@@ -345,6 +345,15 @@ def test_log_front_fills_gaps_tags_the_front_and_extends_histories(
     assert "trial 4" in html
 
 
+def test_the_experiment_opens_in_the_model_training_view(tracker, client, small_table):
+    """MLflow 3 shows an experiment without a kind in its GenAI view (no runs table)."""
+    from autosparse.tracking.store import KIND_TAG, MODEL_TRAINING
+
+    parent = _start(tracker, small_table)
+    experiment = client.get_experiment(client.get_run(parent).info.experiment_id)
+    assert experiment.tags[KIND_TAG] == MODEL_TRAINING == "custom_model_development"
+
+
 def test_log_front_stores_the_runs_table_view_and_ui_links_to_it(tracker, client, small_table):
     parent = _start(tracker, small_table)
     tracker.log_front(parent_run_id=parent, trials=make_trials(), objectives=["accuracy", "size"],
@@ -355,7 +364,8 @@ def test_log_front_stores_the_runs_table_view_and_ui_links_to_it(tracker, client
                                            "metrics.`size_kb`", "metrics.`compression`"]
     base = "http://127.0.0.1:5000"
     urls = ui.runs_table_urls(tracker.tracking_uri, base)
-    assert urls == {"demo": f"{base}/#/experiments/{experiment}/runs?viewStateShareKey=autosparse"}
+    assert urls == {"demo": f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+                            "&viewStateShareKey=autosparse"}
 
 
 def test_run_names_carry_the_figures_and_the_front_marker():
@@ -547,7 +557,7 @@ def test_autosparse_ui_prints_the_runs_url_and_stops_its_server_on_sigterm(track
         lines = [process.stdout.readline() for _ in range(2)]
         assert lines[0].startswith(f"MLflow UI on http://127.0.0.1:{port}"), lines
         assert f"http://127.0.0.1:{port}/#/experiments/" in lines[1], lines
-        assert lines[1].rstrip().endswith("/runs")
+        assert lines[1].rstrip().endswith("/runs?workflowType=machine_learning")
         deadline = time.monotonic() + 90
         while True:
             try:

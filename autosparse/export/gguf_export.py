@@ -110,11 +110,12 @@ def _llama_cpp_checks(context: SearchContext, dense: nn.Module, out: Path, test:
                       printer: Printer) -> dict:
     """Perplexity and speed in llama.cpp, or why they were not measured."""
     try:
+        import llama_cpp  # noqa: F401
+
         from autosparse.cost.llama_cpp import (
             llama_cpp_perplexity,
             llama_cpp_tokens_per_second,
         )
-        import llama_cpp  # noqa: F401
     except ImportError as err:
         return {"measured": False, "why": f"llama-cpp-python is not installed ({err}); "
                 "bash scripts/llama_cpp.sh installs it"}

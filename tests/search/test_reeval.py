@@ -26,6 +26,7 @@ from autosparse.search.pareto import pareto_mask
 from autosparse.search.reeval import reevaluate_front, wanted_seeds
 from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.tracking.plots import front_table
+from autosparse.workload.evaluate import evaluate
 from autosparse.workload.splits import DataSplits
 
 DENSE = 98.0
@@ -159,12 +160,17 @@ class ScriptedEvaluator:
         self.calls.append((sparsity, cfg.seed))
         return FixedAccuracy(self.script[sparsity, cfg.seed]), 0.0
 
+    def file_metrics(self, cand: Candidate, model: nn.Module, names: tuple[str, ...]):
+        """The model's metric per split, as CandidateEvaluator scores a deployed model."""
+        data = splits()
+        return [evaluate(model, data.loader(name, data.batch_size)) for name in names]
+
 
 def context(seeds: int = 2) -> SimpleNamespace:
     config = SearchConfig.model_validate({
         "name": "reeval", "model": {"builtin": "digits-cnn"},
         "finetune": {"reeval_seeds": seeds, "seed": 10}})
-    return SimpleNamespace(config=config, data=splits())
+    return SimpleNamespace(config=config, data=splits(), finetune=config.finetune)
 
 
 def loop_study() -> optuna.Study:

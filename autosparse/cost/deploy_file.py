@@ -42,6 +42,7 @@ from autosparse.compress.apply import bake
 from autosparse.compress.shrink import shrink_as_compressed
 from autosparse.config.runtime import DEPLOY_FILES
 from autosparse.cost.compact_onnx import write_compact_onnx
+from autosparse.cost.measured_latency import INT8
 from autosparse.cost.onnx_files import export_onnx, onnx_module, quantize_onnx_int8
 from autosparse.space.candidate import Candidate
 from autosparse.space.graph import ChannelGraph
@@ -64,7 +65,7 @@ class BuiltFile:
     @property
     def timed_format(self) -> str:
         """How a latency measurement names this file (``LatencyMeasurement.format``)."""
-        return "int8" if self.target == "onnx-int8" else "compact"
+        return INT8 if self.target == "onnx-int8" else "compact"
 
     def module(self) -> nn.Module:
         """The file run by onnxruntime as a module a task's metric can score."""

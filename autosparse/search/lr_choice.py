@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import optuna
 
-from autosparse.compress.finetune import resolve_steps
 from autosparse.compress.lr_probe import probe_learning_rate
 from autosparse.config.schema import ConfigError
 from autosparse.config.sections import AUTO_LR, NOMINAL_LR
@@ -90,15 +89,13 @@ def require_lr(context: "SearchContext") -> None:
                           "(finetune.lr: auto): run `autosparse search` first")
 
 
-def probe_charge(context: "SearchContext", stored: dict[str, Any] | None) -> tuple[int, int]:
+def probe_charge(stored: dict[str, Any] | None, full_steps: int) -> tuple[int, int]:
     """(trials, fine-tune steps) the probe costs the budget: its steps, and as many trials as
-    full fine-tunes they make (rounded up)."""
+    full fine-tunes of ``full_steps`` they make (rounded up)."""
     if not stored:
         return 0, 0
     steps = int(stored["steps"])
-    batches = len(context.data.loader("train", context.finetune.batch_size))
-    full = max(1, resolve_steps(context.finetune, batches))
-    return math.ceil(steps / full), steps
+    return math.ceil(steps / max(1, full_steps)), steps
 
 
 __all__ = ["LR_ATTR", "PROBE_WISHES", "probe_candidates", "probe_charge", "require_lr",

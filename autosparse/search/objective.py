@@ -128,6 +128,13 @@ class CandidateEvaluator:
             result = run.session.run_until()
         return run.student, result.final_loss
 
+    def drop(self, metric: float) -> float:
+        """How much worse than the dense model ``metric`` is (points of accuracy; the task's own
+        measure, e.g. relative for mse), the value of ``accuracy_drop``."""
+        if self.task is None:
+            return self.dense_accuracy - metric
+        return self.task.drop(self.dense_accuracy, metric)
+
     def finetune_steps(self, cfg: FinetuneConfig | None = None) -> int:
         """Steps one fine-tune takes under ``cfg``: ``steps``, or ``epochs`` of the train split.
         With oneshot, the work of one full score instead: the tokens it scores."""
@@ -230,8 +237,7 @@ class StagedRun:
         zeros = model_zeros(self.student, ev.table, self.candidate, self._rows, self._cols)
         metrics = {
             "accuracy": accuracy,
-            "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
-                              else ev.task.drop(ev.dense_accuracy, accuracy)),
+            "accuracy_drop": ev.drop(accuracy),
             **cost_metrics(ev.table, self.candidate, ev.profile, zeros,
                            latency_table=ev.latency_table),
             "finetune_loss": result.final_loss,
@@ -268,8 +274,7 @@ class StagedRun:
                 accuracy = evaluate(built.module(), ev.data.loader(
                     "validation", ev.data.batch_size), ev.task)
                 metrics.update(accuracy_pytorch=metrics["accuracy"], accuracy=accuracy,
-                               accuracy_drop=(ev.dense_accuracy - accuracy if ev.task is None
-                                              else ev.task.drop(ev.dense_accuracy, accuracy)))
+                               accuracy_drop=ev.drop(accuracy))
             if ev.timer is not None:
                 self._measured(metrics, built)
 
@@ -303,8 +308,7 @@ class StagedRun:
         metrics = {
             **cost_metrics(ev.table, self.candidate, ev.profile, latency_table=ev.latency_table),
             "accuracy": accuracy,
-            "accuracy_drop": (ev.dense_accuracy - accuracy if ev.task is None
-                              else ev.task.drop(ev.dense_accuracy, accuracy)),
+            "accuracy_drop": ev.drop(accuracy),
             **ev.oneshot.metrics(self.student, dense_bytes, self.candidate, calibration),
             "finetune_loss": math.nan, "finetune_steps": 0.0, "finetune_seconds": 0.0,
             "eval_seconds": time.perf_counter() - tuned,

@@ -125,14 +125,15 @@ def _run_search(config_path: str | os.PathLike, runs_dir: Path, workers: int, ex
         printer(f"resuming: {interrupted} trial(s) cut short by an earlier stop will be re-run")
     requeue_interrupted(study)
     total = context.budget_trials(extend)
-    probe_trials, probe_steps = probe_charge(context, context.lr_probe)  # finetune.lr: auto
+    full_steps = context.objective().evaluator.finetune_steps()  # one full score's work
+    probe_trials, probe_steps = probe_charge(context.lr_probe, full_steps)  # finetune.lr: auto
     if total is not None and probe_trials:
         total = max(1, total - probe_trials)
     _enqueue_warm_starts(context, study, total)
     deadline = time.time() + config.budget.minutes * 60 if config.budget.minutes else None
     steps_budget = config.budget.work()  # fine-tune steps, or oneshot's scored tokens
     if steps_budget is not None and extend:  # --extend N: N more full fine-tunes' worth
-        steps_budget += extend * context.objective().evaluator.finetune_steps()
+        steps_budget += extend * full_steps
     if steps_budget is not None and probe_steps:
         steps_budget = max(0, steps_budget - probe_steps)
     if probe_steps:

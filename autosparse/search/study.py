@@ -54,7 +54,7 @@ def require_study(config: SearchConfig, runs_dir: Path) -> None:
     """Refuse, before anything is built or written, a command that reads a study that was never
     searched (opening SQLite would create an empty one)."""
     url = storage_url(config, runs_dir)
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+    if _sqlite_missing(url):
         raise ConfigError(f"no study {config.name!r} yet ({url} does not exist): run "
                           "`autosparse search` first")
 
@@ -156,19 +156,13 @@ def check_matching_study(config: SearchConfig, url: str) -> None:
 
 
 def _free_name(runs_dir: Path, url: str, name: str) -> str:
+    """``<name>.previous-<k>`` with the least k that names neither a runs folder nor a study."""
+    studies = set() if _sqlite_missing(url) else {
+        study.study_name for study in make_storage(url).get_all_studies()}
     k = 1
-    while True:
-        candidate = f"{name}.previous-{k}"
-        taken = (runs_dir / candidate).exists()
-        if not taken and not _sqlite_missing(url):
-            try:
-                make_storage(url).get_study_id_from_name(candidate)
-                taken = True
-            except KeyError:
-                pass
-        if not taken:
-            return candidate
+    while (runs_dir / f"{name}.previous-{k}").exists() or f"{name}.previous-{k}" in studies:
         k += 1
+    return f"{name}.previous-{k}"
 
 
 def set_aside(config: SearchConfig, runs_dir: Path, url: str, default_url: bool) -> str | None:

@@ -62,6 +62,17 @@ def _candidate(table, pattern: str, sparsity: float, bits: int) -> Candidate:
                           else layer.supports(pattern))})
 
 
+def _written_cnn(tmp_path, pattern: str, sparsity: float, bits: int):
+    """(layer table, CompactInfo) of a seeded DigitsCNN's compact file at one choice everywhere."""
+    torch.manual_seed(0)
+    dense = DigitsCNN(1, 8, 8, 10).eval()
+    table, _ = discover(dense, SHAPE)
+    candidate = _candidate(table, pattern, sparsity, bits)
+    _, _, shrunk = _compressed(dense, candidate)
+    return table, write_compact_onnx(shrunk, table, candidate, SHAPE,
+                                     tmp_path / "model.compact.onnx")
+
+
 def _compressed(dense: nn.Module, candidate: Candidate, shape=SHAPE):
     """(table, compressed parametrized model, baked and shrunk model) as export has them."""
     table, graph = discover(dense, shape)
@@ -188,12 +199,7 @@ def test_fixed_overhead_stays_small(tmp_path, one_thread, pattern, sparsity, bit
     graph, names and shapes) is a few bytes per node: bytes, not time, so no CPU changes it.
     Measured 1.5 to 2.6 kB on this 5-layer model (3.6 kB before names, defaults and function
     bodies were cut; the quickstart's knee went from 1.35x to 1.24x its score)."""
-    torch.manual_seed(0)
-    dense = DigitsCNN(1, 8, 8, 10).eval()
-    table, _ = discover(dense, SHAPE)
-    candidate = _candidate(table, pattern, sparsity, bits)
-    _, _, shrunk = _compressed(dense, candidate)
-    info = write_compact_onnx(shrunk, table, candidate, SHAPE, tmp_path / "model.compact.onnx")
+    table, info = _written_cnn(tmp_path, pattern, sparsity, bits)
     fixed = info.file_bytes - info.layer_bytes - info.other_bytes - info.buffer_bytes
     assert fixed == info.decode_bytes + info.graph_bytes
     assert fixed < FIXED_BYTES, info
@@ -277,12 +283,7 @@ def test_a_weight_the_graph_does_not_hold_stays_float_and_says_so(tmp_path, one_
 
 
 def test_report_entry_and_markdown(tmp_path, one_thread):
-    torch.manual_seed(0)
-    dense = DigitsCNN(1, 8, 8, 10).eval()
-    table, _ = discover(dense, SHAPE)
-    candidate = _candidate(table, "unstructured", 0.5, 4)
-    _, _, shrunk = _compressed(dense, candidate)
-    info = write_compact_onnx(shrunk, table, candidate, SHAPE, tmp_path / "model.compact.onnx")
+    table, info = _written_cnn(tmp_path, "unstructured", 0.5, 4)
     entry = json.loads(json.dumps(info.to_report(20.0)))  # report.json round trip
     assert entry["file_bytes"] == info.file_bytes and entry["scored_bytes"] == 20000
     assert entry["ratio_to_scored"] == pytest.approx(info.file_bytes / 20000)

@@ -21,7 +21,7 @@ import socket
 from pathlib import Path
 
 from autosparse.config.schema import ConfigError
-from autosparse.tracking.runs_list import LOCK_FILE, _holder_text, running_search
+from autosparse.tracking.runs_list import LOCK_FILE, lock_holder, running_search
 
 
 class SearchRunning(ConfigError):
@@ -58,7 +58,7 @@ class SearchLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise SearchRunning(_running(self.folder, self.name, _holder_text(path))) from None
+            raise SearchRunning(_running(self.folder, self.name, lock_holder(path))) from None
         started = datetime.datetime.now().isoformat(timespec="seconds")
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),

@@ -27,7 +27,7 @@ MAXIMIZED = ("accuracy",)  # pareto.csv columns where more is better (the rest: 
 COSTS = ("size_kb", "latency_ms", "energy_uj", "macs", "bops", "bits_per_weight")
 
 
-def _holder_text(path: Path) -> str:
+def lock_holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text())
         return f"pid {info['pid']} on {info['host']}, since {info['started']}"
@@ -44,7 +44,7 @@ def running_search(folder: Path) -> str | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _holder_text(path)
+        return lock_holder(path)
     finally:
         os.close(fd)  # also drops the shared lock taken just now
     return None
@@ -124,4 +124,4 @@ def compare_fronts(runs_dir: Path, first: str, second: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-__all__ = ["LOCK_FILE", "compare_fronts", "running_search", "search_rows"]
+__all__ = ["LOCK_FILE", "compare_fronts", "lock_holder", "running_search", "search_rows"]

@@ -194,11 +194,13 @@ class SearchConfig(Strict):
         if self.data.source == "text" and not language:
             raise ValueError("data.source 'text' gives next-token windows: set task.kind "
                              "'language-model'")
-        if self.strategy.switch_prob() > 0 and (self.strategy.name != "ga"
-                                                or not self.strategy.use_sensitivity):
+        if self.strategy.switch_prob() > 0 and not (
+                self.strategy.name == "hybrid"
+                or (self.strategy.name == "ga" and self.strategy.use_sensitivity)):
             raise ValueError(f"strategy.level_switch {self.strategy.level_switch}: the level "
                              "switch is a GA mutation on the sensitivity planner's costs; use "
-                             "strategy 'ga' with use_sensitivity, or remove level_switch")
+                             "strategy 'ga' with use_sensitivity (or 'hybrid'), or remove "
+                             "level_switch")
         oneshot_only = sorted({OBJECTIVES[o].metric for o in self.objectives
                                if OBJECTIVES[o].metric in ONESHOT_METRICS}
                               | {c.metric for c in self.constraints if c.metric in ONESHOT_METRICS})
@@ -228,12 +230,13 @@ class SearchConfig(Strict):
             raise ValueError("fidelity.low_steps counts fine-tune steps; oneshot screens on "
                              "fewer windows: use fidelity.low_windows")
         wanted = {OBJECTIVES[o].metric for o in self.objectives} | {c.metric for c in self.constraints}
-        if self.strategy.name == "knapsack" and self.hardware == MEASURE and "latency_ms" in wanted:
-            raise ValueError("strategy 'knapsack' plans latency with an analytic profile, but "
-                             "'hardware: measure' with oneshot measures ms per token in llama.cpp, "
+        if self.strategy.name in ("knapsack", "hybrid") and self.hardware == MEASURE \
+                and "latency_ms" in wanted:
+            raise ValueError(f"strategy {self.strategy.name!r} plans latency with an analytic "
+                             "profile, but 'hardware: measure' with oneshot measures ms per token in llama.cpp, "
                              "another scale: use ga or bo for a measured latency, or a profile")
-        if self.strategy.level_switch is None and self.strategy.name == "ga" \
-                and self.strategy.use_sensitivity:
+        if self.strategy.level_switch is None and (self.strategy.name == "hybrid" or (
+                self.strategy.name == "ga" and self.strategy.use_sensitivity)):
             object.__setattr__(self.strategy, "level_switch", 0.5)
         for constraint in self.constraints:
             if constraint.metric == "sparsity" and not (

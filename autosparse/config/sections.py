@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 
 from autosparse.config.validation import Strict
 
-STRATEGIES = ("ga", "bo", "knapsack", "random", "grid-uniform", "grid-global")
+STRATEGIES = ("ga", "bo", "knapsack", "hybrid", "random", "grid-uniform", "grid-global")
 BUILTIN_MODELS = ("digits-cnn", "digits-mlp", "digits-resnet", "digits-resnet18",
                   "digits-mobilenet", "digits-vit", "digits-conv1d", "regression-mlp", "tiny-lm")
 DATA_SOURCES = ("sklearn-digits", "npz", "torchvision", "image-folder", "sklearn-diabetes",
@@ -209,9 +209,14 @@ class DataConfig(Strict):
 
 
 class StrategyConfig(Strict):
-    name: Literal["ga", "bo", "knapsack", "random", "grid-uniform", "grid-global"] = "ga"
+    name: Literal["ga", "bo", "knapsack", "hybrid", "random", "grid-uniform",
+                  "grid-global"] = "ga"
     population_size: int = Field(16, ge=4, le=MAX_SMALL,
                                  description="GA: NSGA-II population (keep well under budget)")
+    knapsack_trials: int | None = Field(None, ge=0, le=MAX_TRIALS,
+                                        description="hybrid: trials the knapsack planner "
+                                        "proposes before the GA takes over; default "
+                                        "population_size")
     crossover_prob: float = Field(0.9, ge=0, le=1)
     mutation_prob: float | None = Field(None, ge=0, le=1, description="GA: per-gene; default 1/genes")
     bo_kind: Literal["tpe", "gp"] = "tpe"
@@ -225,7 +230,8 @@ class StrategyConfig(Strict):
                         description="GA/BO: proposals per trial ranked by the predictor; "
                         "only the most promising is fine-tuned (1 = no screening)")
     use_sensitivity: bool = Field(True, description="GA/BO: measure per-layer sensitivity first "
-                                  "and use it for seeds, screening and mutation (knapsack always does)")
+                                  "and use it for seeds, screening and mutation (knapsack and "
+                                  "hybrid always do)")
     level_switch: float | None = Field(None, ge=0, le=1, description="GA: probability that a "
                                        "child is mutated by one cost-keeping level switch "
                                        "(EvoPress) instead of gene resets; needs "
@@ -233,6 +239,18 @@ class StrategyConfig(Strict):
 
     def switch_prob(self) -> float:
         return self.level_switch or 0.0
+
+    def handoff(self) -> int:
+        """hybrid: the trial number from which the GA proposes."""
+        return self.population_size if self.knapsack_trials is None else self.knapsack_trials
+
+    @model_validator(mode="after")
+    def _handoff_for_hybrid(self) -> "StrategyConfig":
+        if self.knapsack_trials is not None and self.name != "hybrid":
+            raise ValueError(f"knapsack_trials {self.knapsack_trials} is the hand-over of "
+                             f"strategy 'hybrid' (got name {self.name!r}): set name: hybrid, "
+                             "or remove knapsack_trials")
+        return self
 
 
 class SensitivityConfig(Strict):

@@ -123,7 +123,7 @@ class SearchContext:
 
     def uses_sensitivity(self) -> bool:
         strategy = self.config.strategy
-        return strategy.name == "knapsack" or (strategy.name in ("ga", "bo")
+        return strategy.name in ("knapsack", "hybrid") or (strategy.name in ("ga", "bo")
                                                and strategy.use_sensitivity)
 
     def open_study(self, printer: Printer = lambda line: None,

@@ -30,6 +30,8 @@ def first_generation(strategy: StrategyConfig) -> int:
     """Trials of the strategy's first generation (GA population, BO startup), at least 8."""
     if strategy.name == "ga":
         return max(strategy.population_size, MIN_GENERATION)
+    if strategy.name == "hybrid":
+        return max(strategy.handoff(), MIN_GENERATION)
     if strategy.name == "bo":
         return max(strategy.startup_trials, MIN_GENERATION)
     return MIN_GENERATION

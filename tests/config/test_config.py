@@ -24,7 +24,7 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize(
     "changes, expected",
     [
-        ({"strategy": {"name": "gaa"}}, ["strategy.name", "'ga', 'bo', 'knapsack', 'random', 'grid-uniform' or 'grid-global'", "gaa"]),
+        ({"strategy": {"name": "gaa"}}, ["strategy.name", "'ga', 'bo', 'knapsack', 'hybrid', 'random', 'grid-uniform' or 'grid-global'", "gaa"]),
         ({"objectives": ["accuracy", "speed"]}, ["objectives", "speed", "allowed: accuracy, size, macs, bops, latency, energy"]),
         ({"objectives": ["accuracy", "latency"]}, ["latency_ms needs a target device", "hardware", "x86-server-vnni"]),
         ({"constraints": ["energy_uj <= 2"]}, ["energy_uj needs a target device"]),

@@ -91,3 +91,6 @@ def test_config_level_switch_defaults_on_for_oneshot_ga_and_is_refused_elsewhere
     assert parse_config(oneshot).strategy.switch_prob() == 0.5
     assert parse_config({**oneshot, "strategy": {"name": "ga", "use_sensitivity": False}}
                         ).strategy.switch_prob() == 0.0
+    assert parse_config({**oneshot, "strategy": {"name": "hybrid"}}).strategy.switch_prob() == 0.5
+    assert parse_config({**base, "strategy": {"name": "hybrid", "level_switch": 0.3}}
+                        ).strategy.switch_prob() == 0.3

@@ -24,8 +24,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # ga-sens / bo-sens: GA and TPE with a sensitivity table (planner seeds aside: screening and
 # sensitivity-weighted mutation); knapsack: budgeted allocation from the same table.
-# ga-switch: ga-sens whose every child is mutated by a cost-keeping level switch (EvoPress)
-STRATEGIES = ["random", "bo", "ga", "grid-uniform", "knapsack", "ga-sens", "bo-sens", "ga-switch"]
+# ga-switch: ga-sens whose every child is mutated by a cost-keeping level switch (EvoPress);
+# hybrid: knapsack for the first 8 trials, then ga-sens.
+STRATEGIES = ["random", "bo", "ga", "grid-uniform", "knapsack", "ga-sens", "bo-sens", "ga-switch",
+              "hybrid"]
 DIRECTIONS = ["maximize", "minimize"]
 
 TABLE = LayerTable(
@@ -95,7 +97,9 @@ PLANNERS = {n: planner_for(SPACE, TABLE, _sensitivity(), objectives)
 def sampler_for(name, seed=0, n_objectives=2, **strategy):
     if name == "ga-switch":
         name, strategy = "ga-sens", {"level_switch": 1.0, **strategy}
-    if name in ("knapsack", "ga-sens", "bo-sens"):
+    if name == "hybrid":
+        strategy = {"knapsack_trials": 8, **strategy}
+    if name in ("knapsack", "ga-sens", "bo-sens", "hybrid"):
         return make_sampler(StrategyConfig(name=name.removesuffix("-sens"), **strategy), SPACE,
                             seed, planner=PLANNERS[n_objectives],
                             objectives=OBJECTIVES[n_objectives], dense_accuracy=1.0)
@@ -432,3 +436,33 @@ def test_ga_level_switch_mutation_moves_two_decisions_toward_the_parents_cost():
                           - problem.costs_of("size")[d][before[d]]) for d in moved]
             assert abs(problem.total("size", after) - problem.total("size", before)) \
                 < max(change)
+
+
+# ---------------------------------------------------------------------- hybrid
+
+def test_hybrid_proposes_as_the_knapsack_then_breeds():
+    """The first ``knapsack_trials`` trials are the knapsack's own proposals, the rest GA
+    children (the knapsack alone goes on differently)."""
+    hybrid = run("hybrid", n_trials=20, func=constrained)
+    knapsack = run("knapsack", n_trials=20, func=constrained)
+    assert keys(hybrid)[:8] == keys(knapsack)[:8]
+    assert keys(hybrid)[8:] != keys(knapsack)[8:]
+    sampler = hybrid.sampler
+    assert sampler.knapsack_trials == 8
+    assert [sampler._route(t) for t in hybrid.trials[7:9]] == [sampler._knapsack, sampler._ga]
+
+
+def test_hybrid_default_hand_over_is_the_population_size():
+    assert StrategyConfig(name="hybrid", population_size=12).handoff() == 12
+    assert StrategyConfig(name="hybrid", population_size=12, knapsack_trials=5).handoff() == 5
+
+
+def test_knapsack_trials_belongs_to_hybrid():
+    with pytest.raises(ValueError, match="knapsack_trials 5 is the hand-over of strategy "
+                                         "'hybrid' \\(got name 'ga'\\)"):
+        StrategyConfig(name="ga", knapsack_trials=5)
+
+
+def test_hybrid_needs_a_planner():
+    with pytest.raises(ValueError, match="strategy 'hybrid' needs a budget planner"):
+        make_sampler(StrategyConfig(name="hybrid"), SPACE, 0)

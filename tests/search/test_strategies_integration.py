@@ -15,7 +15,7 @@ from search_helpers import ROOT, load_study, mlflow_runs, write_config
 from autosparse.search.fidelity import LOW_ATTR, STEPS_ATTR
 from autosparse.search.objective import CANDIDATE_ATTR, KEY_ATTR, WORKER_ATTR
 from autosparse.search.runner import prepare, run_search
-from autosparse.search.samplers.knapsack import seed_candidates
+from autosparse.search.samplers.knapsack import SEEDS_PER_OBJECTIVE, seed_candidates
 from autosparse.space.candidate import Candidate
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,23 @@ def test_ga_starts_from_budgeted_allocations_and_bo_screens(runs_dir):
                                                        "screen": 4}, budget={"trials": 6})
     frame = run_search(bo, runs_dir=runs_dir, **QUIET).trials
     assert (frame["state"] == "COMPLETE").all() and frame["candidate"].nunique() == 6
+
+
+def test_hybrid_hands_the_planners_trials_to_the_ga(runs_dir):
+    """A real hybrid search: sensitivity measured, the first trials the planner's seeds, the rest
+    bred (no duplicate), a resumed search goes on with the GA."""
+    config = write_config(runs_dir, "hybrid", strategy={"name": "hybrid", "knapsack_trials": 3},
+                          budget={"trials": 6})
+    outcome = run_search(config, runs_dir=runs_dir, **QUIET)
+    frame = outcome.trials
+    assert (frame["state"] == "COMPLETE").all() and frame["candidate"].nunique() == 6
+    context = prepare(config, runs_dir)
+    assert type(context.open_study().sampler).__name__ == "HybridSampler"
+    n_seeds = SEEDS_PER_OBJECTIVE * len(context.planner.objectives)  # the knapsack's sweep
+    seeds = [c.key for c in seed_candidates(context.space, context.planner, n_seeds)][:3]
+    assert [Candidate.from_json(c).key for c in frame["candidate"][:3]] == seeds
+    more = run_search(config, runs_dir=runs_dir, extend=2, **QUIET)
+    assert more.new_trials == 2 and more.trials["candidate"].nunique() == 8
 
 
 def test_grid_global_is_exact_global_magnitude_times_uniform_bits(runs_dir):

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -202,6 +203,12 @@ def _export(args: argparse.Namespace) -> int:
     from autosparse.search.study import require_study
 
     require_study(config, args.runs_dir)
+    if args.out is not None:  # /proc/..., a file, a read-only place: before the fine-tune
+        from autosparse.tracking.writable import check_folder
+
+        check_folder(args.out.parent, "--out's folder")
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out} is a file: give a folder for the export")
     request = ExportRequest(trial=args.trial, max_drop=args.max_drop, minimize=args.minimize,
                             knee=args.knee, finetune_steps=args.finetune_steps, out=args.out,
                             registered_name=args.registered_name, mlflow=not args.no_mlflow,
@@ -498,16 +505,43 @@ def main(argv: list[str] | None = None) -> int:
     # The variable is read when mlflow is imported; a caller that imported it already (a
     # notebook, a test session) gets the same level set on the logger itself.
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"].upper())
+    # MLflow logs each database error with its traceback before raising it; the tracker turns
+    # what it raises into one warning (or, for a full disk, the one error line)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     args = build_parser().parse_args(argv)
+    default_hook = threading.excepthook
+    threading.excepthook = _quiet_write_failures(default_hook)
     try:
         return args.run(args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a full disk or a folder made read-only mid-run: one line
+        from autosparse.tracking.writable import storage_failure
+
+        line = storage_failure(err)
+        if line is None:
+            raise
+        print(f"error: {line} (what finished is kept: free space or fix the permissions, then "
+              "run the same command again)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are in the study; run the same command to resume",
               file=sys.stderr)
         return 130
+    finally:
+        threading.excepthook = default_hook
+
+
+def _quiet_write_failures(default_hook):
+    """A background thread (Optuna's heartbeat) that meets a full disk stays quiet: the main
+    thread meets the same failure and reports it in one line."""
+    def hook(args: threading.ExceptHookArgs) -> None:
+        from autosparse.tracking.writable import storage_failure
+
+        if args.exc_value is None or storage_failure(args.exc_value) is None:
+            default_hook(args)
+    return hook
 
 
 if __name__ == "__main__":

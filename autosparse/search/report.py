@@ -16,17 +16,20 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from autosparse.config.objectives import shown_metric, shown_metrics
+from autosparse.config.objectives import QUALITY_OBJECTIVES, shown_metric, shown_metrics
+from autosparse.config.validation import ConfigError
 from autosparse.cost.estimate import estimate_cost
 from autosparse.cost.report import cost_table
 from autosparse.search.context import Printer, SearchContext
 from autosparse.search.front import HypervolumeSpec, final, trials_frame
+from autosparse.search.selection import knee
 from autosparse.search.study import study_uid
 from autosparse.search.workers import Budget
 from autosparse.space.candidate import Candidate
 from autosparse.tracking.mlflow_tracker import Tracker
 from autosparse.tracking.plots import front_table
 from autosparse.tracking.progress import LiveLine
+from autosparse.workload.task import Task
 
 
 @dataclass
@@ -86,6 +89,18 @@ def _duration(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def _knee_or_none(frame: pd.DataFrame, objectives: list[str], task: Task) -> int | None:
+    """The front's knee (what ``export --knee`` picks), for the parent run's row; None when
+    the front is empty or every objective is a quality one."""
+    cost = next((o for o in objectives if o not in QUALITY_OBJECTIVES), None)
+    if cost is None or frame.empty or "on_front" not in frame.columns:
+        return None
+    try:
+        return knee(frame, cost, maximize=task.maximize, quality=task.name).trial
+    except ConfigError:  # an empty front
+        return None
+
+
 def report(context: SearchContext, study: optuna.Study, tracker: Tracker | None,
            parent: str | None, new_trials: int = 0, write_files: bool = True) -> SearchOutcome:
     """Front and hypervolume from storage; logged to MLflow (with a ``parent`` run) and written
@@ -99,7 +114,8 @@ def report(context: SearchContext, study: optuna.Study, tracker: Tracker | None,
     if parent is not None and tracker is not None:
         tracker.log_front(parent_run_id=parent, trials=frame, objectives=objectives,
                           hypervolumes=histories, dense_metrics=context.dense_metrics,
-                          metric_name=context.task.name, metric_direction=context.task.direction)
+                          metric_name=context.task.name, metric_direction=context.task.direction,
+                          summary_trial=_knee_or_none(frame, objectives, context.task))
     name = context.task.name  # files and the outcome show the task metric by its own name
     frame = frame.rename(columns=lambda c: shown_metric(str(c), name))
     front = front.rename(columns=lambda c: shown_metric(str(c), name))

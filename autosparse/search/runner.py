@@ -11,6 +11,7 @@ process), ``report`` shows progress and writes the front; this module drives the
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
@@ -22,7 +23,6 @@ import torch
 from autosparse.config.schema import ConfigError, load_config
 from autosparse.search.context import Printer, SearchContext
 from autosparse.search.early_stop import (
-    InfeasibleStart,
     InfeasibleStartGuard,
     first_generation,
 )
@@ -55,6 +55,7 @@ from autosparse.search.workers import (
 from autosparse.space.candidate import Candidate
 from autosparse.tracking.databases import check_separate_stores
 from autosparse.tracking.ui import resolve_tracking_uri
+from autosparse.tracking.writable import check_database, check_folder
 from autosparse.workload.devices import place_workers, present_devices
 
 
@@ -92,7 +93,11 @@ def run_search(config_path: str | os.PathLike, *, runs_dir: Path = Path("runs"),
     placement = place_workers(workers, settings.device, settings.devices, present_devices())
     url = storage_url(settings, runs_dir)
     folder = runs_dir / settings.name
-    check_separate_stores(url, resolve_tracking_uri(settings.tracking.uri, runs_dir))
+    tracking_uri = resolve_tracking_uri(settings.tracking.uri, runs_dir)
+    check_separate_stores(url, tracking_uri)
+    check_folder(runs_dir, "--runs-dir")  # where results go: writable before any work
+    check_database(url, "storage")
+    check_database(tracking_uri, "tracking.uri")
     refuse_if_running(folder, settings.name)  # before --fresh moves anything
     if fresh:
         kept = set_aside(settings, runs_dir, url, default_url=not settings.storage)
@@ -147,6 +152,10 @@ def _run_search(config_path: str | os.PathLike, runs_dir: Path, workers: int, ex
         printer(f"budget of {budget.describe()} already used ({before} trials in "
                 f"{context.storage_url}); reporting the existing front (use --extend N for more)")
     tracker = context.tracker()
+    if others := tracker.other_searches(config.name):  # a shared tracking.experiment
+        printer(f"MLflow experiment {tracker.experiment!r} also holds search "
+                f"{', '.join(repr(o) for o in others)}: each search keeps its own parent run "
+                "and children (tag autosparse.search.study)")
     parent = _start_tracking(context, tracker, study)
     if context.sensitivity is not None and parent is not None:
         log_sensitivity(tracker, parent, context.sensitivity)
@@ -176,12 +185,13 @@ def _run_search(config_path: str | os.PathLike, runs_dir: Path, workers: int, ex
             process.join()
         if processes:
             progress(study, only_if_changed=True)
-    except (KeyboardInterrupt, InfeasibleStart) as stop:  # a trial in flight is re-run on
-        for process in processes:                        # resume; close the parent run
+    except BaseException as stop:  # a trial in flight is re-run on resume; close the parent
+        for process in processes:  # run (a full disk or any crash leaves it FAILED, not RUNNING)
             process.terminate()
-        if parent is not None:
-            tracker.end_search(parent, "KILLED" if isinstance(stop, KeyboardInterrupt)
-                               else "FAILED")
+        if parent is not None:  # on a full disk this may fail too: the first error is told
+            with contextlib.suppress(Exception):
+                tracker.end_search(parent, "KILLED" if isinstance(stop, KeyboardInterrupt)
+                                   else "FAILED")
         raise
     finally:
         progress.close()  # the in-place line stays on screen; what follows starts below it

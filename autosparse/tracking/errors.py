@@ -124,6 +124,15 @@ class _FailureHandling:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _local_write_failure(tracking_uri: str, exc: BaseException) -> bool:
+    """A local SQLite store that cannot be written (full disk, read-only): the study, in the
+    same runs folder by default, is next; the search stops with one line instead of going on
+    with a warning per trial. A server's failure never stops a search."""
+    from autosparse.tracking.writable import storage_failure
+
+    return tracking_uri.startswith("sqlite:") and storage_failure(exc) is not None
+
+
 def _safe(*, breaker: bool = False) -> Callable:
     """Public-method wrapper: log-and-continue on any error, return None.
 
@@ -143,6 +152,8 @@ def _safe(*, breaker: bool = False) -> Callable:
             except _CallerError:
                 raise
             except Exception as exc:  # noqa: BLE001 - tracking must never kill a search
+                if _local_write_failure(self.tracking_uri, exc):
+                    raise  # a full disk or read-only folder here stops the study's writes too
                 self._note_failure(method.__name__, exc)
                 return None
             self._note_success()

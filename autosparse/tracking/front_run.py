@@ -27,8 +27,10 @@ from autosparse.tracking.naming import (
     TAG_ON_FRONT,
     TAG_PARENT,
     TAG_STRATEGY,
+    TAG_SUMMARY,
     TAG_TRIAL,
     _finite,
+    _finite_metrics,
     _flag,
     _iso_ms,
     _own_metrics,
@@ -59,6 +61,7 @@ class _FrontLogging(_TrialLogging):
         dense_metrics: dict | None = None,
         metric_name: str = "accuracy",
         metric_direction: str = "maximize",
+        summary_trial: int | None = None,
     ) -> None:
         """Bring MLflow in line with the study: missing child runs, front tags, plots, metrics.
 
@@ -211,4 +214,27 @@ class _FrontLogging(_TrialLogging):
             rows.extend((key, value, now, step) for step, value in sorted(points.items())
                         if step not in logged)
         self._log_batch(parent_run_id, metrics=rows)
+        self._log_summary(parent_run_id, trials, summary_trial, metric_name, metric_cols)
         return None
+
+    def _log_summary(self, parent_run_id: str, trials: "pd.DataFrame",
+                     summary_trial: int | None, metric_name: str,
+                     metric_cols: list[str]) -> None:
+        """The parent run carries the front's knee under the children's own metric keys, so
+        its row in the runs table shows figures (not "-") and reads like its best child."""
+        if summary_trial is None or "trial" not in trials.columns:
+            return
+        rows = trials[trials["trial"].astype(int) == int(summary_trial)].to_dict("records")
+        if not rows:
+            return
+        row = rows[0]
+        own = shown_metrics(_own_metrics(row, metric_cols), metric_name)
+        figures, _ = name_figures(row, own, metric_name)
+        metrics = {**figures, **shown_metrics(_spread_metrics(row), metric_name)}
+        now = int(time.time() * 1000)
+        existing = self._retry(lambda: self._client.get_run(parent_run_id)).data
+        batch = [(k, v, now, 0) for k, v in _finite_metrics(metrics).items()
+                 if existing.metrics.get(k) != v]
+        tags = [] if existing.tags.get(TAG_SUMMARY) == str(int(summary_trial)) else [
+            (TAG_SUMMARY, str(int(summary_trial)))]
+        self._log_batch(parent_run_id, metrics=batch, tags=tags)

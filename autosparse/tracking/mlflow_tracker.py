@@ -228,6 +228,13 @@ class Tracker(_FrontLogging, _ExportLogging):
         return run_id
 
     @_safe()
+    def other_searches(self, study_name: str) -> list[str]:
+        """Names of the other studies whose search runs are in this experiment (several
+        searches may share one ``tracking.experiment``; each keeps its own parent run)."""
+        runs = self._search(self._experiment(), f"tags.`{TAG_ROLE}` = '{ROLE_SEARCH}'")
+        return sorted({r.data.tags.get(TAG_STUDY, "") for r in runs} - {study_name, ""})
+
+    @_safe()
     def find_search_runs(self, study_name: str, trial: int,
                          study_uid: str = "") -> tuple[str | None, str | None]:
         """The search's parent run and the trial's child run ids, where they were logged;

@@ -26,6 +26,7 @@ TAG_STORAGE = "autosparse.compress.storage"
 TAG_TRIAL = "autosparse.trial"
 TAG_STATE = "autosparse.state"
 TAG_ON_FRONT = "autosparse.on_front"
+TAG_SUMMARY = "autosparse.summary_trial"  # the front point a parent run's metrics are from
 TAG_CACHED = "autosparse.cached"
 TAG_CANDIDATE_KEY = "autosparse.candidate_key"
 TAG_LAYERS = "autosparse.space.layers"

@@ -197,6 +197,12 @@ def test_runs_table_shows_parent_children_front_and_metric_columns(search, ui, b
     headers = body.inner_text()
     for column in ("Duration", "accuracy", "compression"):
         assert column in headers, f"no {column} column in the runs table"
+    # the parent's row: a figure in every metric cell (the knee's), none of them "-"
+    parts = page.locator(f"[row-id='{outcome.parent_run_id}']").all_inner_texts()
+    cells = [c for part in parts for c in part.split("\n")]
+    start = next(i for i, c in enumerate(cells) if re.fullmatch(r"[\d.]+m?s", c))  # Duration
+    figures = cells[start + 1:start + 7]  # accuracy .. n_trials, as the header lists them
+    assert len(figures) == 6 and all(re.fullmatch(r"-?[\d.e+-]+", f) for f in figures), parts
     if SHOTS:
         page.wait_for_timeout(1000)
         page.screenshot(path=Path(SHOTS) / "mlflow-runs-table.png")

@@ -65,12 +65,14 @@ def reevaluate_front(context: "SearchContext", study: optuna.Study, printer: Pri
                                                     states=(optuna.trial.TrialState.COMPLETE,))}
     keys = {_key(t) for t in trials.values()}
     runs = 0
-    for _ in range(len(keys) + 1):  # each round completes >= 1 candidate: bounded
+    for round_ in range(len(keys) + 1):  # each round completes >= 1 candidate: bounded
         pending = _pending(study, trials, config.objectives, seeds)
         if not pending:
             return runs
+        why = ("" if round_ == 0 else " (the seeds' means moved the front: these points "
+               "joined it and are re-evaluated too)")
         printer(f"re-evaluating {len(pending)} front point(s) with {len(seeds)} extra fine-tune "
-                f"seed(s) (seeds {seeds[0]}..{seeds[-1]}) ...")
+                f"seed(s) (seeds {seeds[0]}..{seeds[-1]}){why} ...")
         for number, record in pending:
             runs += _reevaluate(context, study, evaluator, trials[number], record, seeds)
             printer(_summary(trials[number], record))

@@ -25,6 +25,7 @@ from autosparse.cli import main
 from autosparse.config.validation import ConfigError
 from autosparse.search.runner import run_search
 from autosparse.tracking.writable import check_database, check_folder, storage_failure
+from tests.config.test_bad_inputs import _check
 from tests.search_helpers import mlflow_runs, write_config
 
 pytestmark = pytest.mark.integration
@@ -59,19 +60,10 @@ def _variant(config: Path, folder: Path, name: str, **changes) -> Path:
     return path
 
 
-def _one_line(code: int, err: str, words: list[str]) -> None:
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    for word in words:
-        assert word.lower() in lines[0].lower(), (word, lines[0])
-
-
 def _refused(argv: list[str], runs: Path, capsys, words: list[str]) -> None:
     before = fingerprint(runs)
     code = main(argv)
-    _one_line(code, capsys.readouterr().err, words)
+    _check(code, capsys.readouterr().err, words)
     assert fingerprint(runs) == before, "the earlier search changed"
 
 
@@ -158,7 +150,7 @@ def test_a_read_only_runs_folder_is_one_line_and_nothing_is_written(earlier, tmp
                               capture_output=True, text=True, timeout=300)
     finally:
         copy.chmod(0o755)
-    _one_line(done.returncode, done.stderr, ["--runs-dir", "nothing can be written",
+    _check(done.returncode, done.stderr, ["--runs-dir", "nothing can be written",
                                              "permission denied"])
     assert fingerprint(copy) == before
 
@@ -181,7 +173,7 @@ def test_a_disk_that_fills_up_mid_search_is_one_line_and_closes_the_mlflow_run(e
     variant = _variant(config, tmp_path, "full", budget={"trials": 40})
     done = subprocess.run([*AUTOSPARSE, "--runs-dir", str(copy), "search", str(variant)],
                           capture_output=True, text=True, timeout=600, preexec_fn=full_disk)
-    _one_line(done.returncode, done.stderr, ["cannot write", "run the same command again"])
+    _check(done.returncode, done.stderr, ["cannot write", "run the same command again"])
     assert fingerprint(copy / "earlier") == earlier_study
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{copy / 'mlflow.db'}")
     assert {r.info.run_id: (r.info.status, r.data.metrics) for r in

@@ -52,8 +52,11 @@ METHODS: dict[str, dict[str, Any]] = {
     "grid-global": {"strategy": {"name": "grid-global"}},
     "tpe-4x": {"strategy": {"name": "bo", "warm_start": False, "use_sensitivity": False,
                             "screen": 1}, "compute": 4},
+    # the fine-tune lr picked per search by the probe (finetune.lr: auto), charged to the budget
+    "ga-lr-auto": {"strategy": {"name": "ga"}, "finetune": {"lr": "auto"}},
+    "grid-global-lr-auto": {"strategy": {"name": "grid-global"}, "finetune": {"lr": "auto"}},
 }
-USES_SENSITIVITY = {"knapsack", "ga", "bo", "ga-mf", "hybrid"}
+USES_SENSITIVITY = {"knapsack", "ga", "bo", "ga-mf", "hybrid", "ga-lr-auto"}
 MARGINS = (5.0, 1.0)  # hypervolume references: dense accuracy minus this many points
 DROPS = (0.5, 1.0)
 _TOL = 1e-9
@@ -75,7 +78,7 @@ def method_config(base: dict, method: str, *, seed: int, fine_tunes: int, steps:
     if method.startswith("grid"):
         data["budget"]["trials"] = spec.get("compute", 1) * fine_tunes
     data.setdefault("finetune", {})
-    data["finetune"].update({"steps": steps, "reeval_seeds": 0})
+    data["finetune"].update({"steps": steps, "reeval_seeds": 0, **spec.get("finetune", {})})
     data["fidelity"] = {"low_steps": None if spec.get("fidelity") else 0}
     folder = runs_dir / "_quality_configs"
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,146 @@
+"""The issue-20 targets from a search_quality run: each method's hypervolume against the by-hand
+recipe (``grid-global``) per model and seed, and the share of its trials past the constraint.
+
+    python benchmarks/search_quality_targets.py --csv RESULTS.csv --runs RUNS_DIR [RUNS_DIR ...] \
+        --out RESULTS_targets.md
+
+Reads the merged results (``search_quality.py --merge``) and each run's ``trials.csv`` (the runs
+folders the benchmark wrote, ``quality-<model>-<method>-s<seed>/``). Chooses the default on
+validation (mean ratio to grid-global over every model and seed), reports test beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pandas as pd
+
+FIRST = 8  # trials of the first generation, not judged (the issue's rule)
+TARGET_EVERY, TARGET_DEEPEST, TARGET_PAST = 0.05, 0.10, 0.10
+DEEPEST = "digits-resnet"
+RUN_NAME = re.compile(r"quality-(.+)-(hybrid|knapsack|ga-mf|ga-lr-auto|grid-global-lr-auto|ga|bo|"
+                      r"tpe-4x|random|grid-uniform|grid-global)-s(\d+)")
+CURRENT_DEFAULT = "ga"  # StrategyConfig's default name and the quickstart's
+
+
+def past_constraint(runs: list[Path], bound: float = 5.0) -> pd.DataFrame:
+    """Per run: finished trials, and how many after the first ``FIRST`` exceed the drop bound."""
+    rows = []
+    for root in runs:
+        for trials in sorted(root.glob("quality-*-s*/trials.csv")):
+            match = RUN_NAME.fullmatch(trials.parent.name)
+            if match is None:
+                continue
+            frame = pd.read_csv(trials)
+            done = frame[frame["state"] == "COMPLETE"].sort_values("trial")
+            later = done.iloc[FIRST:]
+            rows.append({"model": match[1], "method": match[2], "seed": int(match[3]),
+                         "finished": len(done), "after_first": len(later),
+                         "past_after_first": int((later["accuracy_drop"] > bound).sum())})
+    return pd.DataFrame(rows)
+
+
+def ratios(results: pd.DataFrame, split: str) -> pd.DataFrame:
+    """hv5_<split> of every method divided by grid-global's, per model and seed."""
+    ref = results[results["method"] == "grid-global"].set_index(["model", "seed"])[f"hv5_{split}"]
+    out = results[results["method"] != "grid-global"].copy()
+    out["ratio"] = out[f"hv5_{split}"].to_numpy() / ref.reindex(
+        list(zip(out["model"], out["seed"]))).to_numpy()
+    return out[["model", "method", "seed", "ratio"]]
+
+
+def _signed(fraction: float) -> str:
+    return f"{'+' if fraction >= 0 else '−'}{abs(fraction) * 100:.1f} %"
+
+
+def choose_default(val: pd.DataFrame, best: str) -> tuple[str, str]:
+    """Replace the current default only when ``best`` beats it on validation by more than two
+    standard errors of the paired (same model and seed) difference: else the ranking is noise."""
+    if best == CURRENT_DEFAULT:
+        return best, f"It is the current default ({CURRENT_DEFAULT})."
+    pairs = val.pivot_table(index=["model", "seed"], columns="method", values="ratio")
+    if CURRENT_DEFAULT not in pairs.columns:
+        return CURRENT_DEFAULT, f"The current default {CURRENT_DEFAULT} was not run: kept."
+    diff = (pairs[best] - pairs[CURRENT_DEFAULT]).dropna()
+    se = diff.std(ddof=1) / max(len(diff), 1) ** 0.5 if len(diff) > 1 else float("inf")
+    verdict = (f"Paired with the current default {CURRENT_DEFAULT} over {len(diff)} model-seeds: "
+               f"{best} − {CURRENT_DEFAULT} = {diff.mean():+.4f} (standard error {se:.4f}).")
+    if diff.mean() > 2 * se:
+        return best, verdict + " More than 2 standard errors: it becomes the default."
+    return CURRENT_DEFAULT, verdict + " Within 2 standard errors: the default stays."
+
+
+def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
+    val, test = ratios(results, "val"), ratios(results, "test")
+    mean_val = val.groupby("method")["ratio"].mean().sort_values(ascending=False)
+    mean_test = test.groupby("method")["ratio"].mean()
+    best = mean_val.index[0]
+    chosen, rule = choose_default(val, best)
+    lines = ["# Search quality: the issue-20 targets", "", f"    {command}", "",
+             "Hypervolume (−5 pt reference) of each method divided by grid-global's on the same "
+             "model and seed (1.00 = the by-hand recipe); mean over every model and seed. The "
+             "default is chosen on validation; test is reported beside it.", "",
+             "| method | mean ratio, validation | mean ratio, test | model-seeds ≥ 1.05 on test |",
+             "|---|--:|--:|--:|"]
+    for method in mean_val.index:
+        part = test[test["method"] == method]
+        lines.append(f"| {method} | {mean_val[method]:.3f} | {mean_test[method]:.3f} | "
+                     f"{int((part['ratio'] >= 1 + TARGET_EVERY).sum())} of {len(part)} |")
+    lines += ["", f"Best on validation: **{best}**. {rule} Default: **{chosen}**.", "",
+              "Per model and seed, test ratio (validation in brackets):", "",
+              "| model | seed | " + " | ".join(mean_val.index) + " |",
+              "|---|---|" + "---|" * len(mean_val.index)]
+    for (model, seed), part in test.groupby(["model", "seed"]):
+        v = val[(val["model"] == model) & (val["seed"] == seed)].set_index("method")["ratio"]
+        t = part.set_index("method")["ratio"]
+        cells = [f"{t[m]:.2f} ({v[m]:.2f})" if m in t.index else "–" for m in mean_val.index]
+        lines.append(f"| {model} | {seed} | " + " | ".join(cells) + " |")
+    lines += ["", "Targets for a default (test ratio, per model and seed):", ""]
+    for method in mean_val.index:
+        part = test[test["method"] == method]
+        every = part["ratio"] >= 1 + TARGET_EVERY
+        deep = part[part["model"] == DEEPEST]["ratio"]
+        deep_met = len(deep) > 0 and bool((deep >= 1 + TARGET_DEEPEST).all())
+        lines.append(f"- {method}: ≥ +5 % on {int(every.sum())} of {len(part)} "
+                     f"({'met' if every.all() else 'not met'}); {DEEPEST} ≥ +10 %: "
+                     + (", ".join(_signed(r) for r in deep - 1) or "–")
+                     + f" ({'met' if deep_met else 'not met'})")
+    if not past.empty:
+        lines += ["", f"Trials past the constraint (`accuracy_drop <= 5`) after the first {FIRST}, "
+                  "summed over each method's runs (from their trials.csv):", "",
+                  "| method | past / judged | share | runs over 10 % |", "|---|--:|--:|--:|"]
+        for method, part in past.groupby("method"):
+            share = part["past_after_first"].sum() / max(part["after_first"].sum(), 1)
+            over = int((part["past_after_first"] > TARGET_PAST * part["after_first"]).sum())
+            lines.append(f"| {method} | {part['past_after_first'].sum()} / "
+                         f"{part['after_first'].sum()} | {share:.0%} | {over} of {len(part)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--csv", type=Path, required=True, help="merged search_quality results")
+    parser.add_argument("--runs", type=Path, nargs="*", default=[],
+                        help="runs folders holding quality-*/trials.csv")
+    parser.add_argument("--past-csv", type=Path, default=None,
+                        help="also read per-run constraint counts from this csv (runs whose "
+                        "folders are gone); columns as this script writes them")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    results = pd.read_csv(args.csv)
+    past = past_constraint(args.runs)
+    if args.past_csv is not None and args.past_csv.exists():
+        past = pd.concat([pd.read_csv(args.past_csv), past]).drop_duplicates(
+            ["model", "method", "seed"], keep="last")
+    past.to_csv(args.out.with_suffix(".past.csv"), index=False)
+    command = "python benchmarks/search_quality_targets.py " + " ".join(
+        (argv if argv is not None else __import__("sys").argv[1:]))
+    args.out.write_text(render(results, past, command))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -79,7 +79,7 @@ def method_config(base: dict, method: str, *, seed: int, fine_tunes: int, steps:
         data["budget"]["trials"] = spec.get("compute", 1) * fine_tunes
     data.setdefault("finetune", {})
     data["finetune"].update({"steps": steps, "reeval_seeds": 0, **spec.get("finetune", {})})
-    data["fidelity"] = {"low_steps": None if spec.get("fidelity") else 0}
+    data["fidelity"] = {"low_steps": max(1, steps // 4) if spec.get("fidelity") else 0}
     folder = runs_dir / "_quality_configs"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{data['name']}.yaml"

@@ -265,13 +265,16 @@ class SensitivityConfig(Strict):
 
 
 class FidelityConfig(Strict):
-    """Multi-fidelity screening (with ``budget.finetune_steps``): a short fine-tune first, the
-    full one only for candidates whose short result could still reach the front. With oneshot
+    """Multi-fidelity screening (with ``budget.finetune_steps`` and ``low_steps``): a short
+    fine-tune first, the full one only for candidates whose short result could still reach the
+    front. With oneshot
     and ``budget.tokens``: a score on a few windows first (successive halving by tokens)."""
 
     low_steps: int | None = Field(None, ge=0, le=MAX_STEPS,
-                                  description="steps of the short fine-tune; default "
-                                  "a quarter of finetune.steps; 0 turns screening off")
+                                  description="steps of the short fine-tune (with "
+                                  "budget.finetune_steps); default off: at equal steps it "
+                                  "did not beat full-fidelity search here (a quarter of "
+                                  "finetune.steps is a start)")
     promote_rank: int = Field(0, ge=0, le=MAX_SMALL,
                               description="promote when the short result's non-dominated "
                               "rank among all short results is at most this (0 = first front)")

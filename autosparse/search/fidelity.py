@@ -49,14 +49,15 @@ class FidelityPlan:
     @classmethod
     def from_config(cls, config: SearchConfig, full_steps: int,
                     low_steps: int | None = None) -> "FidelityPlan | None":
-        """The plan when ``budget.finetune_steps`` (or oneshot's ``budget.tokens``) is set and
-        a short fine-tune (score) is shorter than the full one; None (every candidate gets the
+        """The plan when ``budget.finetune_steps`` with ``fidelity.low_steps`` (or oneshot's
+        ``budget.tokens``) is set and a short fine-tune (score) is shorter than the full one; None (every candidate gets the
         full one) otherwise. Steps are the budget's work units: fine-tune steps, or with oneshot
         scored tokens (``low_steps`` then comes from ``fidelity.low_windows``)."""
         if config.budget.work() is None:
             return None
-        low = config.fidelity.low_steps if low_steps is None else low_steps
-        low = max(1, full_steps // 4) if low is None else low
+        # fine-tuning screens only when fidelity.low_steps asks: at equal steps it did not beat
+        # full-fidelity search (benchmarks/results/search_quality.md, ga-mf vs ga)
+        low = (config.fidelity.low_steps or 0) if low_steps is None else low_steps
         if low == 0 or low >= full_steps:
             return None
         return cls(low, full_steps, config.fidelity.promote_rank, config.fidelity.tolerance,

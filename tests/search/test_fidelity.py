@@ -57,7 +57,10 @@ def test_plan_from_config_needs_a_step_budget_and_a_shorter_short_fine_tune():
     assert FidelityPlan.from_config(parse_config(base), 100) is None  # trials budget: off
     config = parse_config({**base, "budget": {"finetune_steps": 1000}})
     assert config.budget.trials is None
-    plan = FidelityPlan.from_config(config, 100)
+    assert FidelityPlan.from_config(config, 100) is None  # screening is asked for, not default
+    asked = parse_config({**base, "budget": {"finetune_steps": 1000},
+                          "fidelity": {"low_steps": 25}})
+    plan = FidelityPlan.from_config(asked, 100)
     assert (plan.low_steps, plan.full_steps) == (25, 100)
     off = parse_config({**base, "budget": {"finetune_steps": 1000}, "fidelity": {"low_steps": 0}})
     assert FidelityPlan.from_config(off, 100) is None

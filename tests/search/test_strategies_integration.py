@@ -96,7 +96,7 @@ def test_grid_global_is_exact_global_magnitude_times_uniform_bits(runs_dir):
 def test_fine_tune_step_budget_screens_at_low_fidelity(runs_dir):
     config = write_config(runs_dir, "fidelity", strategy={"name": "random"},
                           budget={"trials": 100, "finetune_steps": 8 * 12},
-                          finetune={"steps": 12})
+                          finetune={"steps": 12}, fidelity={"low_steps": 3})
     outcome = run_search(config, runs_dir=runs_dir, **QUIET)
     frame = outcome.trials
     assert set(frame["fidelity"]) <= {"low", "full"}
@@ -113,7 +113,8 @@ def test_fine_tune_step_budget_screens_at_low_fidelity(runs_dir):
 
 def test_a_trial_killed_after_its_short_fine_tune_is_rerun_without_redoing_it(runs_dir):
     config = write_config(runs_dir, "killed-low", strategy={"name": "random"},
-                          budget={"finetune_steps": 2 * 12}, finetune={"steps": 12})
+                          budget={"finetune_steps": 2 * 12}, finetune={"steps": 12},
+                          fidelity={"low_steps": 3})
     context = prepare(config, runs_dir)
     study = context.open_study()
     candidate = context.space.snap({})  # dense everywhere: promoted on an empty pool

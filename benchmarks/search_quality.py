@@ -169,6 +169,7 @@ def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, 
     wall = time.perf_counter() - start
     frame = outcome.trials
     context = prepare(path, runs_dir)
+    context.open_study()  # reads what the study stored: sensitivity, the probed lr (lr: auto)
     objectives = context.config.objectives
     dense = context.dense_metrics
     tests = test_scores(context, frame)

@@ -2,8 +2,9 @@
 MLflow's store must be writable (or reachable) before the dense model trains, and a write
 that fails later (a full disk, a folder made read-only) is one line, not a traceback.
 
-    check_folder(path)      a folder (made if missing) in which a file can be created
-    check_database(url)     SQLite: its folder passes check_folder (the file is not created);
+    check_folder(path)      a folder (or the nearest existing parent of a missing one) in
+                            which a file can be created; nothing is left behind
+    check_database(url)     SQLite: its folder passes check_folder (nothing is created);
                             a server URL: its driver imports and a connection opens
     storage_failure(err)    the one line for an error that is a failed write, else None
 """
@@ -30,13 +31,17 @@ DRIVERS = {"postgresql": "psycopg[binary] (or psycopg2-binary)", "mysql": "pymys
 
 
 def check_folder(path: Path, what: str) -> None:
-    """Refuse, in one line, a folder that is a file or where nothing can be written."""
+    """Refuse, in one line, a folder that is a file or where nothing can be written. Nothing
+    is left behind: a missing folder is judged by its nearest existing parent (a file is
+    created and removed there), so a command refused later has made no folder."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{what} {path} is a file, not a folder: give a folder (it is made "
                           "if missing)")
+    existing = next((p for p in (path, *path.absolute().parents) if p.exists()), None)
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if existing is None or not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
         raise ConfigError(f"{what} {path}: nothing can be written there "
@@ -46,8 +51,8 @@ def check_folder(path: Path, what: str) -> None:
 def check_database(url: str, what: str) -> None:
     """Refuse a study or MLflow database that cannot be written or reached, before any work.
 
-    SQLite: the file's folder must be writable (it is made if missing, the file is not); an
-    existing file must be writable too. A server URL (PostgreSQL, MySQL): its driver must
+    SQLite: the file's folder must be writable (judged as ``check_folder`` does: nothing is
+    created); an existing file must be writable too. A server URL (PostgreSQL, MySQL): its driver must
     import and a connection must open within ``CONNECT_TIMEOUT_S``.
     """
     path = _sqlite_path(url)

@@ -37,7 +37,8 @@ def fingerprint(folder: Path) -> dict[str, str]:
     SQLite's ``-shm`` files are left out: a shared-memory index that any reader rewrites (the
     data, ``-wal`` included, is hashed)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.endswith("-shm")}
+            if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if not p.name.endswith("-shm")}
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,24 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def test_bad_data_from_a_factory_leaves_no_study_folder(earlier, tmp_path, capsys, monkeypatch):
+    """Data checked after the study's lock is taken: refused in one line, and the new study's
+    folder (made for the lock) is gone again."""
+    runs, config = earlier
+    (tmp_path / "h21_column_targets.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    batches = [(torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16, 1)))] * 4\n"
+        "    return {'train': batches, 'validation': batches, 'test': batches}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    variant = _variant(config, tmp_path, "column-targets",
+                       data={"factory": "h21_column_targets:make"})
+    _refused(["--runs-dir", str(runs), "search", str(variant)], runs, capsys,
+             ["data", "shape (16, 1)", "one class index per sample"])
+    assert not (runs / "column-targets").exists()
 
 
 def test_a_runs_dir_that_is_a_file_is_refused(earlier, tmp_path, capsys):
@@ -226,11 +245,10 @@ def test_storage_failure_recognises_writes_that_cannot_land():
     assert storage_failure(ValueError("shape mismatch")) is None
 
 
-def test_check_folder_and_database_make_nothing_but_the_folder(tmp_path):
+def test_check_folder_and_database_make_nothing(tmp_path):
     check_folder(tmp_path / "new" / "runs", "--runs-dir")
-    assert (tmp_path / "new" / "runs").is_dir() and not any((tmp_path / "new" / "runs").iterdir())
     check_database(f"sqlite:///{tmp_path / 'db' / 'study.db'}", "storage")
-    assert not (tmp_path / "db" / "study.db").exists()
+    assert not any(tmp_path.iterdir())
     plain = tmp_path / "plain"
     plain.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):

@@ -99,7 +99,7 @@ def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
         lines.append(f"| {model} | {seed} | " + " | ".join(cells) + " |")
     lines += ["", "Targets for a default (test ratio, per model and seed):", ""]
     for method in mean_val.index:
-        part = test[test["method"] == method]
+        part = test[test["method"] == method].sort_values(["model", "seed"])
         every = part["ratio"] >= 1 + TARGET_EVERY
         deep = part[part["model"] == DEEPEST]["ratio"]
         deep_met = len(deep) > 0 and bool((deep >= 1 + TARGET_DEEPEST).all())

@@ -3,6 +3,7 @@ integration tests of several stages."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mlflow
@@ -42,3 +43,12 @@ def mlflow_runs(runs_dir: Path, experiment: str):
     parents = [r for r in runs if r.data.tags.get("autosparse.role") == "search"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, parents, children
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (a study, the MLflow store, the dense cache,
+    exports) and the folders themselves. SQLite's ``-shm`` files are left out: a shared-memory
+    index that any reader rewrites (the data, ``-wal`` included, is hashed)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            if p.is_file() else "folder"
+            for p in sorted(folder.rglob("*")) if not p.name.endswith("-shm")}

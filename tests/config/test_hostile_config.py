@@ -5,12 +5,15 @@ autosparse keeps there, and duplicate choices.
 Each case runs the real command line (``autosparse search``) in-process and asserts what
 ``test_bad_inputs`` asserts of every bad input: exit code 2, exactly one ``error:`` line that
 names the field and the bad value, no traceback, no pydantic type or class name, and nothing
-written (the working folder, and so the runs folder, stays as it was).
+written (the working folder, and so the runs folder, stays as it was). The runs folder holds
+an earlier, finished search of the same name (its study, MLflow store and dense cache), and
+every file of it is hashed before and after: a refusal leaves it byte for byte.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +28,7 @@ from autosparse.config.schema import load_config
 from autosparse.config.validation import ConfigError, Strict
 from autosparse.config.yaml_loader import parse_yaml
 from tests.config.test_bad_inputs import BASE, _check, _run, _set
+from tests.search_helpers import fingerprint
 
 
 def _subclasses(cls: type) -> list[type]:
@@ -166,6 +170,28 @@ FIELD_CASES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory) -> Path:
+    """A finished search named like every hostile config (``bad``)."""
+    from autosparse.search.runner import run_search
+
+    root = tmp_path_factory.mktemp("earlier")
+    config = root / "bad.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "budget": {"trials": 2}}))
+    run_search(config, runs_dir=root / "runs", printer=lambda line: None)
+    return root / "runs"
+
+
+def _run_beside(earlier: Path, argv: list[str], tmp_path: Path, capsys, monkeypatch):
+    """``_run`` with a copy of the earlier search in the runs folder, hashed before and after."""
+    runs = tmp_path / "runs"
+    shutil.copytree(earlier, runs)
+    before = fingerprint(runs)
+    code, err = _run(argv, tmp_path, capsys, monkeypatch)
+    assert fingerprint(runs) == before, "the earlier search changed"
+    return code, err
+
+
 def _check_hostile(code: int, err: str, words: list[str]) -> None:
     _check(code, err, words)
     for name in CLASS_NAMES:
@@ -173,18 +199,18 @@ def _check_hostile(code: int, err: str, words: list[str]) -> None:
 
 
 @pytest.mark.parametrize("case,text,words", TEXT_CASES, ids=[c[0] for c in TEXT_CASES])
-def test_hostile_yaml(case, text, words, tmp_path, capsys, monkeypatch):
+def test_hostile_yaml(case, text, words, earlier, tmp_path, capsys, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text(text)
-    code, err = _run(["search", str(config)], tmp_path, capsys, monkeypatch)
+    code, err = _run_beside(earlier, ["search", str(config)], tmp_path, capsys, monkeypatch)
     _check_hostile(code, err, words)
 
 
 @pytest.mark.parametrize("case,field,value,words", FIELD_CASES, ids=[c[0] for c in FIELD_CASES])
-def test_hostile_field(case, field, value, words, tmp_path, capsys, monkeypatch):
+def test_hostile_field(case, field, value, words, earlier, tmp_path, capsys, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(_set(BASE, field, value)))
-    code, err = _run(["search", str(config)], tmp_path, capsys, monkeypatch)
+    code, err = _run_beside(earlier, ["search", str(config)], tmp_path, capsys, monkeypatch)
     _check_hostile(code, err, words)
 
 
@@ -202,14 +228,14 @@ PROFILE_CASES = [
 
 
 @pytest.mark.parametrize("case,edit,words", PROFILE_CASES, ids=[c[0] for c in PROFILE_CASES])
-def test_hostile_hardware_profile(case, edit, words, tmp_path, capsys, monkeypatch):
+def test_hostile_hardware_profile(case, edit, words, earlier, tmp_path, capsys, monkeypatch):
     profile = tmp_path / "board.yaml"
     text = load_profile("edge-arm-a76").to_yaml()
     assert edit(text) != text
     profile.write_text(edit(text))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({**BASE, "hardware": str(profile)}))
-    code, err = _run(["search", str(config)], tmp_path, capsys, monkeypatch)
+    code, err = _run_beside(earlier, ["search", str(config)], tmp_path, capsys, monkeypatch)
     _check_hostile(code, err, ["hardware", *words])
 
 

@@ -9,7 +9,6 @@ runs folder) is byte-for-byte what it was, checked by hashing the folder before 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -26,19 +25,10 @@ from autosparse.config.validation import ConfigError
 from autosparse.search.runner import run_search
 from autosparse.tracking.writable import check_database, check_folder, storage_failure
 from tests.config.test_bad_inputs import _check
-from tests.search_helpers import mlflow_runs, write_config
+from tests.search_helpers import fingerprint, mlflow_runs, write_config
 
 pytestmark = pytest.mark.integration
 AUTOSPARSE = [sys.executable, "-m", "autosparse.cli"]
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (the earlier study, MLflow store, cache, exports).
-    SQLite's ``-shm`` files are left out: a shared-memory index that any reader rewrites (the
-    data, ``-wal`` included, is hashed)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            if p.is_file() else "folder"
-            for p in sorted(folder.rglob("*")) if not p.name.endswith("-shm")}
 
 
 @pytest.fixture(scope="module")

@@ -94,7 +94,9 @@ def storage_failure(err: BaseException) -> str | None:
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in _WRITE_ERRNOS:
             where = f" {current.filename}" if current.filename else ""
-            return f"cannot write{where}: {current.strerror or current}"
+            verb = ("no permission for" if current.errno in (errno.EACCES, errno.EPERM)
+                    else "cannot write")  # a permission error may be a read: not "write"
+            return f"{verb}{where}: {current.strerror or current}"
         text = str(current).lower()
         if any(words in text for words in _WRITE_WORDS):
             reason = re.sub(r"^\([\w.]+\)\s*", "", _first_line(current))  # the driver's class

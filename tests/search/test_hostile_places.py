@@ -232,6 +232,8 @@ def test_storage_failure_recognises_writes_that_cannot_land():
     wrapped.__cause__ = Exception("(sqlite3.OperationalError) database or disk is full")
     assert storage_failure(wrapped) == ("cannot write the study or MLflow database: database "
                                         "or disk is full")
+    assert storage_failure(PermissionError(13, "Permission denied", "/x/trials.csv")) == \
+        "no permission for /x/trials.csv: Permission denied"
     assert storage_failure(ValueError("shape mismatch")) is None
 
 

@@ -69,10 +69,12 @@ def reevaluate_front(context: "SearchContext", study: optuna.Study, printer: Pri
         pending = _pending(study, trials, config.objectives, seeds)
         if not pending:
             return runs
-        why = ("" if round_ == 0 else " (the seeds' means moved the front: these points "
-               "joined it and are re-evaluated too)")
-        printer(f"re-evaluating {len(pending)} front point(s) with {len(seeds)} extra fine-tune "
-                f"seed(s) (seeds {seeds[0]}..{seeds[-1]}){why} ...")
+        if round_ == 0:
+            printer(f"re-evaluating {len(pending)} front point(s) with {len(seeds)} extra "
+                    f"fine-tune seed(s) (seeds {seeds[0]}..{seeds[-1]}) ...")
+        else:  # a point's mean dropped it off the front and let these on
+            printer(f"re-evaluating {len(pending)} more: they joined the front when the seeds' "
+                    "means moved it ...")
         for number, record in pending:
             runs += _reevaluate(context, study, evaluator, trials[number], record, seeds)
             printer(_summary(trials[number], record))

@@ -194,9 +194,7 @@ class SearchConfig(Strict):
         if self.data.source == "text" and not language:
             raise ValueError("data.source 'text' gives next-token windows: set task.kind "
                              "'language-model'")
-        if self.strategy.switch_prob() > 0 and not (
-                self.strategy.name == "hybrid"
-                or (self.strategy.name == "ga" and self.strategy.use_sensitivity)):
+        if self.strategy.switch_prob() > 0 and not self.strategy.breeds_on_planner():
             raise ValueError(f"strategy.level_switch {self.strategy.level_switch}: the level "
                              "switch is a GA mutation on the sensitivity planner's costs; use "
                              "strategy 'ga' with use_sensitivity (or 'hybrid'), or remove "
@@ -233,10 +231,10 @@ class SearchConfig(Strict):
         if self.strategy.name in ("knapsack", "hybrid") and self.hardware == MEASURE \
                 and "latency_ms" in wanted:
             raise ValueError(f"strategy {self.strategy.name!r} plans latency with an analytic "
-                             "profile, but 'hardware: measure' with oneshot measures ms per token in llama.cpp, "
-                             "another scale: use ga or bo for a measured latency, or a profile")
-        if self.strategy.level_switch is None and (self.strategy.name == "hybrid" or (
-                self.strategy.name == "ga" and self.strategy.use_sensitivity)):
+                             "profile, but 'hardware: measure' with oneshot measures ms per "
+                             "token in llama.cpp, another scale: use ga or bo for a measured "
+                             "latency, or a profile")
+        if self.strategy.level_switch is None and self.strategy.breeds_on_planner():
             object.__setattr__(self.strategy, "level_switch", 0.5)
         for constraint in self.constraints:
             if constraint.metric == "sparsity" and not (

@@ -240,6 +240,11 @@ class StrategyConfig(Strict):
     def switch_prob(self) -> float:
         return self.level_switch or 0.0
 
+    def breeds_on_planner(self) -> bool:
+        """Whether a GA breeds with the sensitivity planner's costs (where EvoPress's level
+        switch applies): ``ga`` with ``use_sensitivity``, or ``hybrid``."""
+        return self.name == "hybrid" or (self.name == "ga" and self.use_sensitivity)
+
     def handoff(self) -> int:
         """hybrid: the trial number from which the GA proposes."""
         return self.population_size if self.knapsack_trials is None else self.knapsack_trials

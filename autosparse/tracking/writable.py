@@ -52,8 +52,8 @@ def check_database(url: str, what: str) -> None:
     """Refuse a study or MLflow database that cannot be written or reached, before any work.
 
     SQLite: the file's folder must be writable (judged as ``check_folder`` does: nothing is
-    created); an existing file must be writable too. A server URL (PostgreSQL, MySQL): its driver must
-    import and a connection must open within ``CONNECT_TIMEOUT_S``.
+    created); an existing file must be writable too. A server URL (PostgreSQL, MySQL): its
+    driver must import and a connection must open within ``CONNECT_TIMEOUT_S``.
     """
     path = _sqlite_path(url)
     if path is not None:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from autosparse.config.validation import ConfigError
-from autosparse.tracking.ui import _sqlite_path
+from autosparse.tracking.ui import _sqlite_path, redact_uri
 
 CONNECT_TIMEOUT_S = 10
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
@@ -67,7 +67,7 @@ def check_database(url: str, what: str) -> None:
         return  # sqlite in memory, a file journal, an MLflow server over http(s)
     import sqlalchemy
 
-    shown = _hide_password(url)
+    shown = redact_uri(url)
     try:
         engine = sqlalchemy.create_engine(
             url, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
@@ -78,8 +78,7 @@ def check_database(url: str, what: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as err:
-        reason = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise ConfigError(f"{what} {shown}: cannot connect ({reason}): start the database "
+        raise ConfigError(f"{what} {shown}: cannot connect ({_first_line(err)}): start the database "
                           "server or fix the URL") from None
     finally:
         engine.dispose()
@@ -106,17 +105,9 @@ def storage_failure(err: BaseException) -> str | None:
 
 
 def _first_line(err: BaseException) -> str:
+    """The driver's own first line (SQLAlchemy keeps it as ``orig``), else the error's."""
     text = str(getattr(err, "orig", None) or err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def _hide_password(url: str) -> str:
-    try:
-        import sqlalchemy
-
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 - only for the message
-        return url.split("@")[-1]
 
 
 __all__ = ["check_database", "check_folder", "storage_failure"]

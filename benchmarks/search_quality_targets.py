@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from search_quality import METHODS  # noqa: E402
+
 FIRST = 8  # trials of the first generation, not judged (the rule)
 TARGET_EVERY, TARGET_DEEPEST, TARGET_PAST = 0.05, 0.10, 0.10
 DEEPEST = "digits-resnet"
-RUN_NAME = re.compile(r"quality-(.+)-(hybrid|knapsack|ga-mf|ga-lr-auto|grid-global-lr-auto|ga|bo|"
-                      r"tpe-4x|random|grid-uniform|grid-global)-s(\d+)")
+# a run's folder, as search_quality.method_config names it; longer method names tried first
+RUN_NAME = re.compile(r"quality-(.+)-(" + "|".join(
+    re.escape(m) for m in sorted(METHODS, key=len, reverse=True)) + r")-s(\d+)")
 CURRENT_DEFAULT = "ga"  # StrategyConfig's default name and the quickstart's
 
 
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             ["model", "method", "seed"], keep="last")
     past.to_csv(args.out.with_suffix(".past.csv"), index=False)
     command = "python benchmarks/search_quality_targets.py " + " ".join(
-        (argv if argv is not None else __import__("sys").argv[1:]))
+        argv if argv is not None else sys.argv[1:])
     args.out.write_text(render(results, past, command))
     print(f"wrote {args.out}")
     return 0

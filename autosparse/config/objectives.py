@@ -36,6 +36,12 @@ OBJECTIVES: dict[str, Objective] = {
 # A planner spends budgets on the costs only; ``export --knee`` trades quality against a cost.
 QUALITY_OBJECTIVES: tuple[str, ...] = ("accuracy", "kl")
 
+
+def first_cost(objectives: list[str]) -> str | None:
+    """The first objective that is a cost (what ``export --knee`` trades quality against and the
+    parent run's row shows the knee of); None when every objective measures quality."""
+    return next((o for o in objectives if o not in QUALITY_OBJECTIVES), None)
+
 # Metrics a constraint may bound (units: accuracy in %, drop in points, size in kB = 1000 bytes, latency
 # in ms and energy in µJ per inference at batch 1).
 CONSTRAINT_METRICS: tuple[str, ...] = (

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import optuna
 
-from autosparse.config.objectives import QUALITY_OBJECTIVES
+from autosparse.config.objectives import first_cost
 from autosparse.config.validation import ConfigError
 from autosparse.export.folder import export_digest
 from autosparse.search.context import SearchContext
@@ -60,13 +60,13 @@ def _select(context: SearchContext, study: optuna.Study, request: ExportRequest)
     if request.trial is not None:
         return by_number(trials, request.trial)
     maximize = context.task.maximize  # a minimised metric (mse): better is lower
+    cost = request.minimize or first_cost(context.config.objectives)
+    if cost is None:
+        raise ConfigError(f"the objectives {context.config.objectives} hold no cost to trade "
+                          "against: pick with --trial N, or --max-drop D --minimize METRIC")
     if request.max_drop is not None:
-        minimize = request.minimize or next(o for o in context.config.objectives
-                                            if o not in QUALITY_OBJECTIVES)
-        return by_rule(trials, request.max_drop, minimize, maximize=maximize,
+        return by_rule(trials, request.max_drop, cost, maximize=maximize,
                        quality=context.task.name)
-    cost = request.minimize or next(o for o in context.config.objectives
-                                    if o not in QUALITY_OBJECTIVES)
     return knee(trials, cost, maximize=maximize, quality=context.task.name)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from autosparse.config.objectives import QUALITY_OBJECTIVES, shown_metric, shown_metrics
+from autosparse.config.objectives import first_cost, shown_metric, shown_metrics
 from autosparse.config.validation import ConfigError
 from autosparse.cost.estimate import estimate_cost
 from autosparse.cost.report import cost_table
@@ -92,7 +92,7 @@ def _duration(seconds: float) -> str:
 def _knee_or_none(frame: pd.DataFrame, objectives: list[str], task: Task) -> int | None:
     """The front's knee (what ``export --knee`` picks), for the parent run's row; None when
     the front is empty or every objective is a quality one."""
-    cost = next((o for o in objectives if o not in QUALITY_OBJECTIVES), None)
+    cost = first_cost(objectives)
     if cost is None or frame.empty or "on_front" not in frame.columns:
         return None
     try:

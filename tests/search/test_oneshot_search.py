@@ -231,6 +231,23 @@ def test_kl_objective_goes_on_the_front_and_the_knee_trades_a_cost(tmp_path, mod
     assert chosen in set(outcome.front["trial"])
 
 
+def test_quality_only_objectives_export_by_trial_and_refuse_a_knee(tmp_path, model_folder,
+                                                                    text_folder):
+    """objectives [perplexity, kl] hold no cost: ``export --knee`` says so in one ConfigError
+    (it used to stop on a bare StopIteration); ``--trial`` still exports."""
+    runs = tmp_path / "runs"
+    config = write_config(tmp_path, "qonly", model_folder, text_folder, budget={"trials": 2},
+                          objectives=["perplexity", "kl"])
+    outcome = run_search(config, runs_dir=runs, printer=lambda line: None)
+    with pytest.raises(ConfigError, match=r"no cost to trade against: pick with --trial N"):
+        run_export(config, ExportRequest(knee=True, mlflow=False), runs_dir=runs,
+                   printer=lambda line: None)
+    trial = int(outcome.front["trial"].iloc[0])
+    exported = run_export(config, ExportRequest(trial=trial, mlflow=False), runs_dir=runs,
+                          printer=lambda line: None)
+    assert exported.out_dir.name == f"trial-{trial}"
+
+
 def test_a_token_budget_screens_candidates_on_a_few_windows_first(tmp_path, model_folder,
                                                                   text_folder):
     """budget.tokens with fidelity.low_windows: each new candidate is scored on 1 validation

@@ -220,7 +220,8 @@ class DigitsViT(nn.Module):
 
 
 class DigitsConv1d(nn.Module):
-    """Conv1d net over the image read as a sequence: rows (C*H) as channels, columns as time.
+    """Conv1d net over the image read as a sequence: rows (C*H) as channels, columns as time;
+    a sequence input (C, L) is taken as it is (MNIST-1D: one channel, 40 steps).
 
     Four searchable layers (three Conv1d and the head), so the 1-D conv paths get exercised.
     """
@@ -238,7 +239,7 @@ class DigitsConv1d(nn.Module):
         self.fc = nn.Linear(64, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.flatten(x, 1, -2)  # (batch, C, H, W) -> (batch, C*H, W)
+        x = torch.flatten(x, 1, -2)  # (batch, C, H, W) -> (batch, C*H, W); (batch, C, L) stays
         x = F.relu(self.bn1(self.conv1(x)))
         x = self.pool(F.relu(self.bn2(self.conv2(x))))
         x = F.relu(self.bn3(self.conv3(x)))
@@ -312,8 +313,12 @@ def _build_builtin(
             )
         return DigitsViT(input_shape[0], input_shape[1], num_classes)
     if name == "digits-conv1d":
-        _need_image(name, input_shape, 2)
-        return DigitsConv1d(input_shape[0] * input_shape[1], input_shape[2], num_classes)
+        if len(input_shape) not in (2, 3) or input_shape[-1] < 2:
+            raise ConfigError(
+                f"model {name} needs sequences (channels, length) or images (channels, height, "
+                f"width) with length or width >= 2; the data gives samples of shape "
+                f"{input_shape}")
+        return DigitsConv1d(math.prod(input_shape[:-1]), input_shape[-1], num_classes)
     raise ConfigError(f"model.builtin {name!r} is not one of {', '.join(BUILTIN_MODELS)}")
 
 

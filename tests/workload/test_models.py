@@ -112,8 +112,11 @@ def test_digits_conv1d_architecture():
     assert model.conv1.in_channels == 8  # C*H rows as channels
     other = build_model(ModelConfig(builtin="digits-conv1d"), (3, 5, 7), 4)
     assert other.conv1.in_channels == 15 and other(torch.zeros(2, 3, 5, 7)).shape == (2, 4)
-    with pytest.raises(ConfigError, match=r"digits-conv1d needs .*\(8, 8\)"):
-        build_model(ModelConfig(builtin="digits-conv1d"), (8, 8), 10)
+    sequence = build_model(ModelConfig(builtin="digits-conv1d"), (1, 40), 10)  # MNIST-1D
+    assert sequence.conv1.in_channels == 1 and sequence(torch.zeros(2, 1, 40)).shape == (2, 10)
+    for shape in [(64,), (3, 1), (1, 2, 3, 4)]:
+        with pytest.raises(ConfigError, match=r"digits-conv1d needs .*" + re.escape(str(shape))):
+            build_model(ModelConfig(builtin="digits-conv1d"), shape, 10)
 
 
 def test_builtin_rejects_kwargs():

@@ -305,3 +305,30 @@ def test_real_knapsack_search_never_retries_harder_than_an_infeasible_trial(tmp_
             infeasible.append(candidate)
     assert len(trials) == 14
     assert infeasible and checked > 0, json.dumps([t.user_attrs[METRICS_ATTR] for t in trials])
+
+
+def test_screening_predictor_admits_what_the_planner_admits_under_a_bound_only():
+    """The GA's and BO's screen (AllocationPredictor) uses the planner's guard: with an
+    accuracy_drop bound, a child at least as hard as a finished infeasible trial is not
+    admitted; without a bound the screen admits everything (the front may go past 5 points)."""
+    import optuna
+
+    from autosparse.search.samplers.screening import AllocationPredictor
+
+    problem = build_problem(QUICKSTART, DIGITS, sensitivity_for(QUICKSTART), ["size"])
+    bounded = BudgetPlanner(problem, ["size"], [("accuracy_drop", "<=", LIMIT)])
+    seeds = bounded.seeds(8)
+    harder = [s for s in seeds[1:] if dominates(problem, s, seeds[0])]
+    assert harder
+    trial = optuna.trial.create_trial(values=[80.0, 1.0], user_attrs={
+        CANDIDATE_ATTR: problem.candidate(seeds[0]).to_json(),
+        METRICS_ATTR: {"accuracy_drop": 3 * LIMIT}})
+    observed = [Observation(seeds[0], 3 * LIMIT)]
+    for planner, bound in ((bounded, LIMIT), (BudgetPlanner(problem, ["size"], []), None)):
+        assert planner.drop_bound == bound
+        predictor = AllocationPredictor(planner, ["accuracy", "size"], 98.0)
+        predictor.refit([trial])
+        for allocation in harder + [seeds[0]]:
+            admitted = predictor.admissible(problem.candidate(allocation))
+            assert admitted is (bound is None or planner.admissible(allocation, observed))
+            assert admitted is (bound is None)

@@ -8,8 +8,8 @@ import optuna
 from autosparse.config.space_rules import SpaceConfig
 from autosparse.search.samplers import GeneticSampler
 from autosparse.search.samplers.ga import _normalised_weights
-from autosparse.search.samplers.screening import pick_most_promising
-from autosparse.space.candidate import Candidate
+from autosparse.search.samplers.screening import pick_most_promising, pick_screened
+from autosparse.space.candidate import Candidate, LayerChoice
 from autosparse.space.layers import LayerInfo, LayerTable
 from autosparse.space.search_space import SearchSpace
 
@@ -54,15 +54,27 @@ SPACE = SearchSpace.build(SpaceConfig(default={"patterns": ["unstructured"],
                           TABLE)
 
 
-class SparsityLovingPredictor:
-    """Predicts that total sparsity costs no accuracy and shrinks size: the sparsest child wins."""
+def total_sparsity(candidate: Candidate) -> float:
+    return sum(c.sparsity for c in candidate.values())
 
-    def __init__(self):
+
+class SparsityLovingPredictor:
+    """Predicts that total sparsity costs no accuracy and shrinks size: the sparsest child wins.
+    With ``forbid_above``, a guard admits only children of at most that total sparsity."""
+
+    def __init__(self, forbid_above: float | None = None):
         self.refits = 0
         self.seen: list[list[Candidate]] = []
+        self.forbid_above = forbid_above
 
     def refit(self, trials):
         self.refits += 1
+
+    def admissible(self, candidate: Candidate) -> bool:
+        return self.forbid_above is None or total_sparsity(candidate) <= self.forbid_above + 1e-9
+
+    def predicted_drop(self, candidate: Candidate) -> float:
+        return total_sparsity(candidate)
 
     def predict(self, candidate: Candidate) -> np.ndarray:
         sparsity = sum(c.sparsity for c in candidate.values())
@@ -108,3 +120,33 @@ def test_ga_mutation_weights_change_which_genes_move():
     a_genes = [i for i, p in enumerate(sampler._params) if p.startswith("a/")]
     other = [i for i, p in enumerate(sampler._params) if not p.startswith("a/")]
     assert moved[a_genes].min() > 3 * moved[other].max()
+
+
+def test_ga_breeds_only_children_the_guard_admits():
+    """Under a guard (the planner's, for an accuracy bound) the sparsest child is no longer
+    picked when it is forbidden: every bred trial stays within the admitted total sparsity,
+    although the predictor would gain most from the forbidden ones."""
+    limit = 1.0
+    sampler = GeneticSampler(space=SPACE, population_size=4, seed=1, screen=8,
+                             predictor=SparsityLovingPredictor(forbid_above=limit))
+    study = optuna.create_study(directions=MAX_MIN, sampler=sampler)
+    study.optimize(_objective, n_trials=14)
+    bred = [total_sparsity(SPACE.decode(t.params)) for t in study.trials[4:]]
+    assert max(bred) <= limit + 1e-9, bred
+    free = GeneticSampler(space=SPACE, population_size=4, seed=1, screen=8,
+                          predictor=SparsityLovingPredictor())
+    unguarded = optuna.create_study(directions=MAX_MIN, sampler=free)
+    unguarded.optimize(_objective, n_trials=14)
+    assert max(total_sparsity(SPACE.decode(t.params)) for t in unguarded.trials[4:]) > limit
+
+
+def test_pick_screened_keeps_to_the_admitted_else_the_safest():
+    study = optuna.create_study(directions=MAX_MIN)
+    study.add_trial(optuna.trial.create_trial(params={}, distributions={}, values=[99.0, 90.0]))
+    choice = lambda s: {name: LayerChoice.make("unstructured", s, 8) for name in "abc"}  # noqa
+    chosen = [(Candidate(choice(s)), {"which": s}) for s in (0.9, 0.5, 0.0)]
+    guarded = SparsityLovingPredictor(forbid_above=1.5)  # totals 2.7, 1.5, 0.0
+    assert pick_screened(chosen, guarded, study) == {"which": 0.5}  # sparsest admitted
+    assert pick_screened(chosen, SparsityLovingPredictor(), study) == {"which": 0.9}
+    nothing = SparsityLovingPredictor(forbid_above=-1.0)
+    assert pick_screened(chosen, nothing, study) == {"which": 0.0}  # least predicted drop

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from autosparse.config.hardware import HardwareProfile
 from autosparse.config.objectives import QUALITY_OBJECTIVES
@@ -122,6 +122,7 @@ class BudgetPlanner:
                              "must be > 0")
         self.problem = problem
         self.extra_budgets: dict[str, float] = {}
+        self.drop_bound: float | None = None  # the config's accuracy_drop bound, if it has one
         for constraint in constraints:
             metric, op, bound = _constraint_parts(constraint)
             if metric in ADDITIVE_METRICS and op == "<=":
@@ -134,6 +135,7 @@ class BudgetPlanner:
                                                     self.extra_budgets.get("density", math.inf))
             elif metric == "accuracy_drop" and op == "<=":
                 max_drop, near_lossless = min(max_drop, bound), min(near_lossless, bound)
+                self.drop_bound = min(bound, self.drop_bound or math.inf)
         self.max_drop, self.near_lossless = max(max_drop, 0.0), max(near_lossless, 0.0)
         self._fit_args = {"signal": signal, "prior_scale": prior_scale, "ridge": ridge}
         self.prior: Predictor = prior(problem, signal, prior_scale)
@@ -208,11 +210,16 @@ class BudgetPlanner:
     def admissible(self, allocation: Sequence[int], observed: Iterable[Observation]) -> bool:
         """Whether ``allocation`` may still be proposed given the finished trials: outside every
         infeasible trial's boxes and predicted (refit) within the calibrated ceiling."""
+        return self.admissibility(observed)(allocation)
+
+    def admissibility(self, observed: Iterable[Observation]) -> Callable[[Sequence[int]], bool]:
+        """``admissible`` for many allocations against the same finished trials: the refit and
+        the guard are computed once."""
         observed = list(observed)
         predictor = self.refit(observed)
         guard = self.guard(observed)
-        return (not guard.forbids(allocation)
-                and predictor.predict(allocation) <= guard.ceiling + 1e-9)
+        return lambda allocation: (not guard.forbids(allocation)
+                                   and predictor.predict(allocation) <= guard.ceiling + 1e-9)
 
     def next(self, observed: Sequence[Observation],
              pending: Iterable[Sequence[int]] = ()) -> Allocation | None:

@@ -19,11 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autosparse.search.samplers._proposing import ProposingSampler
 from autosparse.search.samplers.level_switch import LevelSwitch
-from autosparse.search.samplers.screening import (
-    Predictor,
-    observed_values,
-    pick_most_promising,
-)
+from autosparse.search.samplers.screening import Predictor, admits_none, pick_screened
 from autosparse.search.samplers.seeding import isolated_global_random, stable_seed
 from autosparse.space.search_space import SearchSpace
 
@@ -59,7 +55,9 @@ class GeneticSampler(ProposingSampler):
 
     With a ``predictor`` (per-layer sensitivity), ``screen`` distinct children are bred per trial
     and the one whose predicted point adds most hypervolume to the observed front is kept
-    (:mod:`.screening`); ``gene_weights`` (per decision) scale each gene's mutation probability.
+    (:mod:`.screening`); under an ``accuracy_drop`` bound only children the planner's guard
+    admits compete (another batch is bred when none is); ``gene_weights`` (per decision) scale
+    each gene's mutation probability.
 
     Genome: one integer index per param of the full space (``space.param_names()``, conditional
     ``sparsity`` params included, so a gene survives while its pattern does not use it) into
@@ -226,20 +224,24 @@ class GeneticSampler(ProposingSampler):
         rng = random.Random(stable_seed(self._seed, trial.number))
         trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
         completed = [t for t in trials if t.state == TrialState.COMPLETE]
+        predictor = self._predictor if self._screen > 1 else None
+        if predictor is not None:
+            predictor.refit(completed)
         with isolated_global_random(rng):
             seen = self._seen_keys(trials, trial.number)
             proposals: dict[str, tuple[Any, dict[str, Any]]] = {}
-            for _ in range(self._screen * 2):  # a few spare draws for children already proposed
-                candidate, values = self._child(study, completed, seen | set(proposals))
-                proposals.setdefault(candidate.key, (candidate, values))
-                if len(proposals) == self._screen:
+            for batch in (self._screen, 2 * self._screen):  # again when none is admitted
+                wanted = len(proposals) + batch
+                for _ in range(batch * 2):  # a few spare draws for children already proposed
+                    candidate, values = self._child(study, completed, seen | set(proposals))
+                    proposals.setdefault(candidate.key, (candidate, values))
+                    if len(proposals) == wanted:
+                        break
+                if not admits_none(list(proposals.values()), predictor):
                     break
         chosen = list(proposals.values())
-        if len(chosen) > 1 and self._predictor is not None:
-            self._predictor.refit(completed)
-            predicted = np.asarray([self._predictor.predict(c) for c, _ in chosen])
-            return chosen[pick_most_promising(predicted, observed_values(study),
-                                              study.directions)][1]
+        if predictor is not None:
+            return pick_screened(chosen, predictor, study)
         return chosen[0][1]
 
     def _child(self, study: Study, completed: list[FrozenTrial], seen: set[str]):

@@ -9,11 +9,17 @@ far they are from the front (additive epsilon), so the closest to it still wins:
     front = non-dominated values of the finished trials (normalised by the dense model's costs)
     gain(c) = HV(front + predict(c)) - HV(front)          # reference: worst observed + margin
     pick argmax gain; ties (all 0) by argmin epsilon-distance to the front
+
+With an ``accuracy_drop`` bound in the config, only candidates the budget planner's guard admits
+compete (outside every finished infeasible trial's boxes: not at least as hard in every layer,
+not one step from it; predicted within the calibrated ceiling), so the GA and BO keep to the
+bound the way the knapsack does; when none of the draws is admitted, the one predicted to lose
+least accuracy gets the trial (:func:`pick_screened`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import moocore
 import numpy as np
@@ -31,7 +37,8 @@ from autosparse.space.search_space import SearchSpace
 if TYPE_CHECKING:
     from autosparse.search.allocation.planner import BudgetPlanner
 
-__all__ = ["AllocationPredictor", "Predictor", "ScreenedSampler", "gene_weights", "pick_most_promising"]
+__all__ = ["AllocationPredictor", "Predictor", "ScreenedSampler", "gene_weights",
+           "pick_most_promising", "pick_screened"]
 
 
 class Predictor(Protocol):
@@ -40,6 +47,10 @@ class Predictor(Protocol):
     def refit(self, trials: Sequence[FrozenTrial]) -> None: ...
 
     def predict(self, candidate: Candidate) -> np.ndarray: ...
+
+    def admissible(self, candidate: Candidate) -> bool: ...
+
+    def predicted_drop(self, candidate: Candidate) -> float: ...
 
 
 def pick_most_promising(predicted: np.ndarray, observed: np.ndarray,
@@ -68,6 +79,30 @@ def pick_most_promising(predicted: np.ndarray, observed: np.ndarray,
     # distance each point must improve on every objective to be non-dominated
     epsilon = np.array([np.min(np.max(p - front_n, axis=1)) for p in points_n])
     return int(np.argmin(epsilon))
+
+
+def pick_screened(chosen: Sequence[tuple[Candidate, dict[str, Any]]], predictor: Predictor,
+                  study: Study) -> dict[str, Any]:
+    """The params of the screened proposal to fine-tune (the predictor refitted already)::
+
+        allowed = proposals the predictor admits (the planner's guard; all without a bound)
+        allowed -> the one adding most predicted hypervolume (pick_most_promising)
+        none    -> the one of least predicted accuracy drop
+    """
+    if len(chosen) == 1:
+        return chosen[0][1]
+    allowed = [i for i, (candidate, _) in enumerate(chosen) if predictor.admissible(candidate)]
+    if not allowed:
+        drops = [predictor.predicted_drop(candidate) for candidate, _ in chosen]
+        return chosen[int(np.argmin(drops))][1]
+    predicted = np.asarray([predictor.predict(chosen[i][0]) for i in allowed])
+    return chosen[allowed[pick_most_promising(predicted, observed_values(study),
+                                              study.directions)]][1]
+
+
+def admits_none(chosen: Sequence[tuple[Candidate, Any]], predictor: Predictor | None) -> bool:
+    """Whether a screened batch holds nothing the predictor admits (draw another then)."""
+    return predictor is not None and not any(predictor.admissible(c) for c, _ in chosen)
 
 
 def observed_values(study: Study) -> np.ndarray:
@@ -106,21 +141,20 @@ class ScreenedSampler(ProposingSampler):
         seen = {self._key(t.params) for t in trials if t.number != trial.number}
         seen |= {self._key(p) for p in self._in_flight(trial.number).values()}
         proposals: dict[str, tuple[Candidate, dict[str, Any]]] = {}
-        for _ in range(self._screen * 3):
-            candidate, params = self._draw(study, trial)
-            if candidate.key not in seen:
-                proposals.setdefault(candidate.key, (candidate, params))
-            if len(proposals) == self._screen:
+        self._predictor.refit([t for t in trials if t.state == TrialState.COMPLETE])
+        for batch in (self._screen, 2 * self._screen):  # a second batch when none is admitted
+            wanted = len(proposals) + batch
+            for _ in range(batch * 3):
+                candidate, params = self._draw(study, trial)
+                if candidate.key not in seen:
+                    proposals.setdefault(candidate.key, (candidate, params))
+                if len(proposals) == wanted:
+                    break
+            if not admits_none(list(proposals.values()), self._predictor):
                 break
         if not proposals:  # nothing new was drawn: let the trial repeat (it costs no training)
             return params
-        chosen = list(proposals.values())
-        if len(chosen) == 1:
-            return chosen[0][1]
-        completed = [t for t in trials if t.state == TrialState.COMPLETE]
-        self._predictor.refit(completed)
-        predicted = np.asarray([self._predictor.predict(c) for c, _ in chosen])
-        return chosen[pick_most_promising(predicted, observed_values(study), study.directions)][1]
+        return pick_screened(list(proposals.values()), self._predictor, study)
 
     def _draw(self, study: Study, trial: FrozenTrial) -> tuple[Candidate, dict[str, Any]]:
         relative_space = self._inner.infer_relative_search_space(study, trial)
@@ -165,6 +199,7 @@ class AllocationPredictor:
         self._dense_accuracy = float(dense_accuracy)
         self._sign = 1.0 if maximize else -1.0  # a minimised task metric (mse) grows by its drop
         self._model = planner.prior
+        self._admits: Callable[[Sequence[int]], bool] | None = None  # None: no accuracy bound
 
     def refit(self, trials: Sequence[FrozenTrial]) -> None:
         from autosparse.search.allocation.planner import Observation
@@ -181,6 +216,18 @@ class AllocationPredictor:
                 continue  # not a candidate of this space (e.g. a grid-global point)
             observed.append(Observation(allocation, float(drop)))
         self._model = self._planner.predictor(observed)
+        if self._planner.drop_bound is not None:
+            self._admits = self._planner.admissibility(observed)
+
+    def admissible(self, candidate: Candidate) -> bool:
+        """Whether the planner's guard lets ``candidate`` be fine-tuned (always, without an
+        ``accuracy_drop`` bound in the config)."""
+        if self._admits is None:
+            return True
+        return self._admits(self._planner.problem.allocation_of(candidate))
+
+    def predicted_drop(self, candidate: Candidate) -> float:
+        return float(self._model.predict(self._planner.problem.allocation_of(candidate)))
 
     def predict(self, candidate: Candidate) -> np.ndarray:
         problem = self._planner.problem

@@ -151,7 +151,8 @@ def best_compression(frame: pd.DataFrame, max_drop: float) -> pd.Series | None:
 
 
 def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, runs_dir: Path,
-            model_tag: str, step_seconds: float) -> tuple[dict, pd.DataFrame]:
+            model_tag: str, step_seconds: float, threads: int | None = None
+            ) -> tuple[dict, pd.DataFrame]:
     from autosparse.search.runner import prepare, run_search, run_sensitivity
 
     charged, sensitivity_seconds = 0, 0.0
@@ -165,7 +166,7 @@ def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, 
         charged = int(math.ceil(sensitivity_seconds / step_seconds))
         path = method_config(base, method, seed=seed, fine_tunes=fine_tunes, steps=steps,
                              charged_steps=charged, runs_dir=runs_dir, model_tag=model_tag)
-    outcome = run_search(path, runs_dir=runs_dir, printer=lambda line: None)
+    outcome = run_search(path, runs_dir=runs_dir, printer=lambda line: None, threads=threads)
     wall = time.perf_counter() - start
     frame = outcome.trials
     context = prepare(path, runs_dir)
@@ -240,7 +241,7 @@ def _median_range(values: pd.Series, spec: str) -> str:
 def render_markdown(runs: pd.DataFrame, meta: dict) -> str:
     made = f"`{meta['command']}`"
     if meta.get("parts"):
-        made = "these runs, one process per core, then merged by " + made + ":\n\n" + "\n".join(
+        made = "these runs, made in parallel, then merged by " + made + ":\n\n" + "\n".join(
             f"    {part}" for part in meta["parts"]) + "\n\nrun"
     lines = ["# Search quality at equal compute", "",
              f"Produced by {made} on {meta['machine']} ({meta['date']}).", "",
@@ -343,6 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--runs-dir", type=Path, default=Path("runs/benchmarks"))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/search_quality"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every fine-tune, search and rebuild alike "
+                        "(default: run_search's, the CPUs this process may use; give 1 when "
+                        "one process runs per core). Conv fine-tunes differ in the last bits "
+                        "between thread counts, so a rebuild must use the search's count")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--merge", nargs="+", type=Path, default=[],
                         help="output prefixes of runs made in parallel (separate --runs-dir and "
@@ -381,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         from autosparse.search.runner import prepare
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        torch.set_num_threads(1)
+        from autosparse.search.workers import thread_count
+
+        torch.set_num_threads(thread_count(1, args.threads))  # run_search sets the same
         rows, histories = [], []
         if csv.exists():  # append to earlier runs of other models/seeds
             rows = pd.read_csv(csv).to_dict("records")
@@ -395,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows = [r for r in rows if (r["model"], r["method"], r["seed"]) != (tag, method, seed)]
                     row, history = run_one(base, method, seed=seed, fine_tunes=args.fine_tunes,
                                            steps=args.steps, runs_dir=args.runs_dir,
-                                           model_tag=tag, step_seconds=step_seconds)
+                                           model_tag=tag, step_seconds=step_seconds,
+                                           threads=args.threads)
                     rows.append(row)
                     histories = [h[~((h["model"] == tag) & (h["method"] == method)
                                      & (h["seed"] == seed))] for h in histories] + [history]
@@ -408,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         meta = {"command": "python benchmarks/search_quality.py " + shlex.join(
                     sys.argv[1:] if argv is None else argv),
                 "machine": machine_note(), "date": time.strftime("%Y-%m-%d"),
-                "fine_tunes": args.fine_tunes, "steps": args.steps}
+                "fine_tunes": args.fine_tunes, "steps": args.steps,
+                "threads": torch.get_num_threads()}
         meta_path.write_text(json.dumps(meta, indent=1))
     meta = json.loads(meta_path.read_text())
     runs = pd.read_csv(csv)

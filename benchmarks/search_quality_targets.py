@@ -131,7 +131,8 @@ def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, required=True, help="merged search_quality results")
+    parser.add_argument("--csv", type=Path, nargs="+", required=True,
+                        help="merged search_quality results (several: concatenated)")
     parser.add_argument("--runs", type=Path, nargs="*", default=[],
                         help="runs folders holding quality-*/trials.csv")
     parser.add_argument("--past-csv", type=Path, default=None,
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         "folders are gone); columns as this script writes them")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    results = pd.read_csv(args.csv)
+    results = pd.concat([pd.read_csv(path) for path in args.csv], ignore_index=True)
     past = past_constraint(args.runs)
     if args.past_csv is not None and args.past_csv.exists():
         past = pd.concat([pd.read_csv(args.past_csv), past]).drop_duplicates(

@@ -93,13 +93,14 @@ from autosparse.export.request import (
 )
 from autosparse.search.context import SearchContext
 from autosparse.search.lr_choice import require_lr
-from autosparse.search.objective import CandidateEvaluator
+from autosparse.search.objective import THREADS_ATTR, CandidateEvaluator
 from autosparse.search.preparation import prepare
 from autosparse.search.selection import Selection
 from autosparse.search.study import study_uid
 from autosparse.search.trial_attrs import CANDIDATE_ATTR, METRICS_ATTR
 from autosparse.space.candidate import Candidate
 from autosparse.space.discovery import example_input
+from autosparse.workload.devices import torch_threads
 from autosparse.workload.evaluate import evaluate
 
 Printer = Callable[[str], None]
@@ -132,7 +133,7 @@ def run_export(config_path: str | Path, request: ExportRequest, *, runs_dir: Pat
                                state, printer)
     try:
         report, shrunk = _export_into(context, request, selection, candidate, searched, tmp,
-                                      runs_dir, printer)
+                                      runs_dir, printer, trial.user_attrs.get(THREADS_ATTR))
         write_reproduction(context, report, tmp)  # split.json, reproduce.py, report["reproduce"]
         report[DIGEST_KEY] = digest
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -173,7 +174,7 @@ def _export_oneshot(context: SearchContext, selection: Selection, candidate: Can
 
 def _export_into(context: SearchContext, request: ExportRequest, selection: Selection,
                  candidate: Candidate, searched: dict, out: Path, runs_dir: Path,
-                 printer: Printer) -> tuple[dict, torch.nn.Module]:
+                 printer: Printer, threads: int | None = None) -> tuple[dict, torch.nn.Module]:
     config = context.config
     require_lr(context)
     tune_cfg: FinetuneConfig = context.finetune  # lr auto: the study's probed lr
@@ -193,7 +194,8 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
                              out / ".dense.onnx")
     printer(f"trial {selection.trial} ({selection.reason}): rebuilding with "
             f"{tune_steps} fine-tune steps ...")
-    student, _ = evaluator.compress_and_tune(candidate, tune_cfg)
+    with torch_threads(threads):  # the trial's own count: a CPU rebuild then repeats it exactly
+        student, rebuilt_loss = evaluator.compress_and_tune(candidate, tune_cfg)
     # fine-tuned on the search's device (so the rebuild repeats the trial); export itself
     # (packing, torch.export, ONNX, onnxruntime checks) is CPU work
     student.cpu()
@@ -319,6 +321,8 @@ def _export_into(context: SearchContext, request: ExportRequest, selection: Sele
         metric_key(task, "validation_accuracy"): {
             "search": searched.get("accuracy"), "search_single": own, "rebuilt": validation,
             "dense": context.dense_metrics["accuracy"]},
+        "finetune_loss": {"search": searched.get("finetune_loss"), "rebuilt": float(rebuilt_loss),
+                          "torch_threads": threads},
         "reevaluation": {metric_key(task, key): searched[key] for key in REEVALUATION
                          if key in searched},
         metric_key(task, "test_accuracy"): {**accuracy,

@@ -56,6 +56,7 @@ FAIL_ATTR = "fail_reason"
 CACHED_ATTR = "cached"
 WORKER_ATTR = "worker"
 DEVICE_ATTR = "device"  # where the trial was fine-tuned and evaluated (cpu, cuda:1, ...)
+THREADS_ATTR = "torch_threads"  # its torch intra-op threads: an exact CPU rebuild needs them
 TIMING_METRICS = ("finetune_seconds", "eval_seconds", "latency_measure_seconds",
                   "deploy_build_seconds")
 INTERRUPTED = "interrupted"  # prefix of the fail reason of a trial cut short: it uses no budget
@@ -376,6 +377,7 @@ class SearchObjective:
     def __call__(self, trial: optuna.Trial) -> tuple[float, ...]:
         start_trial(trial)
         trial.set_user_attr(DEVICE_ATTR, str(next(self.evaluator.dense.parameters()).device))
+        trial.set_user_attr(THREADS_ATTR, torch.get_num_threads())
         try:
             candidate = self.space.suggest(trial)
             trial.set_user_attr(CANDIDATE_ATTR, candidate.to_json())

@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from autosparse.config.sections import ModelConfig
 from autosparse.workload.data_checks import check_model_outputs
+from autosparse.workload.devices import torch_threads
 from autosparse.workload.evaluate import evaluate
 from autosparse.workload.models import build_model, model_name
 from autosparse.workload.splits import SPLITS, DataSplits
@@ -98,12 +99,8 @@ def single_thread() -> Iterator[None]:
     The built-in models are so small that intra-op threads cost more than they give: on the
     2-core dev machine digits-cnn trained 3.6x faster (wall and CPU time) on one thread.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def train_dense(model: nn.Module, data: DataSplits, epochs: int, seed: int,

@@ -28,9 +28,25 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["AmpMode", "amp_mode", "device_of", "eval_mode", "place_workers", "present_devices",
-           "resolve_device"]
+           "resolve_device", "torch_threads"]
 
 _CUDA = re.compile(r"cuda(?::(\d+))?")
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run torch ops on ``count`` intra-op threads (None: as they are), then restore the
+    caller's setting. A CPU conv fine-tune's last bits depend on the thread count (the order
+    of its reductions), so repeating a trial exactly needs the trial's own count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(max(1, int(count)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @contextmanager

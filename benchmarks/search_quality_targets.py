@@ -7,6 +7,9 @@ recipe (``grid-global``) per model and seed, and the share of its trials past th
 Reads the merged results (``search_quality.py --merge``) and each run's ``trials.csv`` (the runs
 folders the benchmark wrote, ``quality-<model>-<method>-s<seed>/``). Chooses the default on
 validation (mean ratio to grid-global over every model and seed), reports test beside it.
+
+A ``--csv`` or ``--runs`` argument written ``PATH:SUFFIX`` appends SUFFIX to the method names it
+holds, so runs of a changed method sit beside the earlier ones (``ga`` and ``ga+guard``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,26 @@ RUN_NAME = re.compile(r"quality-(.+)-(" + "|".join(
 CURRENT_DEFAULT = "ga"  # StrategyConfig's default name and the quickstart's
 
 
-def past_constraint(runs: list[Path], bound: float = 5.0) -> pd.DataFrame:
+def labelled(argument: str) -> tuple[Path, str]:
+    """``PATH`` or ``PATH:SUFFIX`` -> (path, suffix for the method names found there)."""
+    path, _, suffix = argument.partition(":")
+    return Path(path), suffix
+
+
+def read_results(arguments: list[str]) -> pd.DataFrame:
+    frames = []
+    for argument in arguments:
+        path, suffix = labelled(argument)
+        frame = pd.read_csv(path)
+        frames.append(frame.assign(method=frame["method"] + suffix))
+    return pd.concat(frames, ignore_index=True)
+
+
+def past_constraint(runs: list[str], bound: float = 5.0) -> pd.DataFrame:
     """Per run: finished trials, and how many after the first ``FIRST`` exceed the drop bound."""
     rows = []
-    for root in runs:
+    for argument in runs:
+        root, suffix = labelled(argument)
         for trials in sorted(root.glob("quality-*-s*/trials.csv")):
             match = RUN_NAME.fullmatch(trials.parent.name)
             if match is None:
@@ -41,7 +60,7 @@ def past_constraint(runs: list[Path], bound: float = 5.0) -> pd.DataFrame:
             frame = pd.read_csv(trials)
             done = frame[frame["state"] == "COMPLETE"].sort_values("trial")
             later = done.iloc[FIRST:]
-            rows.append({"model": match[1], "method": match[2], "seed": int(match[3]),
+            rows.append({"model": match[1], "method": match[2] + suffix, "seed": int(match[3]),
                          "finished": len(done), "after_first": len(later),
                          "past_after_first": int((later["accuracy_drop"] > bound).sum())})
     return pd.DataFrame(rows)
@@ -131,16 +150,17 @@ def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, nargs="+", required=True,
-                        help="merged search_quality results (several: concatenated)")
-    parser.add_argument("--runs", type=Path, nargs="*", default=[],
-                        help="runs folders holding quality-*/trials.csv")
+    parser.add_argument("--csv", nargs="+", required=True,
+                        help="merged search_quality results (several: concatenated; "
+                        "PATH:SUFFIX renames its methods)")
+    parser.add_argument("--runs", nargs="*", default=[],
+                        help="runs folders holding quality-*/trials.csv (PATH:SUFFIX as --csv)")
     parser.add_argument("--past-csv", type=Path, default=None,
                         help="also read per-run constraint counts from this csv (runs whose "
                         "folders are gone); columns as this script writes them")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    results = pd.concat([pd.read_csv(path) for path in args.csv], ignore_index=True)
+    results = read_results(args.csv)
     past = past_constraint(args.runs)
     if args.past_csv is not None and args.past_csv.exists():
         past = pd.concat([pd.read_csv(args.past_csv), past]).drop_duplicates(

@@ -212,12 +212,16 @@ class BudgetPlanner:
         infeasible trial's boxes and predicted (refit) within the calibrated ceiling."""
         return self.admissibility(observed)(allocation)
 
-    def admissibility(self, observed: Iterable[Observation]) -> Callable[[Sequence[int]], bool]:
+    def admissibility(self, observed: Iterable[Observation], *, ceiling: bool = True
+                      ) -> Callable[[Sequence[int]], bool]:
         """``admissible`` for many allocations against the same finished trials: the refit and
-        the guard are computed once."""
+        the guard are computed once. ``ceiling=False`` keeps only the boxes (what finished
+        trials proved), not the cap on the model's predicted drop."""
         observed = list(observed)
-        predictor = self.refit(observed)
         guard = self.guard(observed)
+        if not ceiling:
+            return lambda allocation: not guard.forbids(allocation)
+        predictor = self.refit(observed)
         return lambda allocation: (not guard.forbids(allocation)
                                    and predictor.predict(allocation) <= guard.ceiling + 1e-9)
 

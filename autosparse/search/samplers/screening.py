@@ -86,7 +86,7 @@ def pick_screened(chosen: Sequence[tuple[Candidate, dict[str, Any]]], predictor:
                   study: Study) -> dict[str, Any]:
     """The params of the screened proposal to fine-tune (the predictor refitted already)::
 
-        allowed = proposals the predictor admits (the planner's guard; all without a bound)
+        allowed = proposals the predictor admits (outside the planner's boxes; all without a bound)
         allowed -> the one adding most predicted hypervolume (pick_most_promising)
         none    -> the one of least predicted accuracy drop
     """

@@ -51,8 +51,9 @@ class FidelityPlan:
                     low_steps: int | None = None) -> "FidelityPlan | None":
         """The plan when ``budget.finetune_steps`` with ``fidelity.low_steps`` (or oneshot's
         ``budget.tokens``) is set and a short fine-tune (score) is shorter than the full one;
-        None (every candidate gets the full one) otherwise. Steps are the budget's work units: fine-tune steps, or with oneshot
-        scored tokens (``low_steps`` then comes from ``fidelity.low_windows``)."""
+        None (every candidate gets the full one) otherwise. Steps are the budget's work units:
+        fine-tune steps, or with oneshot scored tokens (``low_steps`` then comes from
+        ``fidelity.low_windows``)."""
         if config.budget.work() is None:
             return None
         # fine-tuning screens only when fidelity.low_steps asks: at equal steps it did not beat

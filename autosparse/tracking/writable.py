@@ -78,8 +78,8 @@ def check_database(url: str, what: str) -> None:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as err:
-        raise ConfigError(f"{what} {shown}: cannot connect ({_first_line(err)}): start the database "
-                          "server or fix the URL") from None
+        raise ConfigError(f"{what} {shown}: cannot connect ({_first_line(err)}): start the "
+                          "database server or fix the URL") from None
     finally:
         engine.dispose()
 

@@ -145,6 +145,7 @@ def test_shipped_resnet_config_runs(runs_dir, tmp_path):
     config.update(name="resnet-smoke", budget={"trials": 2})
     config["finetune"].update(steps=3, reeval_seeds=0)
     config["model"]["train_epochs"] = 1
+    config["sensitivity"] = {"samples": 64}  # a smoke test: most of its time was this pass
     path = tmp_path / "resnet.yaml"
     path.write_text(yaml.safe_dump(config))
     outcome = run_search(path, runs_dir=runs_dir, **QUIET)

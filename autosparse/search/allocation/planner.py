@@ -190,12 +190,10 @@ class BudgetPlanner:
         """The predictor the planner proposes with: refitted on the clipped drops."""
         return fit(self.problem, self._clipped(observed), **self._fit_args)
 
-    def guard(self, observed: Iterable[Observation], *, calibrate: bool = True) -> Guard:
+    def guard(self, observed: Iterable[Observation]) -> Guard:
         """What finished trials rule out (:mod:`~autosparse.search.allocation.feasibility`):
         the calibrated ceiling on the predicted drop, and boxes around every trial whose drop
-        exceeded ``near_lossless`` (the accuracy-drop bound when there is one). Without
-        ``calibrate`` the ceiling is the bound itself (no leave-one-out refits): for callers
-        that use the boxes only."""
+        exceeded ``near_lossless`` (the accuracy-drop bound when there is one)."""
         observed = list(observed)
         limit = self.near_lossless
         infeasible = tuple(dict.fromkeys(tuple(o.allocation) for o in observed
@@ -205,8 +203,7 @@ class BudgetPlanner:
             boxes.append(dominating_box(self.problem, allocation))
             boxes.extend(near_boxes(self.problem, allocation))
         fitted = lambda subset: fit(self.problem, subset, **self._fit_args).predict  # noqa: E731
-        ceiling = (calibrated_ceiling(self._clipped(observed), limit, fitted) if calibrate
-                   else limit)
+        ceiling = calibrated_ceiling(self._clipped(observed), limit, fitted)
         return Guard(ceiling=ceiling, margin=limit - ceiling, boxes=tuple(boxes),
                      infeasible=infeasible)
 
@@ -215,15 +212,12 @@ class BudgetPlanner:
         infeasible trial's boxes and predicted (refit) within the calibrated ceiling."""
         return self.admissibility(observed)(allocation)
 
-    def admissibility(self, observed: Iterable[Observation], *, ceiling: bool = True
+    def admissibility(self, observed: Iterable[Observation]
                       ) -> Callable[[Sequence[int]], bool]:
         """``admissible`` for many allocations against the same finished trials: the refit and
-        the guard are computed once. ``ceiling=False`` keeps only the boxes (what finished
-        trials proved), not the cap on the model's predicted drop."""
+        the guard are computed once."""
         observed = list(observed)
-        guard = self.guard(observed, calibrate=ceiling)
-        if not ceiling:
-            return lambda allocation: not guard.forbids(allocation)
+        guard = self.guard(observed)
         predictor = self.refit(observed)
         return lambda allocation: (not guard.forbids(allocation)
                                    and predictor.predict(allocation) <= guard.ceiling + 1e-9)

@@ -55,8 +55,8 @@ class GeneticSampler(ProposingSampler):
 
     With a ``predictor`` (per-layer sensitivity), ``screen`` distinct children are bred per trial
     and the one whose predicted point adds most hypervolume to the observed front is kept
-    (:mod:`.screening`); under an ``accuracy_drop`` bound only children outside the planner's
-    boxes around finished infeasible trials compete (another batch is bred when none is);
+    (:mod:`.screening`); under an ``accuracy_drop`` bound only children the budget planner
+    would propose compete (another batch is bred when none is);
     ``gene_weights`` (per decision) scale each gene's mutation probability.
 
     Genome: one integer index per param of the full space (``space.param_names()``, conditional

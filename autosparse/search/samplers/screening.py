@@ -10,10 +10,10 @@ far they are from the front (additive epsilon), so the closest to it still wins:
     gain(c) = HV(front + predict(c)) - HV(front)          # reference: worst observed + margin
     pick argmax gain; ties (all 0) by argmin epsilon-distance to the front
 
-With an ``accuracy_drop`` bound in the config, only candidates outside the budget planner's
-boxes compete (not at least as hard in every layer as a finished infeasible trial, not one step
-from it), so the GA and BO do not repeat what finished trials proved past the bound; unlike the
-knapsack they are not capped by the model's predicted drop, which is pessimistic at 2-4 bits.
+With an ``accuracy_drop`` bound in the config, only candidates the budget planner would propose
+compete (:mod:`~autosparse.search.allocation.feasibility`: not at least as hard in every layer
+as a finished infeasible trial, not one step from it, predicted drop within the ceiling
+calibrated on the finished trials), so the GA and BO keep to the bound as the knapsack does.
 When none of the draws is admitted, the one predicted to lose least accuracy gets the trial
 (:func:`pick_screened`).
 """
@@ -86,7 +86,7 @@ def pick_screened(chosen: Sequence[tuple[Candidate, dict[str, Any]]], predictor:
                   study: Study) -> dict[str, Any]:
     """The params of the screened proposal to fine-tune (the predictor refitted already)::
 
-        allowed = proposals the predictor admits (outside the planner's boxes; all without a bound)
+        allowed = proposals the predictor admits (the planner's rules; all without a bound)
         allowed -> the one adding most predicted hypervolume (pick_most_promising)
         none    -> the one of least predicted accuracy drop
     """
@@ -217,14 +217,13 @@ class AllocationPredictor:
                 continue  # not a candidate of this space (e.g. a grid-global point)
             observed.append(Observation(allocation, float(drop)))
         self._model = self._planner.predictor(observed)
-        if self._planner.drop_bound is not None:  # the boxes only: the GA explores past the
-            # model's predicted drop (pessimistic at 2-4 bits; a cap on it kept the quickstart's
-            # GA below 25x where it had found 53x at 2.5 points)
-            self._admits = self._planner.admissibility(observed, ceiling=False)
+        if self._planner.drop_bound is not None:  # the knapsack's three rules
+            self._admits = self._planner.admissibility(observed)
 
     def admissible(self, candidate: Candidate) -> bool:
-        """Whether ``candidate`` lies outside the planner's boxes around finished infeasible
-        trials (always, without an ``accuracy_drop`` bound in the config)."""
+        """Whether the planner would propose ``candidate`` given the finished trials: outside
+        its boxes around infeasible ones and predicted within its calibrated ceiling (always,
+        without an ``accuracy_drop`` bound in the config)."""
         if self._admits is None:
             return True
         return self._admits(self._planner.problem.allocation_of(candidate))

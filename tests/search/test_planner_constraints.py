@@ -332,3 +332,32 @@ def test_screening_predictor_admits_what_the_planner_admits_under_a_bound_only()
             admitted = predictor.admissible(problem.candidate(allocation))
             assert admitted is (bound is None or planner.admissible(allocation, observed))
             assert admitted is (bound is None)
+
+
+def test_screening_predictor_caps_the_predicted_drop_under_a_bound():
+    """The screen also keeps the knapsack's third rule: with no infeasible trial (no boxes), a
+    child the refit predicts past the calibrated ceiling is not admitted, a mild one is; the
+    harshest allocation of the space is admitted only without a bound."""
+    import optuna
+
+    from autosparse.search.samplers.screening import AllocationPredictor
+
+    problem = build_problem(QUICKSTART, DIGITS, sensitivity_for(QUICKSTART), ["size"])
+    bounded = BudgetPlanner(problem, ["size"], [("accuracy_drop", "<=", LIMIT)])
+    seeds = bounded.seeds(6)
+    truth = superadditive_truth(bounded, 1.0)
+    observed = [Observation(s, min(truth(s), LIMIT / 2)) for s in seeds]  # all feasible
+    trials = [optuna.trial.create_trial(values=[90.0, 1.0], user_attrs={
+        CANDIDATE_ATTR: problem.candidate(o.allocation).to_json(),
+        METRICS_ATTR: {"accuracy_drop": o.drop}}) for o in observed]
+    refit, guard = bounded.refit(observed), bounded.guard(observed)
+    assert not guard.boxes
+    harshest = tuple(max(range(len(row)), key=row.__getitem__) for row in problem.loss)
+    assert refit.predict(harshest) > guard.ceiling  # the model says: far past the bound
+    mild = min(seeds, key=refit.predict)
+    assert refit.predict(mild) <= guard.ceiling
+    for planner, bound in ((bounded, LIMIT), (BudgetPlanner(problem, ["size"], []), None)):
+        predictor = AllocationPredictor(planner, ["accuracy", "size"], 98.0)
+        predictor.refit(trials)
+        assert predictor.admissible(problem.candidate(mild))
+        assert predictor.admissible(problem.candidate(harshest)) is (bound is None)

@@ -79,24 +79,26 @@ def _signed(fraction: float) -> str:
     return f"{'+' if fraction >= 0 else '−'}{abs(fraction) * 100:.1f} %"
 
 
-def choose_default(val: pd.DataFrame, best: str) -> tuple[str, str]:
+def choose_default(val: pd.DataFrame, best: str, current: str = CURRENT_DEFAULT
+                   ) -> tuple[str, str]:
     """Replace the current default only when ``best`` beats it on validation by more than two
     standard errors of the paired (same model and seed) difference: else the ranking is noise."""
-    if best == CURRENT_DEFAULT:
-        return best, f"It is the current default ({CURRENT_DEFAULT})."
+    if best == current:
+        return best, f"It is the current default ({current})."
     pairs = val.pivot_table(index=["model", "seed"], columns="method", values="ratio")
-    if CURRENT_DEFAULT not in pairs.columns:
-        return CURRENT_DEFAULT, f"The current default {CURRENT_DEFAULT} was not run: kept."
-    diff = (pairs[best] - pairs[CURRENT_DEFAULT]).dropna()
+    if current not in pairs.columns:
+        return current, f"The current default {current} was not run: kept."
+    diff = (pairs[best] - pairs[current]).dropna()
     se = diff.std(ddof=1) / max(len(diff), 1) ** 0.5 if len(diff) > 1 else float("inf")
-    verdict = (f"Paired with the current default {CURRENT_DEFAULT} over {len(diff)} model-seeds: "
-               f"{best} − {CURRENT_DEFAULT} = {diff.mean():+.4f} (standard error {se:.4f}).")
+    verdict = (f"Paired with the current default {current} over {len(diff)} model-seeds: "
+               f"{best} − {current} = {diff.mean():+.4f} (standard error {se:.4f}).")
     if diff.mean() > 2 * se:
         return best, verdict + " More than 2 standard errors: it becomes the default."
-    return CURRENT_DEFAULT, verdict + " Within 2 standard errors: the default stays."
+    return current, verdict + " Within 2 standard errors: the default stays."
 
 
-def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
+def render(results: pd.DataFrame, past: pd.DataFrame, command: str,
+           current: str = CURRENT_DEFAULT) -> str:
     val, test = ratios(results, "val"), ratios(results, "test")
     mean_val = val.groupby("method")["ratio"].mean().sort_values(ascending=False)
     mean_test = test.groupby("method")["ratio"].mean()
@@ -104,7 +106,7 @@ def render(results: pd.DataFrame, past: pd.DataFrame, command: str) -> str:
     eligible = [m for m in mean_val.index  # equal compute, and run on every model and seed
                 if not m.endswith("-4x") and runs[m] == runs.max()]
     best = eligible[0]
-    chosen, rule = choose_default(val, best)
+    chosen, rule = choose_default(val, best, current)
     lines = ["# Search quality: the issue-20 targets", "", f"    {command}", "",
              "Hypervolume (−5 pt reference) of each method divided by grid-global's on the same "
              "model and seed (1.00 = the by-hand recipe); mean over every model and seed. The "
@@ -158,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--past-csv", type=Path, default=None,
                         help="also read per-run constraint counts from this csv (runs whose "
                         "folders are gone); columns as this script writes them")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these method labels (after renaming), e.g. the versions the "
+                        "code now ships; grid-global is always kept")
+    parser.add_argument("--default", default=CURRENT_DEFAULT,
+                        help=f"label of the current default in these results ({CURRENT_DEFAULT})")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     results = read_results(args.csv)
@@ -165,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.past_csv is not None and args.past_csv.exists():
         past = pd.concat([pd.read_csv(args.past_csv), past]).drop_duplicates(
             ["model", "method", "seed"], keep="last")
+    if args.methods is not None:
+        keep = set(args.methods) | {"grid-global"}
+        results = results[results["method"].isin(keep)]
+        past = past[past["method"].isin(keep)] if len(past) else past
     past.to_csv(args.out.with_suffix(".past.csv"), index=False)
     command = "python benchmarks/search_quality_targets.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    args.out.write_text(render(results, past, command))
+    args.out.write_text(render(results, past, command, args.default))
     print(f"wrote {args.out}")
     return 0
 

@@ -30,7 +30,7 @@ DEEPEST = "digits-resnet"
 # a run's folder, as search_quality.method_config names it; longer method names tried first
 RUN_NAME = re.compile(r"quality-(.+)-(" + "|".join(
     re.escape(m) for m in sorted(METHODS, key=len, reverse=True)) + r")-s(\d+)")
-CURRENT_DEFAULT = "ga"  # StrategyConfig's default name and the quickstart's
+CURRENT_DEFAULT = "hybrid"  # StrategyConfig's default name and the quickstart's
 
 
 def labelled(argument: str) -> tuple[Path, str]:

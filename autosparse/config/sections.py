@@ -210,7 +210,9 @@ class DataConfig(Strict):
 
 class StrategyConfig(Strict):
     name: Literal["ga", "bo", "knapsack", "hybrid", "random", "grid-uniform",
-                  "grid-global"] = "ga"
+                  "grid-global"] = Field(
+        "hybrid", description="how candidates are proposed; the default hybrid won the search "
+        "quality benchmark (docs: Strategies, Benchmarks)")
     population_size: int = Field(16, ge=4, le=MAX_SMALL,
                                  description="GA: NSGA-II population (keep well under budget)")
     knapsack_trials: int | None = Field(None, ge=0, le=MAX_TRIALS,
@@ -248,6 +250,14 @@ class StrategyConfig(Strict):
     def handoff(self) -> int:
         """hybrid: the trial number from which the GA proposes."""
         return self.population_size if self.knapsack_trials is None else self.knapsack_trials
+
+    @model_validator(mode="after")
+    def _hybrid_uses_sensitivity(self) -> "StrategyConfig":
+        if self.name == "hybrid" and not self.use_sensitivity:
+            raise ValueError("use_sensitivity false: strategy 'hybrid' (the default) always "
+                             "measures per-layer sensitivity; set name: ga (or bo) to search "
+                             "without it")
+        return self
 
     @model_validator(mode="after")
     def _handoff_for_hybrid(self) -> "StrategyConfig":

@@ -17,13 +17,14 @@ def _error(**changes) -> str:
 
 def test_defaults_are_valid():
     cfg = parse_config(BASE)
-    assert cfg.strategy.name == "ga" and cfg.objectives == ["accuracy", "size"]
+    assert cfg.strategy.name == "hybrid" and cfg.objectives == ["accuracy", "size"]
     assert cfg.objective_directions() == ["maximize", "minimize"]
 
 
 @pytest.mark.parametrize(
     "changes, expected",
     [
+        ({"strategy": {"use_sensitivity": False}}, ["strategy", "use_sensitivity false", "'hybrid' (the default)", "set name: ga"]),
         ({"strategy": {"name": "gaa"}}, ["strategy.name", "'ga', 'bo', 'knapsack', 'hybrid', 'random', 'grid-uniform' or 'grid-global'", "gaa"]),
         ({"objectives": ["accuracy", "speed"]}, ["objectives", "speed", "allowed: accuracy, size, macs, bops, latency, energy"]),
         ({"objectives": ["accuracy", "latency"]}, ["latency_ms needs a target device", "hardware", "x86-server-vnni"]),

@@ -1,7 +1,7 @@
 """MNIST-1D as an npz the ``npz`` data source reads: a benchmark model with a test split five
 times larger than digits', so one test image moves accuracy by 0.05 point instead of 0.28.
 
-    pip install mnist1d
+    .venv/bin/pip install -e ".[bench]"          # the mnist1d package
     python benchmarks/mnist1d_data.py            # writes runs/data/mnist1d-10000.npz
 
 The ``mnist1d`` package (Greydanus, 2020) generates the signals from its ten templates on this

@@ -30,17 +30,30 @@ class TinyNet(nn.Module):
 
 def two_conv_candidate(conv1: tuple, conv2: tuple) -> str:
     """JSON of a candidate for layers conv1 and conv2, each given as LayerChoice.make args."""
-    return Candidate({"conv1": LayerChoice.make(*conv1), "conv2": LayerChoice.make(*conv2)}).to_json()
+    return Candidate({"conv1": LayerChoice.make(*conv1),
+                      "conv2": LayerChoice.make(*conv2)}).to_json()
+
+
+def benchmark_module(filename: str) -> ModuleType:
+    """A script of benchmarks/ as a module (benchmarks/ is not a package; its scripts import
+    each other, so the folder is on sys.path while it loads). Loaded once per test session."""
+    name = "autosparse_bench_" + Path(filename).stem
+    if name not in sys.modules:
+        folder = Path(__file__).resolve().parents[1] / "benchmarks"
+        spec = importlib.util.spec_from_file_location(name, folder / filename)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: its dataclasses look themselves up
+        sys.path.insert(0, str(folder))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+        finally:
+            sys.path.remove(str(folder))
+    return sys.modules[name]
 
 
 def llm_model() -> ModuleType:
-    """benchmarks/llm_model.py (the benchmark LM's config and trainer) as a module: benchmarks/
-    is not a package."""
-    name = "autosparse_bench_llm_model"
-    if name not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "benchmarks" / "llm_model.py"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """benchmarks/llm_model.py (the benchmark LM's config and trainer) as a module."""
+    return benchmark_module("llm_model.py")

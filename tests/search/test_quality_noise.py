@@ -3,28 +3,16 @@ per-image answers, the shared resampling, and the chance that every ratio reache
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def noise():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("sq_noise", BENCHMARKS /
-                                                      "search_quality_noise.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("search_quality_noise.py")
 
 
 def run(dense_right: int, points: list[tuple[int, float]], images: int = 100) -> dict:

@@ -3,28 +3,17 @@ compression-at-equal-accuracy comparison with the by-hand recipe."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.helpers import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def targets():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("sq_targets", BENCHMARKS /
-                                                      "search_quality_targets.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    return benchmark_module("search_quality_targets.py")
 
 
 def results(rows: list[tuple[str, str, int, float, float, float]]) -> pd.DataFrame:

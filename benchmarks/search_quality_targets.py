@@ -100,15 +100,18 @@ def compression_lines(gains: pd.DataFrame, drop: float = 1.0) -> list[str]:
              f"{drop:g} point of dense on validation, divided by grid-global's on the same "
              "model and seed (geometric mean; exact sizes), and the test drop of those points "
              "(grid-global's in brackets, same model-seeds):", "",
-             "| method | compression vs grid-global | model-seeds above / below | test drop, "
-             "points |", "|---|--:|--:|--:|"]
+             "| method | compression vs grid-global | log₂ of it ± SE | model-seeds above / "
+             "below | test drop, points |", "|---|--:|--:|--:|--:|"]
     means = gains.groupby("method")["compression_ratio"].apply(
         lambda r: float(np.exp(np.log(r).mean()))).sort_values(ascending=False)
     for method in means.index:
         part = gains[gains["method"] == method]
         above = int((part["compression_ratio"] > 1 + 1e-9).sum())
         below = int((part["compression_ratio"] < 1 - 1e-9).sum())
-        lines.append(f"| {method} | {means[method]:.2f}× | {above} / {below} of {len(part)} | "
+        logs = np.log2(part["compression_ratio"])
+        se = logs.std(ddof=1) / len(logs) ** 0.5 if len(logs) > 1 else float("nan")
+        lines.append(f"| {method} | {means[method]:.2f}× | {logs.mean():+.2f} ± {se:.2f} | "
+                     f"{above} / {below} of {len(part)} | "
                      f"{part['test_drop'].mean():.2f} ({part['reference_test_drop'].mean():.2f}) |")
     return lines
 

@@ -33,7 +33,7 @@ def test_compression_is_paired_by_model_and_seed(targets):
     assert gains.loc[1, "reference_test_drop"] == pytest.approx(1.0)
     lines = "\n".join(targets.compression_lines(targets.compression_gains(frame)))
     # geometric mean of 2 and 0.5 is 1: one seed above, one below
-    assert "| hybrid | 1.00× | 1 / 1 of 2 | 0.50 (0.75) |" in lines
+    assert "| hybrid | 1.00× | +0.00 ± 1.00 | 1 / 1 of 2 | 0.50 (0.75) |" in lines
 
 
 def test_a_front_with_no_point_within_the_drop_has_no_ratio(targets):

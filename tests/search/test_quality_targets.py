@@ -51,3 +51,12 @@ def test_default_changes_only_beyond_two_standard_errors(targets):
     noisy = val.assign(ratio=[1.0, 1.0, 1.0, 1.0, 1.3, 0.8, 1.2, 0.9])
     chosen, rule = targets.choose_default(noisy, "hybrid", current="ga")
     assert chosen == "ga" and "the default stays" in rule
+
+
+def test_ceiling_is_the_ideal_box_over_grid_globals_test_hypervolume(targets):
+    frame = pd.DataFrame({"model": ["a", "a", "b"], "method": ["grid-global", "hybrid",
+                                                               "grid-global"],
+                          "seed": [0, 0, 0], "hv5_test": [0.04, 0.05, 0.05]})
+    ceilings = targets.test_ceilings(frame)
+    assert ceilings[("a", 0)] == pytest.approx(1.25)  # the whole 5-point box is 0.05
+    assert ceilings[("b", 0)] == pytest.approx(1.0)

@@ -153,6 +153,7 @@ def best_compression(frame: pd.DataFrame, max_drop: float) -> pd.Series | None:
 def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, runs_dir: Path,
             model_tag: str, step_seconds: float, threads: int | None = None
             ) -> tuple[dict, pd.DataFrame]:
+    from autosparse.search.early_stop import InfeasibleStart
     from autosparse.search.runner import prepare, run_search, run_sensitivity
 
     charged, sensitivity_seconds = 0, 0.0
@@ -166,7 +167,11 @@ def run_one(base: dict, method: str, *, seed: int, fine_tunes: int, steps: int, 
         charged = int(math.ceil(sensitivity_seconds / step_seconds))
         path = method_config(base, method, seed=seed, fine_tunes=fine_tunes, steps=steps,
                              charged_steps=charged, runs_dir=runs_dir, model_tag=model_tag)
-    outcome = run_search(path, runs_dir=runs_dir, printer=lambda line: None, threads=threads)
+    try:
+        outcome = run_search(path, runs_dir=runs_dir, printer=lambda line: None, threads=threads)
+    except InfeasibleStart:  # its first trials all past a bound (plain TPE's random start, say):
+        # run again, as the message tells a user; the resumed study is not judged again
+        outcome = run_search(path, runs_dir=runs_dir, printer=lambda line: None, threads=threads)
     wall = time.perf_counter() - start
     frame = outcome.trials
     context = prepare(path, runs_dir)

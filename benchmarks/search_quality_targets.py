@@ -116,7 +116,7 @@ def compression_lines(gains: pd.DataFrame, drop: float = 1.0) -> list[str]:
     return lines
 
 
-def test_ceilings(results: pd.DataFrame) -> pd.Series:
+def ceilings_on_test(results: pd.DataFrame) -> pd.Series:
     """Per (model, seed): the ideal point's hypervolume (a front at the dense model's test
     accuracy and zero size fills the whole box) over grid-global's test hypervolume."""
     ref = results[results["method"] == "grid-global"].set_index(["model", "seed"])["hv5_test"]
@@ -173,7 +173,7 @@ def render(results: pd.DataFrame, past: pd.DataFrame, command: str,
               "hypervolume, the most a front reaches without beating the dense model on test:", "",
               "| model | seed | ceiling | " + " | ".join(mean_val.index) + " |",
               "|---|---|--:|" + "---|" * len(mean_val.index)]
-    ceilings = test_ceilings(results)
+    ceilings = ceilings_on_test(results)
     for (model, seed), part in test.groupby(["model", "seed"]):
         v = val[(val["model"] == model) & (val["seed"] == seed)].set_index("method")["ratio"]
         t = part.set_index("method")["ratio"]

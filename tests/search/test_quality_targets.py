@@ -57,6 +57,6 @@ def test_ceiling_is_the_ideal_box_over_grid_globals_test_hypervolume(targets):
     frame = pd.DataFrame({"model": ["a", "a", "b"], "method": ["grid-global", "hybrid",
                                                                "grid-global"],
                           "seed": [0, 0, 0], "hv5_test": [0.04, 0.05, 0.05]})
-    ceilings = targets.test_ceilings(frame)
+    ceilings = targets.ceilings_on_test(frame)
     assert ceilings[("a", 0)] == pytest.approx(1.25)  # the whole 5-point box is 0.05
     assert ceilings[("b", 0)] == pytest.approx(1.0)
